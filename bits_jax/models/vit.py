@@ -1,0 +1,104 @@
+"""Vision Transformer backbone (pre-norm, CLS token, learned position embeddings).
+
+Returns a dict so dense evaluation needs no second model:
+  'cls': [batch, dim], 'patch_tokens': [batch, h * w, dim], 'patch_grid': (h, w) static.
+Position embeddings are learned for a reference grid and resized (bilinear) for crops of
+another size, so global and local crops share one model.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+VIT_SIZES = {
+    # name: (width, depth, heads)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense -> GELU -> Dense."""
+  hidden_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, name="attn")(y, y)
+    x = x + y
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
+    return x + y
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """`pos_embed: [1, H0 * W0, dim]` (square reference grid) -> [1, h * w, dim]."""
+  n, dim = pos_embed.shape[1], pos_embed.shape[2]
+  side = int(round(n ** 0.5))
+  if (side, side) == tuple(grid):
+    return pos_embed
+  grid_embed = pos_embed.reshape(1, side, side, dim)
+  grid_embed = jax.image.resize(grid_embed, (1, grid[0], grid[1], dim), method="bilinear")
+  return grid_embed.reshape(1, grid[0] * grid[1], dim)
+
+
+class ViT(nn.Module):
+  """ViT backbone. Input `images: [batch, H, W, C]` with H, W divisible by `patch_size`."""
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int
+  image_size: int  # reference size for the learned position embeddings
+  mlp_ratio: float = 4.0
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    del train  # no dropout / batch statistics in this backbone
+    b, h, w, _ = images.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(
+          f"Image size {h}x{w} is not divisible by patch_size {p}: choose crop sizes that "
+          f"are multiples of the patch size (config.global_crop_size / local_crop_size) or "
+          f"another config.patch_size.")
+    if self.image_size % p:
+      raise ValueError(f"config.global_crop_size={self.image_size} is not divisible by "
+                       f"patch_size={p}.")
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="patch_embed")(images.astype(self.dtype))
+    grid = (h // p, w // p)
+    x = x.reshape(b, grid[0] * grid[1], self.width)
+    ref = self.image_size // p
+    pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
+                           (1, ref * ref, self.width), jnp.float32)
+    cls_token = self.param("cls_token", nn.initializers.normal(1e-6),
+                           (1, 1, self.width), jnp.float32)
+    x = x + resize_pos_embed(pos_embed, grid).astype(self.dtype)
+    cls = jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, self.width))
+    x = jnp.concatenate([cls, x], axis=1)
+    block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"block{i}")(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+    return {"cls": x[:, 0], "patch_tokens": x[:, 1:]}
