@@ -1,0 +1,216 @@
+"""Linear probe on frozen, cached features with a learning-rate sweep.
+
+All learning rates of the grid are trained at once (vmapped over a leading
+model axis) on the same minibatches; the best one on a held-out part of the
+training features is retrained on all of them and scored on the test set.
+The optimizer is built with peak learning rate 1 and its updates are scaled
+by each model's rate, which equals using that rate for SGD (momentum acts on
+raw gradients) and for AdamW (decay is scaled by the rate too).
+"""
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_EVAL_CHUNK = 8192
+
+
+def _make_optimizer(name: str, total_steps: int, weight_decay: float,
+                    momentum: float) -> optax.GradientTransformation:
+  schedule = optax.cosine_decay_schedule(1.0, max(total_steps, 1))
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(schedule, momentum=momentum))
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=weight_decay)
+  raise ValueError(f"unknown optimizer '{name}': use 'sgd' or 'adamw'.")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "num_classes", "epochs", "batch_size", "optimizer", "weight_decay",
+    "momentum"))
+def _train(feats, labels, lrs, key, *, num_classes, epochs, batch_size,
+           optimizer, weight_decay, momentum):
+  """Trains one linear head per learning rate.
+
+  Args:
+    feats: [n, d] (already standardized if wanted).
+    labels: [n] int32.
+    lrs: [m] peak learning rates.
+    key: PRNG key for the per-epoch shuffles.
+
+  Returns:
+    params {'w': [m, d, C], 'b': [m, C]}.
+  """
+  n, d = feats.shape
+  m = lrs.shape[0]
+  steps_per_epoch = n // batch_size
+  tx = _make_optimizer(optimizer, epochs * steps_per_epoch, weight_decay,
+                       momentum)
+  params = {"w": jnp.zeros((m, d, num_classes), jnp.float32),
+            "b": jnp.zeros((m, num_classes), jnp.float32)}
+  opt_state = jax.vmap(tx.init)(params)
+
+  def loss_fn(p, x, y):
+    logits = x @ p["w"] + p["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def update_one(p, state, lr, x, y):
+    grads = jax.grad(loss_fn)(p, x, y)
+    updates, state = tx.update(grads, state, p)
+    updates = jax.tree.map(lambda u: lr * u, updates)
+    return optax.apply_updates(p, updates), state
+
+  def step(carry, batch_idx):
+    p, state = carry
+    x = feats[batch_idx].astype(jnp.float32)
+    y = labels[batch_idx]
+    p, state = jax.vmap(update_one, in_axes=(0, 0, 0, None, None))(
+        p, state, lrs, x, y)
+    return (p, state), None
+
+  def epoch(carry, epoch_key):
+    perm = jax.random.permutation(epoch_key, n)
+    batches = perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch,
+                                                          batch_size)
+    return jax.lax.scan(step, carry, batches)[0], None
+
+  (params, _), _ = jax.lax.scan(epoch, (params, opt_state),
+                                jax.random.split(key, epochs))
+  return params
+
+
+@jax.jit
+def _correct_counts(params, feats, labels, valid):
+  """[m, 2] counts of correct top-1 / top-5 predictions for each model."""
+  logits = jnp.einsum("nd,mdc->mnc", feats.astype(jnp.float32), params["w"])
+  logits = logits + params["b"][:, None, :]
+  top1 = jnp.argmax(logits, -1) == labels[None]
+  k = min(5, logits.shape[-1])
+  _, top_idx = jax.lax.top_k(logits, k)
+  top5 = jnp.any(top_idx == labels[None, :, None], axis=-1)
+  return jnp.stack([jnp.sum(top1 & valid, -1), jnp.sum(top5 & valid, -1)],
+                   axis=1)
+
+
+def _accuracy(params, feats, labels) -> np.ndarray:
+  """[m, 2] top-1 / top-5 accuracy of each model, in fixed-size chunks."""
+  n = feats.shape[0]
+  chunk = min(_EVAL_CHUNK, n)
+  counts = 0
+  for start in range(0, n, chunk):
+    x, y = feats[start:start + chunk], labels[start:start + chunk]
+    valid = np.ones(x.shape[0], bool)
+    if x.shape[0] < chunk:  # Pad to the static chunk shape.
+      pad = chunk - x.shape[0]
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+      y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      valid = np.concatenate([valid, np.zeros(pad, bool)])
+    counts = counts + np.asarray(_correct_counts(params, x, y, valid))
+  return counts / n
+
+
+def _host(x, name, ndim, mask=None):
+  x = np.asarray(x)
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must have {ndim} dims, got shape {x.shape}.")
+  return x if mask is None else x[np.asarray(mask, bool)]
+
+
+def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
+                 num_classes: int,
+                 learning_rates: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+                 epochs: int = 50, batch_size: int = 1024,
+                 optimizer: str = "sgd", momentum: float = 0.9,
+                 weight_decay: float = 0.0, val_fraction: float = 0.1,
+                 standardize: bool = True, retrain_on_full: bool = True,
+                 train_mask=None, test_mask=None,
+                 seed: int = 0) -> dict[str, float]:
+  """Trains a linear classifier on frozen features and scores it on test.
+
+  Args:
+    train_feats: [n, d] features (e.g. CLS, or concatenated last-4 CLS).
+    train_labels: [n] int class ids.
+    test_feats: [q, d]; test_labels: [q].
+    num_classes: number of classes.
+    learning_rates: grid swept on the held-out split.
+    epochs, batch_size: passes over the training split and minibatch size
+      (clipped to the split size).
+    optimizer: 'sgd' (with momentum) or 'adamw'; cosine schedule, no warmup.
+    weight_decay: L2 (sgd) or decoupled (adamw) weight decay.
+    val_fraction: fraction of train held out to pick the learning rate.
+    standardize: scale each feature to zero mean and unit variance, with
+      statistics of the rows the head is trained on.
+    retrain_on_full: retrain the best rate on all train rows before testing.
+    train_mask, test_mask: optional [n] / [q] bool; False rows are dropped.
+    seed: seeds the held-out split and the shuffles.
+
+  Returns:
+    {'linear_top1', 'linear_top5' (if num_classes >= 5), 'linear_best_lr',
+     'linear_val_top1', 'linear_val_top1_lr{lr}' for each rate}.
+  """
+  x_train = _host(train_feats, "train_feats", 2, train_mask)
+  y_train = _host(train_labels, "train_labels", 1, train_mask).astype(np.int32)
+  x_test = _host(test_feats, "test_feats", 2, test_mask)
+  y_test = _host(test_labels, "test_labels", 1, test_mask).astype(np.int32)
+  if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
+    raise ValueError("features and labels must have the same number of rows.")
+  if x_train.shape[1] != x_test.shape[1]:
+    raise ValueError(f"train dim {x_train.shape[1]} != test dim "
+                     f"{x_test.shape[1]}.")
+  for name, y in (("train", y_train), ("test", y_test)):
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f"{name} labels must lie in [0, {num_classes}): check "
+                       "num_classes.")
+  lrs = tuple(float(lr) for lr in learning_rates)
+  if not lrs or min(lrs) <= 0:
+    raise ValueError(f"learning_rates must be positive, got {lrs}.")
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+  n = x_train.shape[0]
+  n_val = int(round(n * val_fraction))
+  if len(lrs) > 1 and n_val == 0:
+    raise ValueError("a learning-rate sweep needs held-out rows: set "
+                     "val_fraction > 0 or pass a single learning rate.")
+  if n - n_val < 1 or x_test.shape[0] < 1:
+    raise ValueError(f"too few rows: {n} train ({n_val} held out), "
+                     f"{x_test.shape[0]} test.")
+
+  key_split, key_sweep, key_full = jax.random.split(jax.random.key(seed), 3)
+  perm = np.asarray(jax.random.permutation(key_split, n))
+  fit_idx, val_idx = perm[n_val:], perm[:n_val]
+
+  def fit(rows, rates, key):
+    x = x_train[rows].astype(np.float32)
+    mean = x.mean(0) if standardize else np.zeros(x.shape[1], np.float32)
+    std = x.std(0) + 1e-6 if standardize else np.ones(x.shape[1], np.float32)
+    params = _train(
+        jnp.asarray((x - mean) / std), jnp.asarray(y_train[rows]),
+        jnp.asarray(rates, jnp.float32), key, num_classes=num_classes,
+        epochs=epochs, batch_size=min(batch_size, len(rows)),
+        optimizer=optimizer, weight_decay=float(weight_decay),
+        momentum=float(momentum))
+    return params, (lambda feats: (feats.astype(np.float32) - mean) / std)
+
+  results = {}
+  best = 0
+  if n_val:
+    params, transform = fit(fit_idx, lrs, key_sweep)
+    val_acc = _accuracy(params, transform(x_train[val_idx]), y_train[val_idx])
+    best = int(np.argmax(val_acc[:, 0]))  # First (smallest index) wins ties.
+    for lr, acc in zip(lrs, val_acc[:, 0]):
+      results[f"linear_val_top1_lr{lr:g}"] = float(acc)
+    results["linear_val_top1"] = float(val_acc[best, 0])
+  if retrain_on_full or not n_val:
+    params, transform = fit(np.arange(n), (lrs[best],), key_full)
+    test_acc = _accuracy(params, transform(x_test), y_test)[0]
+  else:
+    test_acc = _accuracy(params, transform(x_test), y_test)[best]
+  results["linear_best_lr"] = lrs[best]
+  results["linear_top1"] = float(test_acc[0])
+  if num_classes >= 5:
+    results["linear_top5"] = float(test_acc[1])
+  return results
