@@ -129,3 +129,19 @@ def test_bad_inputs_raise_clear_errors():
                      ks=(2,))
   with pytest.raises(ValueError, match="check num_classes"):
     knn.knn_classify(bank, labels + 3, bank, labels, num_classes=2, ks=(2,))
+
+
+def test_knn_predict_agrees_with_classify_and_mesh():
+  rng = np.random.default_rng(5)
+  bank, bank_labels, queries, query_labels = _clustered(
+      rng, (120, 33), 6, 8, noise=1.5)
+  preds = knn.knn_predict(bank, bank_labels, queries, num_classes=6, k=10,
+                          block_size=8)
+  assert preds.shape == (33,) and preds.dtype == np.int32
+  acc = knn.knn_classify(bank, bank_labels, queries, query_labels,
+                         num_classes=6, ks=(10,))["knn_top1_k10"]
+  assert np.mean(preds == query_labels) == pytest.approx(acc)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+  np.testing.assert_array_equal(
+      knn.knn_predict(bank, bank_labels, queries, num_classes=6, k=10,
+                      block_size=8, mesh=mesh), preds)

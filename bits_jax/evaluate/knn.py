@@ -7,6 +7,7 @@ processed in fixed-size blocks and the bank in fixed-size chunks, so a
 sharded over all devices: each device keeps its local top-k, then the
 per-device candidates are gathered and merged.
 """
+import dataclasses
 import functools
 import math
 from typing import Any, Optional, Sequence
@@ -69,15 +70,21 @@ def _chunked_topk(queries, bank, bank_labels, bank_valid, *, k, chunk):
   return vals, labels
 
 
+def _votes(sims, labels, *, k, num_classes, temperature):
+  """Class scores [b, num_classes]: sum of exp(sim / T) over the top k."""
+  weights = jnp.exp(sims[:, :k] / temperature)  # exp(-inf) = 0: empty slot.
+  rows = jnp.arange(sims.shape[0])[:, None]
+  votes = jnp.zeros((sims.shape[0], num_classes), jnp.float32)
+  return votes.at[rows, labels[:, :k]].add(weights)
+
+
 def _vote_counts(sims, labels, query_labels, query_valid, *, ks, num_classes,
                  temperature):
   """Correct-prediction counts per k: [len(ks), 2] (top-1, top-5)."""
-  rows = jnp.arange(sims.shape[0])[:, None]
   counts = []
   for k in ks:
-    weights = jnp.exp(sims[:, :k] / temperature)  # exp(-inf) = 0 for empty slots.
-    votes = jnp.zeros((sims.shape[0], num_classes), jnp.float32)
-    votes = votes.at[rows, labels[:, :k]].add(weights)
+    votes = _votes(sims, labels, k=k, num_classes=num_classes,
+                   temperature=temperature)
     top1 = jnp.argmax(votes, axis=1) == query_labels
     if num_classes >= 5:
       _, top5_idx = jax.lax.top_k(votes, 5)
@@ -89,38 +96,55 @@ def _vote_counts(sims, labels, query_labels, query_valid, *, ks, num_classes,
   return jnp.stack(counts).astype(jnp.int32)
 
 
+def _neighbours(queries, bank, bank_labels, bank_valid, *, k, chunk, mesh):
+  """Top-k (sims, labels) [b, k] of raw queries against the prepared bank."""
+  queries = _l2_normalize(queries)
+  if mesh is None:
+    return _chunked_topk(queries, bank, bank_labels, bank_valid, k=k,
+                         chunk=chunk)
+  axes = tuple(mesh.axis_names)
+
+  def local_then_merge(q, bank, bank_labels, bank_valid):
+    sims, labels = _chunked_topk(q, bank, bank_labels, bank_valid, k=k,
+                                 chunk=chunk)
+    # [devices, b, k], gathered in shard order so ties keep index order.
+    sims = jax.lax.all_gather(sims, axes)
+    labels = jax.lax.all_gather(labels, axes)
+    sims = jnp.moveaxis(sims, 0, 1).reshape(q.shape[0], -1)
+    labels = jnp.moveaxis(labels, 0, 1).reshape(q.shape[0], -1)
+    sims, idx = jax.lax.top_k(sims, k)
+    return sims, jnp.take_along_axis(labels, idx, axis=1)
+
+  return jax.shard_map(
+      local_then_merge, mesh=mesh,
+      in_specs=(P(), P(axes), P(axes), P(axes)),
+      out_specs=(P(), P()), check_vma=False)(
+          queries, bank, bank_labels, bank_valid)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("ks", "num_classes", "temperature", "chunk", "mesh"))
 def _knn_block(queries, query_labels, query_valid, bank, bank_labels,
                bank_valid, *, ks, num_classes, temperature, chunk, mesh):
   """Counts correct top-1/top-5 predictions for one block of queries."""
-  k = max(ks)
-  queries = _l2_normalize(queries)
-  if mesh is None:
-    sims, labels = _chunked_topk(queries, bank, bank_labels, bank_valid,
-                                 k=k, chunk=chunk)
-  else:
-    axes = tuple(mesh.axis_names)
-
-    def local_then_merge(q, bank, bank_labels, bank_valid):
-      sims, labels = _chunked_topk(q, bank, bank_labels, bank_valid,
-                                   k=k, chunk=chunk)
-      # [devices, b, k], gathered in shard order so ties keep index order.
-      sims = jax.lax.all_gather(sims, axes)
-      labels = jax.lax.all_gather(labels, axes)
-      sims = jnp.moveaxis(sims, 0, 1).reshape(q.shape[0], -1)
-      labels = jnp.moveaxis(labels, 0, 1).reshape(q.shape[0], -1)
-      sims, idx = jax.lax.top_k(sims, k)
-      return sims, jnp.take_along_axis(labels, idx, axis=1)
-
-    sims, labels = jax.shard_map(
-        local_then_merge, mesh=mesh,
-        in_specs=(P(), P(axes), P(axes), P(axes)),
-        out_specs=(P(), P()), check_vma=False)(
-            queries, bank, bank_labels, bank_valid)
+  sims, labels = _neighbours(queries, bank, bank_labels, bank_valid,
+                             k=max(ks), chunk=chunk, mesh=mesh)
   return _vote_counts(sims, labels, query_labels, query_valid, ks=ks,
                       num_classes=num_classes, temperature=temperature)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("k", "num_classes", "temperature", "chunk",
+                              "mesh"))
+def _predict_block(queries, bank, bank_labels, bank_valid, *, k, num_classes,
+                   temperature, chunk, mesh):
+  """Predicted class [b] for one block of queries."""
+  sims, labels = _neighbours(queries, bank, bank_labels, bank_valid, k=k,
+                             chunk=chunk, mesh=mesh)
+  votes = _votes(sims, labels, k=k, num_classes=num_classes,
+                 temperature=temperature)
+  return jnp.argmax(votes, axis=1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("out_sharding",))
@@ -155,6 +179,66 @@ def _put(x: np.ndarray, sharding: Optional[NamedSharding]) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def _check_args(ks: tuple[int, ...], temperature: float, block_size: int):
+  if not ks or ks[0] < 1:
+    raise ValueError(f"ks must be positive neighbour counts, got {ks}.")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  if block_size < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}.")
+
+
+def _check_labels(name: str, labels: np.ndarray, num_classes: int):
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{name} labels must lie in [0, {num_classes}), got "
+                     f"[{labels.min()}, {labels.max()}]: check num_classes.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bank:
+  """Normalized, padded (and, with a mesh, sharded) bank on device."""
+  feats: jax.Array    # [n_pad, d] L2-normalized.
+  labels: jax.Array   # [n_pad] int32.
+  valid: jax.Array    # [n_pad] bool; False for masked and padding rows.
+  chunk: int          # Bank rows per similarity block (per device).
+  query_sharding: Optional[NamedSharding]
+
+  @classmethod
+  def build(cls, feats: np.ndarray, labels, mask, *, num_classes: int, k: int,
+            dim: int, mesh: Optional[Mesh], block_size: int) -> "_Bank":
+    n, d = feats.shape
+    if d != dim:
+      raise ValueError(f"feature dims differ: bank [{n}, {d}] vs queries "
+                       f"[..., {dim}].")
+    labels = _as_host(labels, "bank_labels", 1).astype(np.int32)
+    if labels.shape != (n,):
+      raise ValueError(f"bank_labels must be [{n}], got {labels.shape}.")
+    valid = (np.ones(n, bool) if mask is None
+             else _as_host(mask, "bank_mask", 1).astype(bool))
+    if valid.shape != (n,):
+      raise ValueError(f"bank_mask must be [{n}], got {valid.shape}.")
+    n_valid = int(valid.sum())
+    if k > n_valid:
+      raise ValueError(f"k={k} exceeds the {n_valid} valid bank rows: use "
+                       "smaller ks or a bigger bank.")
+    _check_labels("bank", labels[valid], num_classes)
+    n_shards = 1 if mesh is None else mesh.devices.size
+    chunk = min(block_size, math.ceil(n / n_shards))
+    n_pad = n_shards * chunk * math.ceil(n / (n_shards * chunk))
+    bank_sharding = query_sharding = None
+    if mesh is not None:
+      bank_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+      query_sharding = NamedSharding(mesh, P())
+    bank = _normalize_bank(_put(_pad_rows(feats, n_pad), bank_sharding),
+                           out_sharding=bank_sharding)
+    return cls(bank, _put(_pad_rows(labels, n_pad), bank_sharding),
+               _put(_pad_rows(valid, n_pad), bank_sharding), chunk,
+               query_sharding)
+
+  def put_query(self, x: np.ndarray) -> jax.Array:
+    return _put(x, self.query_sharding)
+
+
 def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
                  num_classes: int, ks: Sequence[int] = (20,),
                  temperature: float = 0.07, bank_mask=None, query_mask=None,
@@ -180,55 +264,21 @@ def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
     num_classes >= 5); accuracies in [0, 1] over valid queries.
   """
   ks = tuple(sorted({int(k) for k in ks}))
-  if not ks or ks[0] < 1:
-    raise ValueError(f"ks must be positive neighbour counts, got {ks}.")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
-  if block_size < 1:
-    raise ValueError(f"block_size must be >= 1, got {block_size}.")
-
+  _check_args(ks, temperature, block_size)
   bank_feats = _as_host(bank_feats, "bank_feats", 2)
   query_feats = _as_host(query_feats, "query_feats", 2)
-  bank_labels = _as_host(bank_labels, "bank_labels", 1).astype(np.int32)
   query_labels = _as_host(query_labels, "query_labels", 1).astype(np.int32)
-  n, d = bank_feats.shape
   q = query_feats.shape[0]
-  if query_feats.shape[1] != d:
-    raise ValueError(f"feature dims differ: bank {bank_feats.shape} vs "
-                     f"queries {query_feats.shape}.")
-  if bank_labels.shape != (n,) or query_labels.shape != (q,):
-    raise ValueError("labels must be [n] matching features: got bank "
-                     f"{bank_labels.shape} for {n} rows, queries "
-                     f"{query_labels.shape} for {q} rows.")
-  bank_valid = (np.ones(n, bool) if bank_mask is None
-                else _as_host(bank_mask, "bank_mask", 1).astype(bool))
+  if query_labels.shape != (q,):
+    raise ValueError(f"query_labels must be [{q}], got {query_labels.shape}.")
   query_valid = (np.ones(q, bool) if query_mask is None
                  else _as_host(query_mask, "query_mask", 1).astype(bool))
-  if bank_valid.shape != (n,) or query_valid.shape != (q,):
-    raise ValueError("masks must be [n] matching their features.")
-  n_valid_bank = int(bank_valid.sum())
-  if ks[-1] > n_valid_bank:
-    raise ValueError(f"k={ks[-1]} exceeds the {n_valid_bank} valid bank rows: "
-                     "use smaller ks or a bigger bank.")
-  for name, labels, valid in (("bank", bank_labels, bank_valid),
-                              ("query", query_labels, query_valid)):
-    used = labels[valid]
-    if used.size and (used.min() < 0 or used.max() >= num_classes):
-      raise ValueError(f"{name} labels must lie in [0, {num_classes}), got "
-                       f"[{used.min()}, {used.max()}]: check num_classes.")
-
-  n_shards = 1 if mesh is None else mesh.devices.size
-  chunk = min(block_size, math.ceil(n / n_shards))
-  n_pad = n_shards * chunk * math.ceil(n / (n_shards * chunk))
-  bank_sharding = query_sharding = None
-  if mesh is not None:
-    bank_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    query_sharding = NamedSharding(mesh, P())
-  bank = _normalize_bank(
-      _put(_pad_rows(bank_feats, n_pad), bank_sharding),
-      out_sharding=bank_sharding)
-  bank_labels_dev = _put(_pad_rows(bank_labels, n_pad), bank_sharding)
-  bank_valid_dev = _put(_pad_rows(bank_valid, n_pad), bank_sharding)
+  if query_valid.shape != (q,):
+    raise ValueError(f"query_mask must be [{q}], got {query_valid.shape}.")
+  _check_labels("query", query_labels[query_valid], num_classes)
+  bank = _Bank.build(bank_feats, bank_labels, bank_mask, num_classes=num_classes,
+                     k=ks[-1], dim=query_feats.shape[1], mesh=mesh,
+                     block_size=block_size)
 
   block = min(block_size, q) if q else 1
   totals = np.zeros((len(ks), 2), np.int64)
@@ -238,10 +288,10 @@ def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
     lb = _pad_rows(query_labels[start:stop], block)
     vb = _pad_rows(query_valid[start:stop], block)
     counts = _knn_block(
-        _put(qb, query_sharding), _put(lb, query_sharding),
-        _put(vb, query_sharding), bank, bank_labels_dev, bank_valid_dev,
-        ks=ks, num_classes=int(num_classes), temperature=float(temperature),
-        chunk=chunk, mesh=mesh)
+        bank.put_query(qb), bank.put_query(lb), bank.put_query(vb),
+        bank.feats, bank.labels, bank.valid, ks=ks,
+        num_classes=int(num_classes), temperature=float(temperature),
+        chunk=bank.chunk, mesh=mesh)
     totals += np.asarray(counts.addressable_data(0))
 
   n_queries = max(int(query_valid.sum()), 1)
@@ -251,3 +301,38 @@ def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
     if num_classes >= 5:
       results[f"knn_top5_k{k}"] = float(totals[i, 1]) / n_queries
   return results
+
+
+def knn_predict(bank_feats, bank_labels, query_feats, *, num_classes: int,
+                k: int = 20, temperature: float = 0.07, bank_mask=None,
+                mesh: Optional[Mesh] = None,
+                block_size: int = 4096) -> np.ndarray:
+  """Weighted k-NN class predictions (same rule as knn_classify).
+
+  Args:
+    bank_feats: [n, d]; bank_labels: [n]; query_feats: [q, d].
+    num_classes, k, temperature, bank_mask, mesh, block_size: as in
+      knn_classify.
+
+  Returns:
+    [q] int32 predicted class ids (vote ties go to the lowest class id).
+  """
+  _check_args((int(k),), temperature, block_size)
+  bank_feats = _as_host(bank_feats, "bank_feats", 2)
+  query_feats = _as_host(query_feats, "query_feats", 2)
+  bank = _Bank.build(bank_feats, bank_labels, bank_mask,
+                     num_classes=num_classes, k=int(k),
+                     dim=query_feats.shape[1], mesh=mesh,
+                     block_size=block_size)
+  q = query_feats.shape[0]
+  block = min(block_size, q) if q else 1
+  preds = []
+  for start in range(0, q, block):
+    stop = min(start + block, q)
+    pred = _predict_block(
+        bank.put_query(_pad_rows(query_feats[start:stop], block)),
+        bank.feats, bank.labels, bank.valid, k=int(k),
+        num_classes=int(num_classes), temperature=float(temperature),
+        chunk=bank.chunk, mesh=mesh)
+    preds.append(np.asarray(pred.addressable_data(0))[:stop - start])
+  return np.concatenate(preds) if preds else np.zeros(0, np.int32)
