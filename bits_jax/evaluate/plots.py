@@ -1,0 +1,139 @@
+"""PNG figures of the code statistics and retrieval curves.
+
+Uses matplotlib's Agg backend (no display). save_plots writes the figures;
+log_plots sends PNGs to a clu metric writer as uint8 images.
+"""
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.image  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+_DPI = 100
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=_DPI)
+  plt.close(fig)
+  return path
+
+
+def plot_bit_balance(balance, path: str) -> str:
+  """Histogram of the per-bit fraction of ones [b]."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.hist(np.asarray(balance), bins=50, range=(0.0, 1.0), color="tab:blue")
+  ax.axvline(0.5, color="k", ls="--", lw=1)
+  ax.set(xlabel="fraction of images with bit on", ylabel="number of bits",
+         title="Bit balance")
+  return _save(fig, path)
+
+
+def plot_correlation(corr, path: str) -> str:
+  """Heatmap of the bit-bit Pearson correlation [b, b]."""
+  fig, ax = plt.subplots(figsize=(6, 5))
+  im = ax.imshow(np.asarray(corr), cmap="RdBu_r", vmin=-1, vmax=1,
+                 interpolation="nearest")
+  fig.colorbar(im, ax=ax)
+  ax.set(xlabel="bit", ylabel="bit", title="Bit correlation")
+  return _save(fig, path)
+
+
+def plot_class_activation(activation, path: str) -> str:
+  """Class x bit activation map [C, b].
+
+  Bits are ordered by the class that turns them on most, then by how
+  strongly, so class-specific bits form a diagonal.
+  """
+  activation = np.asarray(activation)
+  top_class = activation.argmax(axis=0)
+  order = np.lexsort((-activation.max(axis=0), top_class))
+  fig, ax = plt.subplots(figsize=(7, 5))
+  im = ax.imshow(activation[:, order], aspect="auto", cmap="viridis",
+                 vmin=0, vmax=1, interpolation="nearest")
+  fig.colorbar(im, ax=ax, label="fraction of class images with bit on")
+  ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set(xlabel="bit (sorted by top class)", ylabel="class index",
+         title="Class x bit activation")
+  return _save(fig, path)
+
+
+def _precision_curve(metrics: Mapping[str, float]) -> tuple[list[int],
+                                                            list[float]]:
+  points = sorted((int(name.split("@", 1)[1]), value)
+                  for name, value in metrics.items()
+                  if name.startswith("precision@"))
+  return [k for k, _ in points], [v for _, v in points]
+
+
+def plot_precision_curve(curves: Mapping[str, Mapping[str, float]],
+                         path: str) -> str:
+  """precision@k against k, one line per retrieval method."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, metrics in curves.items():
+    ks, values = _precision_curve(metrics)
+    if not ks:
+      raise ValueError(f"retrieval results '{name}' have no 'precision@k' "
+                       "entries: run retrieval with precision_at set.")
+    ax.plot(ks, values, marker="o", label=name)
+  ax.set_xscale("log")
+  ax.set(xlabel="k (retrieved items)", ylabel="precision@k", ylim=(0, 1.02),
+         title="Retrieval precision")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def save_plots(analysis: Optional[Mapping[str, Any]],
+               retrieval: Optional[Mapping[str, Any]],
+               out_dir: str) -> list[str]:
+  """Writes the figures for whatever is given and returns their paths.
+
+  Args:
+    analysis: output of codes.analyze_codes (or None to skip).
+    retrieval: one retrieval result dict (hamming_retrieval output), or
+      {method name: result dict} to overlay several; None to skip.
+    out_dir: created if missing.
+
+  Returns:
+    Paths of the written PNGs.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  if analysis is not None:
+    paths.append(plot_bit_balance(analysis["bit_balance"],
+                                  os.path.join(out_dir, "bit_balance.png")))
+    paths.append(plot_correlation(analysis["bit_corr"],
+                                  os.path.join(out_dir, "bit_correlation.png")))
+    paths.append(plot_class_activation(
+        analysis["class_bit_activation"],
+        os.path.join(out_dir, "class_bit_activation.png")))
+  if retrieval is not None:
+    nested = all(isinstance(v, Mapping) for v in retrieval.values())
+    curves = retrieval if nested else {"hamming": retrieval}
+    paths.append(plot_precision_curve(
+        curves, os.path.join(out_dir, "retrieval_precision.png")))
+  return paths
+
+
+def png_to_uint8(path: str) -> np.ndarray:
+  """Reads a PNG as uint8 RGB [1, H, W, 3] (alpha dropped)."""
+  image = matplotlib.image.imread(path)
+  if image.dtype != np.uint8:
+    image = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  return image[None, ..., :3]
+
+
+def log_plots(writer: Any, step: int, paths: Sequence[str],
+              prefix: str = "plots/") -> None:
+  """Logs PNGs through writer.write_images(step, {name: [1, H, W, 3]})."""
+  images = {prefix + os.path.splitext(os.path.basename(p))[0]: png_to_uint8(p)
+            for p in paths}
+  if images:
+    writer.write_images(step, images)
