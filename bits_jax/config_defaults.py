@@ -1,0 +1,56 @@
+"""Defaults shared by every experiment config; `configs/*.py` start from `base_config()`.
+
+Keys are flat and named for what they mean. Data keys (crops, augmentation, splits) come from
+`bits_jax.data.pipeline.default_data_config()`.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults (BITS, SimDINO-style recipe)."""
+  from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = pipeline.default_data_config()
+  config.num_channels = 3             # image channels fed to the model
+
+  # Method.
+  config.method = "bits"              # 'bits' (later also 'dino', 'simdino')
+  config.bits = 256                   # channel width: one logit per bit (paper: 256)
+  config.bce_weight = 1.0
+  config.coding_rate_weight = 0.1
+  config.coding_rate_eps = 0.05
+  config.head_reinit_every = 0        # steps between head re-inits; 0 = never
+  config.head_hidden_dim = 2048
+  config.head_bottleneck_dim = 256
+  config.head_layers = 3
+
+  # Model.
+  config.model = "vit_small"          # 'vit_tiny' | 'vit_small' | 'vit_base' | 'vit'
+  config.vit_width = 192              # only for model='vit'
+  config.vit_depth = 12
+  config.vit_heads = 3
+  config.patch_size = 16
+  config.dtype = "float32"            # compute dtype: 'float32' | 'bfloat16'
+  config.remat = False                # rematerialize each transformer block
+
+  # Optimization.
+  config.total_steps = 1000
+  config.learning_rate = 5e-4         # peak, after warmup (absolute, not per-256)
+  config.min_learning_rate = 1e-6
+  config.warmup_steps = 100
+  config.weight_decay = 0.04
+  config.weight_decay_end = 0.4
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.grad_clip_norm = 3.0         # 0 = no clipping
+  config.teacher_momentum = 0.996     # cosine schedule to 1.0
+
+  # Loop, checkpoints, logging.
+  config.log_every = 50
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+
+  # End-of-run evaluation.
+  config.knn_eval = True
+  config.knn_ks = (20,)
+  config.knn_temperature = 0.07
+  return config
