@@ -203,6 +203,11 @@ def example_index(position, num_examples: int, seed: int) -> tf.Tensor:
                                               tf.constant(num_examples - 1, tf.int64))
 
 
+def example_indices(positions, num_examples: int, seed: int) -> np.ndarray:
+  """Examples [n] read at global stream positions [n] (numpy)."""
+  return np.array([int(example_index(p, num_examples, seed)) for p in positions])
+
+
 def _views_to_features(views, num_global: int, label) -> dict:
   features = {'global': tf.stack(views[:num_global]), 'label': tf.cast(label, tf.int32)}
   if len(views) > num_global:
@@ -349,9 +354,12 @@ def make_train_iterator(config, *, start_step: int = 0, process_index: Optional[
   if isinstance(split, sources.TfdsSplit):
     return _tfds_train_batches(split, cfg, spec, views, len(global_views), **kwargs)
   ds = _random_access_train_dataset(split, cfg, spec, views, len(global_views), **kwargs)
-  return _numpy_batches(ds, split, lambda k: example_index(train_positions(
+  return _numpy_batches(ds, split, lambda k: example_indices(train_positions(
       start_step + k, process_index, process_count, local_batch), split.num_examples,
-                                                          cfg.seed).numpy())
+                                                            cfg.seed))
+
+
+_CORRUPT_SEARCH_BATCHES = 8
 
 
 def _numpy_batches(ds, split, indices_of_batch) -> Iterator[dict]:
@@ -365,9 +373,12 @@ def _numpy_batches(ds, split, indices_of_batch) -> Iterator[dict]:
       return
     except tf.errors.InvalidArgumentError as e:
       if isinstance(split, sources.FileSplit):
-        error = _corrupt_file_error(split, indices_of_batch(k))
-        if error is not None:
-          raise error from e
+        # The failing element is in batch k, or slightly later when parallel
+        # map and prefetch ran ahead.
+        for ahead in range(_CORRUPT_SEARCH_BATCHES):
+          error = _corrupt_file_error(split, indices_of_batch(k + ahead))
+          if error is not None:
+            raise error from e
       raise
     yield batch
     k += 1

@@ -79,6 +79,7 @@ class FileSplit:
   labels: np.ndarray
   channels: int
   name: str
+  skipped: tuple = ()  # Undecodable files left out (skip_corrupt_images=True).
 
   @property
   def num_examples(self) -> int:
@@ -461,9 +462,12 @@ def open_split(config, split: str) -> Split:
       if corrupt.any():
         logging.warning('skipping %d corrupt image(s) of %d in %s split %s, e.g. %s',
                         corrupt.sum(), len(paths), arg, split, paths[corrupt][0])
+      skipped = tuple(str(p) for p in paths[corrupt])
       paths, labels = paths[~corrupt], labels[~corrupt]
+    else:
+      skipped = ()
     return FileSplit(paths=paths.astype(str), labels=labels, channels=channels,
-                     name=config.dataset)
+                     name=config.dataset, skipped=skipped)
   index = slice_indices(split, len(labels))
   return ArraySplit(images=images[index], labels=labels[index], name=config.dataset)
 
