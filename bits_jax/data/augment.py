@@ -127,8 +127,15 @@ def decode_windows(encoded: tf.Tensor, windows_fn, channels: int):
   """
 
   def from_jpeg():
-    windows = windows_fn(tf.image.extract_jpeg_shape(encoded)[:2])
+    shape = tf.image.extract_jpeg_shape(encoded)
+    windows = windows_fn(shape[:2])
     union = _union_window(windows)
+    # libjpeg's fancy chroma upsampling treats the crop's left and right
+    # edges as image edges, which changes the outermost decoded columns of
+    # subsampled JPEGs; decode 2 more columns on each side.
+    left = tf.maximum(union[1] - 2, 0)
+    right = tf.minimum(union[1] + union[3] + 2, shape[1])
+    union = tf.stack([union[0], left, union[2], right - left])
     region = tf.io.decode_and_crop_jpeg(encoded, union, channels=channels)
     offset = tf.stack([union[0], union[1], 0, 0])
     return region, windows - offset[None]
