@@ -6,17 +6,18 @@ import pytest
 from jax.sharding import Mesh
 
 from bits_jax import sharding as sharding_lib
-from bits_jax import train
+from bits_jax import train_state
+from bits_jax import train_step
 from tests import helpers
 
 
 def _run_steps(config, devices, batches):
   mesh = sharding_lib.make_mesh(config, devices)
   repl = sharding_lib.replicated(mesh)
-  state = jax.jit(lambda: train.create_train_state(config, jax.random.PRNGKey(0)),
+  state = jax.jit(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)),
                   out_shardings=repl)()
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step = train.compile_train_step(config, mesh, state_sharding)
+  step = train_step.compile_train_step(config, mesh, state_sharding)
   metrics = []
   for batch in batches:
     state, m = step(state, batch)
@@ -52,11 +53,11 @@ def test_metrics_logged(config):
 
 
 def test_head_reinit_changes_head_keeps_backbone_resets_moments(config):
-  state = train.create_train_state(config, jax.random.PRNGKey(0))
-  step = jax.jit(lambda s, b: train.train_step(s, b, config=config))
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
+  step = jax.jit(lambda s, b: train_step.train_step(s, b, config=config))
   state, _ = step(state, helpers.random_batch(config))
   state = state.replace(step=jnp.asarray(config.head_reinit_every, jnp.int32))
-  new = train.reinit_head(state, config)
+  new = train_state.reinit_head(state, config)
 
   # Kernels are redrawn (biases start at zero in both).
   for name, layer in new.params["head"].items():
@@ -82,23 +83,23 @@ def test_head_reinit_changes_head_keeps_backbone_resets_moments(config):
 
 
 def test_reinit_happens_inside_train_step(config):
-  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
   state = state.replace(step=jnp.asarray(config.head_reinit_every, jnp.int32))
-  expected_head = train.reinit_head(state, config).params["head"]
+  expected_head = train_state.reinit_head(state, config).params["head"]
   zero_lr = config.copy_and_resolve_references()
   zero_lr.learning_rate = 0.0
   zero_lr.min_learning_rate = 0.0
-  new, _ = jax.jit(lambda s, b: train.train_step(s, b, config=zero_lr))(
+  new, _ = jax.jit(lambda s, b: train_step.train_step(s, b, config=zero_lr))(
       state, helpers.random_batch(config))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
                          new.params["head"], expected_head)
 
 
 def test_nonfinite_batch_skips_update(config):
-  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
   batch = helpers.random_batch(config)
   batch["global"][0, 0, 0, 0, 0] = np.nan
-  new, metrics = train.train_step(state, batch, config=config)
+  new, metrics = train_step.train_step(state, batch, config=config)
   assert float(metrics["update_skipped"]) == 1.0
   assert int(new.skipped_steps) == 1 and int(new.step) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, new.params)
@@ -114,4 +115,4 @@ def test_image_not_divisible_by_patch(config):
   bad = config.copy_and_resolve_references()
   bad.global_crop_size = 30
   with pytest.raises(ValueError, match="not divisible by patch_size"):
-    train.create_train_state(bad, jax.random.PRNGKey(0))
+    train_state.create_train_state(bad, jax.random.PRNGKey(0))

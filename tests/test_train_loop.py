@@ -1,0 +1,40 @@
+"""The training loop end to end on the Fashion-MNIST test preset: resume and results."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bits_jax import train
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def config():
+  return helpers.load_config("fashion_mnist", "test")
+
+
+def test_resume_gives_same_params_as_uninterrupted(config, tmp_path):
+  full = train.train(config, str(tmp_path / "full"))
+  train.train(config, str(tmp_path / "resumed"), stop_at_step=3)
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
+  resumed = train.train(config, str(tmp_path / "resumed"))
+  assert int(full.step) == int(resumed.step) == config.total_steps
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+      jax.device_get(full.params), jax.device_get(resumed.params))
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+      jax.device_get(full.teacher_params), jax.device_get(resumed.teacher_params))
+
+
+def test_train_and_evaluate_writes_results(config, tmp_path):
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  for key in ("knn_top1", "knn_top1_random_init"):
+    assert 0.0 <= on_disk[key] <= 1.0
+    assert on_disk[key] == results[key]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
