@@ -137,3 +137,26 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="k=4"):
     retrieval.hamming_topk(retrieval.pack_bits(bits),
                            retrieval.pack_bits(bits), 4)
+
+
+@pytest.mark.parametrize("m,k,group", [(4096, 7, 16), (4096, 300, 16),
+                                       (100, 5, 16), (512, 31, 8)])
+def test_smallest_k_is_exact_with_ties(m, k, group):
+  rng = np.random.default_rng(m + k)
+  values = rng.integers(0, 6, size=(4, m)).astype(np.float32)  # Many ties.
+  got_vals, got_pos = retrieval.smallest_k(values, k, group=group)
+  order = np.argsort(values, axis=1, kind="stable")[:, :k]
+  np.testing.assert_array_equal(got_pos, order)
+  np.testing.assert_array_equal(got_vals, np.take_along_axis(values, order, 1))
+
+
+def test_hamming_topk_grouped_blocks_with_padding():
+  rng = np.random.default_rng(3)
+  q = rng.random((6, 12)) > 0.5        # 12 bits: heavy ties.
+  db = rng.random((3001, 12)) > 0.5    # Not a multiple of the block.
+  dist, idx = retrieval.hamming_topk(retrieval.pack_bits(q),
+                                     retrieval.pack_bits(db), 9, db_block=1024)
+  full = (q[:, None, :] != db[None, :, :]).sum(-1)
+  order = np.argsort(full, axis=1, kind="stable")[:, :9]
+  np.testing.assert_array_equal(idx, order)
+  np.testing.assert_array_equal(dist, np.take_along_axis(full, order, 1))
