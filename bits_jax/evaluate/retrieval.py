@@ -122,10 +122,12 @@ def _hamming_topk_kernel(q_words, db_words, *, k, db_block, n_valid):
     best, best_idx = carry
     block, offset = xs
     idx = offset + jnp.arange(db_block, dtype=jnp.int32)
-    # float32 is exact here (distances <= 32 * words < 2^24) and has a fast
-    # top_k on CPU, unlike int32.
-    dist = _hamming_t(q_words, block).astype(jnp.float32)
-    dist = jnp.where(idx[None, :] < n_valid, dist, jnp.inf)
+    # Kept in the narrow accumulator dtype: smallest_k converts only group
+    # minima and candidates to float32 (exact: distances < 2^24), which is
+    # ~3x faster on CPU than converting the whole block.
+    dist = _hamming_t(q_words, block)
+    padding = jnp.iinfo(dist.dtype).max  # Above any real distance.
+    dist = jnp.where(idx[None, :] < n_valid, dist, padding)
     dist_k, pos = smallest_k(dist, min(k, db_block))
     # Running candidates come first and have lower indices: ties keep order.
     dist = jnp.concatenate([best, dist_k], axis=1)
