@@ -185,20 +185,21 @@ def _block_metrics(dist, rel, *, depth, map_at, precision_at, radius):
   when it is ndb, an exact top-k otherwise; both break ties by index.
   """
   ndb = dist.shape[1]
-  dist = dist.astype(jnp.float32)  # Exact for Hamming; fast top_k on CPU.
   if depth == ndb:
     order = jnp.argsort(dist, axis=1, stable=True)
   else:
     _, order = smallest_k(dist, depth)
-  rel_sorted = jnp.take_along_axis(rel, order, axis=1).astype(jnp.float32)
-  hits = jnp.cumsum(rel_sorted, axis=1)
+  rel_sorted = jnp.take_along_axis(rel, order, axis=1)
+  hits = jnp.cumsum(rel_sorted, axis=1, dtype=jnp.int32)
   ranks = jnp.arange(1, depth + 1, dtype=jnp.float32)
-  weighted = jnp.cumsum(rel_sorted * hits / ranks, axis=1)
+  # Precision at each relevant rank; summed (not cumsummed) per cut-off to
+  # keep float32 error small over a million ranks.
+  contrib = jnp.where(rel_sorted, hits / ranks, 0.0)
   columns = []
   for r in map_at:
     n_rel = hits[:, r - 1]
-    columns.append(jnp.where(n_rel > 0,
-                             weighted[:, r - 1] / jnp.maximum(n_rel, 1), 0.))
+    ap = jnp.sum(contrib[:, :r], axis=1) / jnp.maximum(n_rel, 1)
+    columns.append(jnp.where(n_rel > 0, ap, 0.0))
   for k in precision_at:
     columns.append(hits[:, k - 1] / k)
   if radius is not None:
