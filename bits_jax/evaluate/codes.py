@@ -21,7 +21,7 @@ Definitions (all entropies and informations in bits, log base 2):
 Only classes with at least one (unmasked) image take part in per-class
 statistics; 'classes' lists them in the order used by the per-class arrays.
 """
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 

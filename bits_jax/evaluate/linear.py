@@ -8,7 +8,7 @@ by each model's rate, which equals using that rate for SGD (momentum acts on
 raw gradients) and for AdamW (decay is scaled by the rate too).
 """
 import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
