@@ -17,11 +17,16 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def abstract_state(config, mesh):
-  """Shapes, dtypes and shardings of the train state, without allocating it."""
+  """Shapes, dtypes and shardings of the train state on `mesh`, without allocating it.
+
+  Shardings come from the partition rules for `mesh`, not from the checkpoint, so Orbax
+  restores a checkpoint written on any mesh (other device count, FSDP or pure data
+  parallel) straight into this mesh's layout.
+  """
   shapes = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0)))
-  repl = sharding_lib.replicated(mesh)
+  shardings = sharding_lib.tree_shardings(shapes, mesh, config)
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def initial_or_restored_state(config, mesh, manager) -> TrainState:

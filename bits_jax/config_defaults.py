@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.adam_b2 = 0.999
   config.grad_clip_norm = 3.0         # 0 = no clipping
   config.teacher_momentum = 0.996     # cosine schedule to 1.0
+  config.grad_accum_steps = 1         # micro-batches per update (scan inside the step)
+
+  # Devices (bits_jax/sharding.py).
+  config.mesh = {"data": -1, "fsdp": 1}   # axis sizes, -1 = the remaining devices
+  config.partition_rules = ((".*", "fsdp"),)  # (path regex, 'replicated'|'fsdp'|spec)
+  config.fsdp_min_size = 2 ** 16      # arrays smaller than this stay replicated under 'fsdp'
 
   # Loop, checkpoints, logging.
   config.log_every = 50

@@ -2,6 +2,9 @@
 
 Config values are overridden from the command line, e.g. `--config.total_steps=100`.
 Running the same command again with the same workdir resumes from the latest checkpoint.
+On several processes (TPU pod slice, multi-node GPU) every process runs the same command;
+see `bits_jax/distributed.py` for how they find each other (`--coordinator_address`,
+`--num_processes`, `--process_id` where JAX cannot detect the cluster).
 """
 from absl import app
 from absl import flags
@@ -9,19 +12,30 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from bits_jax import distributed
 from bits_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:preset]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", list(distributed.MODES),
+    "auto: start jax.distributed on a detected TPU pod / SLURM / Open MPI job or when "
+    "--coordinator_address is given; on: always; off: single process.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (multi-process runs JAX cannot "
+    "detect; also JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, N).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
-               jax.process_count())
+  distributed.initialize(_DISTRIBUTED.value, distributed.args_from(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+  logging.info("JAX devices: %s (%s)", jax.devices(), distributed.describe())
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -71,17 +71,20 @@ def _format_eta(seconds: float) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_at_step: int | None = None) -> train_state_lib.TrainState:
+          stop_at_step: int | None = None, devices=None) -> train_state_lib.TrainState:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the final state.
 
   `stop_at_step` ends the run early (with a checkpoint) without changing the schedules,
-  which depend on `config.total_steps` only.
+  which depend on `config.total_steps` only. `devices` (default: all) are the devices of
+  the `config.mesh` mesh. On several processes every process runs this same function; only
+  process 0 writes logs and files, checkpoints are written collectively.
   """
   from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from bits_jax.data import prefetch  # pylint: disable=g-import-not-at-top
 
-  mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch_divisible(config.batch_size, mesh, "batch_size")
+  mesh = sharding_lib.make_mesh(config, devices)
+  sharding_lib.check_batch_divisible(config.batch_size, mesh, "batch_size",
+                                     micro_batches=config.get("grad_accum_steps", 1))
   sharding_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval_batch_size")
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

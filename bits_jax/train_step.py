@@ -1,8 +1,10 @@
 """The train step: a pure function of (state, batch), jitted over the device mesh.
 
-The batch is split over the mesh's `data` axis; params, optimizer state and teacher are
-replicated. Losses see global arrays, so batch statistics (coding rate, messages) are over
-the global batch whatever the number of devices.
+The batch is split over the mesh's ('data', 'fsdp') axes; params, their EMA teacher and the
+optimizer state are placed by the partition rules (`bits_jax/sharding.py`: replicated, or
+large arrays split over `fsdp`). Losses see global arrays, so batch statistics (coding rate,
+messages) are over the global batch whatever the mesh: there is no per-device approximation.
+With `grad_accum_steps > 1` they are over each (global) micro-batch instead.
 """
 import functools
 from typing import Callable
@@ -23,6 +25,69 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def loss_and_grads(state: TrainState, batch: dict, config):
+  """(loss, new objective state, metrics, grads wrt the student) on one (micro-)batch."""
+  backbone, head, objective = build_models(config)
+  student = Student(backbone, head)
+  teacher_out = jax.lax.stop_gradient(
+      student.apply({"params": state.teacher_params}, batch["global"]))
+
+  def loss_fn(params):
+    out = student.apply({"params": params}, batch["global"])
+    if "local" in batch:
+      out = jnp.concatenate(
+          [out, student.apply({"params": params}, batch["local"])], axis=0)
+    return objective.loss(out, teacher_out, state.objective_state, step=state.step,
+                          config=config)
+
+  (loss, (objective_state, metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  return loss, objective_state, metrics, grads
+
+
+def split_micro_batches(batch: dict, num: int) -> dict:
+  """`[B, ...] -> [num, B / num, ...]`; micro-batch j holds rows j, j + num, j + 2 num, ...
+
+  Strided rows keep data where it is: the batch is split over devices in contiguous blocks
+  of B / n rows, so (with B / n divisible by num) every device already holds its
+  B / (n num) rows of every micro-batch.
+  """
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f"batch of {x.shape[0]} rows is not divisible by "
+                       f"grad_accum_steps={num}: change batch_size or grad_accum_steps.")
+    return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(split, batch)
+
+
+def accumulated_loss_and_grads(state: TrainState, batch: dict, config):
+  """`loss_and_grads` averaged over `config.grad_accum_steps` micro-batches (a lax.scan).
+
+  Gradients, loss and metrics are means over equal micro-batches, so every batch-mean term
+  (the cross-view BCE) gives exactly the gradient of one big batch. Batch statistics are
+  per micro-batch: the coding rate and the bit statistics see one micro-batch of
+  `batch_size / grad_accum_steps` rows (global over all devices), not the full batch. Each
+  micro-batch starts from the step's objective state and the new state is the mean of the
+  micro-batch results (integer leaves: the last), which equals one big-batch update for
+  states that move linearly with a batch mean (e.g. an EMA center).
+  """
+  num = int(config.get("grad_accum_steps", 1))
+  if num == 1:
+    return loss_and_grads(state, batch, config)
+
+  def body(grad_sum, micro_batch):
+    loss, objective_state, metrics, grads = loss_and_grads(state, micro_batch, config)
+    return jax.tree_util.tree_map(jnp.add, grad_sum, grads), (loss, objective_state, metrics)
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  grad_sum, (losses, objective_states, metrics) = jax.lax.scan(
+      body, zeros, split_micro_batches(batch, num))
+  mean = lambda tree: jax.tree_util.tree_map(
+      lambda x: jnp.mean(x, axis=0) if jnp.issubdtype(x.dtype, jnp.floating) else x[-1], tree)
+  grads = jax.tree_util.tree_map(lambda g: g / num, grad_sum)
+  return jnp.mean(losses), mean(objective_states), mean(metrics), grads
+
+
 def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, dict]:
   """One update. Pure: a function of (state, batch) only.
 
@@ -34,22 +99,8 @@ def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, d
   """
   state = jax.lax.cond(head_reinit_due(state.step, config),
                        lambda s: reinit_head(s, config), lambda s: s, state)
-  backbone, head, objective = build_models(config)
-  student = Student(backbone, head)
   step = state.step
-
-  teacher_out = jax.lax.stop_gradient(
-      student.apply({"params": state.teacher_params}, batch["global"]))
-
-  def loss_fn(params):
-    out = student.apply({"params": params}, batch["global"])
-    if "local" in batch:
-      out = jnp.concatenate(
-          [out, student.apply({"params": params}, batch["local"])], axis=0)
-    return objective.loss(out, teacher_out, state.objective_state, step=step, config=config)
-
-  (loss, (objective_state, metrics)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  loss, objective_state, metrics, grads = accumulated_loss_and_grads(state, batch, config)
 
   lr = learning_rate_schedule(config)(step)
   wd = weight_decay_schedule(config)(step)
@@ -76,8 +127,14 @@ def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, d
   return new_state, metrics
 
 
-def compile_train_step(config, mesh, state_sharding) -> Callable:
-  """`train_step` jitted over `mesh`: batch split on `data`, state donated."""
+def compile_train_step(config, mesh, state_sharding=None) -> Callable:
+  """`train_step` jitted over `mesh`: batch split on ('data', 'fsdp'), state donated.
+
+  `state_sharding` defaults to the partition rules' shardings for `config` on `mesh`.
+  Donating the state lets XLA update it in place, so peak memory holds about one state.
+  """
+  if state_sharding is None:
+    state_sharding = sharding_lib.state_shardings(config, mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   return jax.jit(
       functools.partial(train_step, config=config),
