@@ -1,7 +1,9 @@
 """Vision Transformer backbone (pre-norm, CLS token, learned position embeddings).
 
 Returns a dict so dense evaluation needs no second model:
-  'cls': [batch, dim], 'patch_tokens': [batch, h * w, dim], 'patch_grid': (h, w) static.
+  'cls': [batch, dim], 'patch_tokens': [batch, h * w, dim],
+  'cls_last4': [batch, 4 * dim], the normed CLS tokens of the last 4 blocks concatenated
+  (the DINO linear-probe protocol; unused outputs cost nothing under jit).
 Position embeddings are learned for a reference grid and resized (bilinear) for crops of
 another size, so global and local crops share one model.
 """
@@ -98,7 +100,11 @@ class ViT(nn.Module):
     cls = jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+    block_cls_tokens = []
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"block{i}")(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-    return {"cls": x[:, 0], "patch_tokens": x[:, 1:]}
+      block_cls_tokens.append(x[:, 0])
+    norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
+    x = norm(x)
+    last4 = jnp.concatenate([norm(t) for t in block_cls_tokens[-4:]], axis=-1)
+    return {"cls": x[:, 0], "patch_tokens": x[:, 1:], "cls_last4": last4}
