@@ -1,5 +1,6 @@
 """Unit tests of the stateless multi-crop augmentations."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -38,6 +39,10 @@ def _seed(i):
   return tf.constant([i, 7], tf.int64)
 
 
+def _draws(i):
+  return augment.view_uniforms(_seed(i), 1)[0]
+
+
 def test_view_specs_follow_dino_recipe():
   config = pipeline.default_data_config()
   config.update(dict(num_global_crops=3, num_local_crops=2, global_crop_size=224,
@@ -67,19 +72,23 @@ def test_center_crop_window_matches_resize_then_crop():
   assert augment.default_eval_resize(224) == 256 and augment.default_eval_resize(28) == 28
 
 
+def _groups(**kwargs):
+  return [g for g in _views(**kwargs) if g]
+
+
 def test_fused_jpeg_decode_matches_full_decode():
   image = _image()
   data = _encode(image, 'JPEG')
   decoded = tf.io.decode_jpeg(data, channels=3)
   spec = augment.ColorSpec(channels=3)
-  views = sum(_views(blur=(1.0, 0.1, 0.5), solarize=0.2), [])
+  groups = _groups(blur=(1.0, 0.1, 0.5), solarize=0.2)
   # PIL's default 4:2:0 chroma subsampling exercises libjpeg's crop-edge
   # upsampling, which the decoded margin must hide: results are identical.
-  small_views = _views(n_global=0, n_local=1)[1]  # Small union windows.
+  small = _groups(n_global=0, n_local=1)  # Small union windows.
   for i in range(12):
-    for v in (views, small_views):
-      fused = augment.multicrop(tf.constant(data), _seed(i), v, spec, encoded=True)
-      full = augment.multicrop(decoded, _seed(i), v, spec, encoded=False)
+    for g in (groups, small):
+      fused = augment.multicrop(tf.constant(data), _seed(i), g, spec, encoded=True)
+      full = augment.multicrop(decoded, _seed(i), g, spec, encoded=False)
       for a, b in zip(fused, full):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
@@ -87,14 +96,22 @@ def test_fused_jpeg_decode_matches_full_decode():
 def test_png_bytes_match_decoded_array_and_eval_view():
   image = _image(c=1)
   spec = augment.ColorSpec(channels=1, **_PLAIN)
-  views = sum(_views(), [])
-  encoded = augment.multicrop(tf.constant(_encode(image, 'PNG')), _seed(3), views, spec,
+  groups = _groups()
+  encoded = augment.multicrop(tf.constant(_encode(image, 'PNG')), _seed(3), groups, spec,
                               encoded=True)
-  decoded = augment.multicrop(tf.constant(image), _seed(3), views, spec, encoded=False)
+  decoded = augment.multicrop(tf.constant(image), _seed(3), groups, spec, encoded=False)
+  assert [x.shape for x in encoded] == [(2, 24, 24, 1), (3, 12, 12, 1)]
   for a, b in zip(encoded, decoded):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   ev = augment.eval_view(tf.constant(_encode(image, 'PNG')), 48, 48, spec, encoded=True)
   np.testing.assert_allclose(ev.numpy(), (image[:, 8:56] / 255 - 0.5) / 0.5, atol=1e-5)
+
+
+def test_groups_need_one_size():
+  view = augment.ViewSpec(size=8, scale=(1, 1), blur_prob=0, solarize_prob=0)
+  with pytest.raises(ValueError, match='one size'):
+    augment.multicrop(tf.constant(_image()), _seed(0), [[view, dataclasses.replace(
+        view, size=9)]], augment.ColorSpec(channels=3), encoded=False)
 
 
 def test_flip_mirrors_some_views():
@@ -102,57 +119,87 @@ def test_flip_mirrors_some_views():
   spec = augment.ColorSpec(channels=3, flip=True, color_jitter_prob=0.0, grayscale_prob=0.0,
                            mean=(0.0,), std=(1.0,))
   view = augment.ViewSpec(size=32, scale=(1.0, 1.0), blur_prob=0.0, solarize_prob=0.0)
+  out = augment.multicrop(tf.constant(image), _seed(0), [[view] * 16], spec,
+                          encoded=False)[0].numpy() * 255
   flipped = []
-  for i in range(16):
-    out = augment.multicrop(tf.constant(image), _seed(i), [view], spec, encoded=False)[0]
-    out = out.numpy() * 255
-    if np.allclose(out, image, atol=0.5):
+  for x in out:
+    if np.allclose(x, image, atol=0.5):
       flipped.append(False)
     else:
-      np.testing.assert_allclose(out, image[:, ::-1], atol=0.5)
+      np.testing.assert_allclose(x, image[:, ::-1], atol=0.5)
       flipped.append(True)
   assert 0 < sum(flipped) < 16
 
 
-def test_grayscale_and_solarize():
+@pytest.mark.parametrize('xla', [False, True])
+def test_grayscale_and_solarize(xla):
   image = tf.constant(np.random.default_rng(0).uniform(size=(16, 16, 3)), tf.float32)
-  spec = augment.ColorSpec(channels=3, flip=False, color_jitter_prob=0.0, grayscale_prob=1.0)
-  view = augment.ViewSpec(size=16, scale=(1, 1), blur_prob=0.0, solarize_prob=1.0)
-  out = augment.photometric(image, _seed(0), view, spec).numpy()
-  gray = tf.image.rgb_to_grayscale(image).numpy()
-  expected = np.where(gray >= 0.5, 1 - gray, gray)
-  np.testing.assert_allclose(out, np.repeat(expected, 3, -1), atol=1e-6)
+  spec = augment.ColorSpec(channels=3, flip=False, color_jitter_prob=0.0, grayscale_prob=1.0,
+                           xla=xla)
+  gray = np.repeat(tf.image.rgb_to_grayscale(image).numpy(), 3, -1)
+  for prob, expected in ((0.0, gray), (1.0, np.where(gray >= 0.5, 1 - gray, gray))):
+    view = augment.ViewSpec(size=16, scale=(1, 1), blur_prob=0.0, solarize_prob=prob)
+    out = augment.photometric(image, _draws(0), view, spec).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
-def test_color_jitter_bounds_and_single_channel():
+def _draws(i):
+  return augment.view_uniforms(_seed(i), 1)[0]
+
+
+@pytest.mark.parametrize('xla', [False, True])
+def test_color_jitter_matches_reference(xla):
+  """Factors and order come from the draws; compare with TF's image ops."""
   rng = np.random.default_rng(0)
-  rgb = tf.constant(rng.uniform(0.2, 0.7, size=(16, 16, 3)), tf.float32)
-  spec = augment.ColorSpec(channels=3, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0)
-  for i in range(5):
-    out = augment.color_jitter(rgb, _seed(i), spec).numpy()
-    factor = out / rgb.numpy()
-    assert np.allclose(factor, factor.flat[0], atol=1e-5) and 0.6 <= factor.flat[0] <= 1.4
-  # Saturation and hue never touch 1-channel images; brightness/contrast do.
-  gray = tf.constant(rng.uniform(0.2, 0.8, size=(16, 16, 1)), tf.float32)
-  spec1 = augment.ColorSpec(channels=1, brightness=0.0, contrast=0.0, saturation=1.0, hue=0.5)
-  np.testing.assert_allclose(augment.color_jitter(gray, _seed(1), spec1).numpy(), gray.numpy(),
-                             atol=1e-6)
-  spec2 = augment.ColorSpec(channels=1, brightness=0.4, contrast=0.4)
-  assert not np.allclose(augment.color_jitter(gray, _seed(1), spec2).numpy(), gray.numpy())
-  # Colour jitter changes hue/saturation of RGB images.
-  spec3 = augment.ColorSpec(channels=3, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.5)
-  hsv_in = tf.image.rgb_to_hsv(rgb).numpy()
-  hsv_out = tf.image.rgb_to_hsv(augment.color_jitter(rgb, _seed(2), spec3)).numpy()
-  assert np.abs(hsv_in[..., 0] - hsv_out[..., 0]).mean() > 0.01
+  spec = augment.ColorSpec(channels=3, xla=xla)
+  orders = set()
+  for i in range(6):
+    rgb = tf.constant(rng.uniform(0.0, 1.0, size=(10, 10, 3)), tf.float32)
+    out = augment.color_jitter(rgb, _draws(i), spec).numpy()
+    u = _draws(i).numpy()
+    f = [0.6 + 0.8 * u[6], 0.6 + 0.8 * u[7], 0.8 + 0.4 * u[8]]
+    delta = 0.1 * (2 * u[9] - 1)
+    x = rgb
+    order = np.argsort(u[10:14], kind='stable')
+    orders.add(tuple(order))
+    for op in order:
+      if op == 0:
+        x = tf.clip_by_value(x * f[0], 0, 1)
+      elif op == 1:
+        mean = tf.reduce_mean(tf.image.rgb_to_grayscale(x))
+        x = tf.clip_by_value((x - mean) * f[1] + mean, 0, 1)
+      elif op == 2:
+        gray = tf.image.rgb_to_grayscale(x)
+        x = tf.clip_by_value((x - gray) * f[2] + gray, 0, 1)
+      else:
+        x = tf.clip_by_value(tf.image.adjust_hue(x, delta), 0, 1)
+    np.testing.assert_allclose(out, x.numpy(), atol=2e-5)
+  assert len(orders) > 1
+
+
+def test_color_jitter_single_channel_only_brightness_contrast():
+  gray = tf.constant(np.random.default_rng(0).uniform(0.2, 0.8, size=(16, 16, 1)), tf.float32)
+  spec = augment.ColorSpec(channels=1, brightness=0.0, contrast=0.0, saturation=1.0, hue=0.5)
+  np.testing.assert_allclose(augment.color_jitter(gray, _draws(1), spec).numpy(),
+                             gray.numpy(), atol=1e-6)
+  spec = augment.ColorSpec(channels=1, brightness=0.4, contrast=0.4)
+  assert not np.allclose(augment.color_jitter(gray, _draws(1), spec).numpy(), gray.numpy())
 
 
 def test_gaussian_blur():
   constant = tf.fill([20, 20, 3], 0.3)
   np.testing.assert_allclose(augment.gaussian_blur(constant, 2.0).numpy(), 0.3, atol=1e-6)
   noise = tf.constant(np.random.default_rng(0).uniform(size=(20, 20, 1)), tf.float32)
-  sharp = augment.gaussian_blur(noise, 0.1).numpy()
-  np.testing.assert_allclose(sharp, noise.numpy(), atol=1e-4)
-  assert augment.gaussian_blur(noise, 2.0).numpy().std() < 0.5 * noise.numpy().std()
+  np.testing.assert_allclose(augment.gaussian_blur(noise, 0.1).numpy(), noise.numpy(),
+                             atol=1e-4)
+  out = augment.gaussian_blur(noise, 2.0).numpy()
+  assert out.std() < 0.5 * noise.numpy().std()
+  # Matches a direct 2-D Gaussian filter (half-width 6) away from the borders.
+  k = np.exp(-0.5 * (np.arange(-6, 7) / 2.0) ** 2)
+  k /= k.sum()
+  plane = noise[:, :, 0].numpy()
+  direct = sum(k[i] * k[j] * plane[i:i + 8, j:j + 8] for i in range(13) for j in range(13))
+  np.testing.assert_allclose(out[6:14, 6:14, 0], direct, atol=1e-5)  # Interior 8x8.
   tiny = tf.constant(np.random.default_rng(0).uniform(size=(4, 4, 1)), tf.float32)
   assert augment.gaussian_blur(tiny, 2.0).shape == (4, 4, 1)
 
@@ -160,10 +207,22 @@ def test_gaussian_blur():
 def test_same_seed_same_views_different_seed_differs():
   image = tf.constant(_image())
   spec = augment.ColorSpec(channels=3)
-  views = sum(_views(blur=(1.0, 0.1, 0.5), solarize=0.2), [])
-  a = augment.multicrop(image, _seed(5), views, spec, encoded=False)
-  b = augment.multicrop(image, _seed(5), views, spec, encoded=False)
-  c = augment.multicrop(image, _seed(6), views, spec, encoded=False)
+  groups = _groups(blur=(1.0, 0.1, 0.5), solarize=0.2)
+  a = augment.multicrop(image, _seed(5), groups, spec, encoded=False)
+  b = augment.multicrop(image, _seed(5), groups, spec, encoded=False)
+  c = augment.multicrop(image, _seed(6), groups, spec, encoded=False)
   for x, y, z in zip(a, b, c):
     np.testing.assert_array_equal(x.numpy(), y.numpy())
     assert not np.allclose(x.numpy(), z.numpy())
+
+
+def test_xla_and_tf_kernels_agree():
+  image = tf.constant(_image())
+  groups = _groups(blur=(1.0, 0.1, 0.5), solarize=0.2)
+  for i in range(3):
+    a = augment.multicrop(image, _seed(i), groups, augment.ColorSpec(channels=3, xla=True),
+                          encoded=False)
+    b = augment.multicrop(image, _seed(i), groups, augment.ColorSpec(channels=3, xla=False),
+                          encoded=False)
+    for x, y in zip(a, b):
+      np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-4)
