@@ -175,6 +175,8 @@ def test_fashion_mnist_idx_fallback():
 def test_bad_inputs_raise_clear_errors(npz_path, tmp_path):
   with pytest.raises(ValueError, match="unknown dataset 'foo:bar'.*npz:"):
     sources.open_split(_config(dataset='foo:bar'), 'train')
+  with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset_xyz'.*imagefolder:"):
+    sources.get_dataset_info(_config(dataset='no_such_dataset_xyz'))
   with pytest.raises(ValueError, match='no split .valid.*available splits'):
     sources.open_split(_config(dataset=f'npz:{npz_path}'), 'valid')
   with pytest.raises(ValueError, match='multiple of the process count 3'):

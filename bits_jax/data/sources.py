@@ -372,7 +372,8 @@ def _tfds_builder(name: str, data_dir: Optional[str], prepare: bool):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises DatasetNotFoundError and friends.
-    raise ValueError(f'unknown dataset {name!r}: use {_ACCEPTED_FORMS} ({e})') from e
+    reason = str(e).strip().splitlines()[0]  # TFDS appends every dataset name.
+    raise ValueError(f'unknown dataset {name!r}: use {_ACCEPTED_FORMS} ({reason})') from e
   if prepare and not _tfds_is_prepared(builder):
     logging.info('TFDS dataset %s is not prepared in %s: downloading and preparing it.',
                  name, builder.data_dir)
