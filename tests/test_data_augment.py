@@ -143,10 +143,6 @@ def test_grayscale_and_solarize(xla):
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
-def _draws(i):
-  return augment.view_uniforms(_seed(i), 1)[0]
-
-
 @pytest.mark.parametrize('xla', [False, True])
 def test_color_jitter_matches_reference(xla):
   """Factors and order come from the draws; compare with TF's image ops."""
@@ -218,11 +214,10 @@ def test_same_seed_same_views_different_seed_differs():
 
 def test_xla_and_tf_kernels_agree():
   image = tf.constant(_image())
-  groups = _groups(blur=(1.0, 0.1, 0.5), solarize=0.2)
-  for i in range(3):
-    a = augment.multicrop(image, _seed(i), groups, augment.ColorSpec(channels=3, xla=True),
-                          encoded=False)
-    b = augment.multicrop(image, _seed(i), groups, augment.ColorSpec(channels=3, xla=False),
-                          encoded=False)
-    for x, y in zip(a, b):
-      np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-4)
+  groups = _groups(n_local=1, blur=(1.0, 0.1, 0.5), solarize=0.2)
+  a = augment.multicrop(image, _seed(1), groups, augment.ColorSpec(channels=3, xla=True),
+                        encoded=False)
+  b = augment.multicrop(image, _seed(1), groups, augment.ColorSpec(channels=3, xla=False),
+                        encoded=False)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-4)

@@ -22,10 +22,8 @@ yields ceil(ceil(N / P) / b) batches, padding the tail with mask=False.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
-import logging
 import math
 from typing import Iterator, Optional
 
@@ -300,7 +298,8 @@ def _tfds_train_batches(split: sources.TfdsSplit, cfg, spec, groups, *,
     ds = _tfds_records(split, shard, cfg, shuffle_seed=seed)
     ds = ds.shuffle(int(cfg.shuffle_buffer), seed=seed, reshuffle_each_iteration=False)
     ds = ds.enumerate(start=epoch * shard_size).skip(skip)
-    return ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.with_options(_options(cfg))
 
   epoch, skip = divmod(start_step * local_batch, shard_size)
   pending = None  # Examples of a batch begun in the previous epoch.
