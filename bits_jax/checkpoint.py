@@ -1,19 +1,154 @@
-"""Orbax checkpointing of the train state."""
+"""Orbax checkpoints of the train state that a crash, a kill or a bad disk cannot spoil.
+
+Layout: `WORKDIR/checkpoints/<step>/` (Orbax), each with `bits_manifest.json` (size and
+SHA-256 of every file), and `WORKDIR/corrupt_checkpoints/` for checkpoints found damaged.
+
+Guarantees (tested in tests/test_faults.py):
+  * Commit: Orbax writes a step to `<step>.orbax-checkpoint-tmp-<t>/` and renames it to
+    `<step>/` when complete, so a kill during a save leaves at most a tmp dir, which is
+    reported and removed at the next start; the step is never listed.
+  * Content: after the commit, `bits_manifest.json` records every file's size and SHA-256.
+    At restore a checkpoint whose files differ from its manifest (truncated, overwritten,
+    missing), or that Orbax cannot read, or whose values are not finite, is moved to
+    `corrupt_checkpoints/` and the next older one is tried; the run says so. A committed
+    step without a manifest (a kill between commit and manifest) is accepted only if it
+    restores and validates, and then gets its manifest.
+  * Retention: Orbax's own garbage collection is off; old steps are deleted only after a
+    newer step is committed and its manifest written, so a good checkpoint is never
+    deleted before the next one is complete.
+  * Disk: a save is refused up front when the free space is below the previous
+    checkpoint's size; a failing write (full or read-only disk) raises
+    `CheckpointWriteError` naming the intact steps.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import json
 import os
+import shutil
 
 from absl import logging
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bits_jax import sharding as sharding_lib
 from bits_jax.train_state import TrainState, create_train_state
 
+MANIFEST = "bits_manifest.json"
+QUARANTINE = "corrupt_checkpoints"
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (full or read-only disk, I/O error)."""
+
+
+class CheckpointMismatchError(RuntimeError):
+  """An intact checkpoint does not fit the train state of the current config."""
+
+
+def _say(message: str, *, warn: bool = True) -> None:
+  """Logs `message` and prints it on process 0 (faults must be visible in the run's output)."""
+  (logging.warning if warn else logging.info)("%s", message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """Async Orbax manager of `WORKDIR/checkpoints`; retention is done by `Checkpoints`."""
+  del config
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True)
+      max_to_keep=None, create=True, enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               item_handlers=ocp.StandardCheckpointHandler(),
                                options=options)
+
+
+# -------------------------------------------------------------------------- manifests
+
+
+def _file_digest(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _list_files(step_dir: str) -> list[str]:
+  """Relative paths of the files of a step directory, without the manifest."""
+  files = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel != MANIFEST:
+        files.append(rel)
+  return sorted(files)
+
+
+def _write_atomically(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_manifest(step_dir: str, step: int) -> dict:
+  """Records size and SHA-256 of every file of a committed step; returns the manifest."""
+  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
+                 "sha256": _file_digest(os.path.join(step_dir, rel))}
+           for rel in _list_files(step_dir)}
+  manifest = {"step": int(step), "files": files,
+              "total_bytes": int(sum(f["size"] for f in files.values())),
+              "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+  _write_atomically(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=1))
+  return manifest
+
+
+def read_manifest(step_dir: str) -> dict | None:
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def manifest_problem(step_dir: str) -> str | None:
+  """Why the files of `step_dir` differ from its manifest; None if they match.
+
+  Raises FileNotFoundError if there is no manifest.
+  """
+  try:
+    manifest = read_manifest(step_dir)
+  except (OSError, ValueError) as e:
+    return f"unreadable manifest ({e})"
+  if manifest is None:
+    raise FileNotFoundError(os.path.join(step_dir, MANIFEST))
+  expected = manifest.get("files", {})
+  present = set(_list_files(step_dir))
+  missing = sorted(set(expected) - present)
+  if missing:
+    return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+  extra = sorted(present - set(expected))
+  if extra:
+    return f"{len(extra)} unexpected file(s), e.g. {extra[0]}"
+  for rel, want in sorted(expected.items()):
+    path = os.path.join(step_dir, rel)
+    size = os.path.getsize(path)
+    if size != want["size"]:
+      return f"{rel} has {size} bytes, the manifest says {want['size']} (truncated?)"
+    if _file_digest(path) != want["sha256"]:
+      return f"{rel} does not match its SHA-256 in the manifest (overwritten or bit rot)"
+  return None
+
+
+# --------------------------------------------------------------------------- restore
 
 
 def abstract_state(config, mesh):
@@ -29,15 +164,256 @@ def abstract_state(config, mesh):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _leaf_specs(tree) -> list[tuple[tuple[int, ...], str]]:
+  """Sorted (shape, dtype) of every array leaf: a structure fingerprint for Orbax metadata."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return sorted((tuple(int(d) for d in x.shape), str(np.dtype(x.dtype))) for x in leaves
+                if hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def _incompatibility(manager: ocp.CheckpointManager, step: int, target) -> str | None:
+  """Why an intact checkpoint cannot hold the `target` state, from its Orbax metadata."""
+  try:
+    metadata = manager.item_metadata(step)
+  except Exception:  # pylint: disable=broad-except  # unreadable metadata: judged at restore
+    return None
+  tree = getattr(metadata, "tree", metadata)
+  if tree is None:
+    return None
+  saved, wanted = _leaf_specs(tree), _leaf_specs(target)
+  if not saved or saved == wanted:
+    return None
+  only_saved = sorted(set(saved) - set(wanted))[:3]
+  only_wanted = sorted(set(wanted) - set(saved))[:3]
+  return (f"it holds {len(saved)} arrays, the current config's train state has "
+          f"{len(wanted)}; (shape, dtype) only in the checkpoint: {only_saved}, only in the "
+          f"config: {only_wanted}")
+
+
+@jax.jit
+def _tree_all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _restored_problem(state: TrainState, step: int) -> str | None:
+  if int(state.step) != step:
+    return f"it holds step {int(state.step)} under the name {step}"
+  if not bool(_tree_all_finite(state)):
+    return "it holds non-finite values"
+  return None
+
+
+def remove_incomplete_writes(directory: str) -> list[str]:
+  """Deletes the tmp dirs of saves that never committed; returns their names."""
+  if not os.path.isdir(directory):
+    return []
+  names = sorted(n for n in os.listdir(directory) if _TMP_MARKER in n)
+  if jax.process_index() == 0:
+    for name in names:
+      _say(f"Found an incomplete checkpoint write {os.path.join(directory, name)} (the run "
+           f"stopped while saving): it was never a complete checkpoint; removing it.")
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  _sync("bits_jax_remove_incomplete_writes")
+  return names
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int, problem: str) -> str:
+  """Moves a damaged step to `WORKDIR/corrupt_checkpoints/` (never deletes it); returns where."""
+  source = _step_dir(manager, step)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+  dest = os.path.join(os.path.dirname(str(manager.directory)), QUARANTINE, f"{step}-{stamp}")
+  _sync(f"bits_jax_quarantine_{step}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(source, dest)
+    _say(f"Checkpoint step {step} in {manager.directory} is damaged: {problem}. Moved it to "
+         f"{dest}; falling back to the previous checkpoint.")
+  _sync(f"bits_jax_quarantined_{step}")
+  manager.reload()
+  return dest
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | None:
+  """The newest checkpoint that is intact and valid, damaged newer ones quarantined.
+
+  Returns None when no intact checkpoint is left. Raises `CheckpointMismatchError` for an
+  intact checkpoint that does not fit `target` (a config change, not damage).
+  """
+  remove_incomplete_writes(str(manager.directory))
+  manager.reload()
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    step_dir = _step_dir(manager, step)
+    try:
+      problem, verified = manifest_problem(step_dir), True
+    except FileNotFoundError:
+      problem, verified = None, False
+    if problem is None:
+      mismatch = _incompatibility(manager, step, target)
+      if mismatch:
+        raise CheckpointMismatchError(
+            f"Checkpoint step {step} in {manager.directory} does not fit the train state of "
+            f"the current config: {mismatch}. Resume with the config it was written with "
+            f"(workdir/config.json), or use a new --workdir.")
+      try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(target))
+        problem = _restored_problem(state, step)
+      except Exception as e:  # pylint: disable=broad-except  # any read error is damage
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        problem = f"Orbax cannot restore it ({type(e).__name__}: {first_line})"
+    if problem is None:
+      if not verified:
+        if jax.process_index() == 0:
+          write_manifest(step_dir, step)
+        _say(f"Checkpoint step {step} had no manifest (the run stopped between commit and "
+             f"manifest); it restored and validated, manifest written.")
+      if damaged:
+        _say(f"Resuming from checkpoint step {step} in {manager.directory}, the newest intact "
+             f"one (damaged: {damaged}, moved to {QUARANTINE}/).")
+      else:
+        _say(f"Resuming from checkpoint step {step} in {manager.directory}", warn=False)
+      return state
+    quarantine(manager, step, problem)
+    damaged.append(step)
+  if damaged:
+    _say(f"No intact checkpoint left in {manager.directory} (damaged: {damaged}, moved to "
+         f"{QUARANTINE}/): starting from step 0.")
+  return None
+
+
 def initial_or_restored_state(config, mesh, manager) -> TrainState:
-  """Restore the latest checkpoint if any, else a fresh state on the mesh."""
+  """The newest intact checkpoint if any (see `restore_latest_good`), else a fresh state."""
   target = abstract_state(config, mesh)
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info("Restoring checkpoint at step %d from %s", latest, manager.directory)
-    print(f"Resuming from checkpoint step {latest} in {manager.directory}", flush=True)
-    return manager.restore(latest, args=ocp.args.StandardRestore(target))
+  restored = restore_latest_good(manager, target)
+  if restored is not None:
+    return restored
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, target)
   init = jax.jit(lambda: create_train_state(config, jax.random.PRNGKey(config.seed)),
                  out_shardings=state_sharding)
   return init()
+
+
+# ------------------------------------------------------------------------------ save
+
+
+def _state_bytes(state) -> int:
+  return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state)
+                 if hasattr(x, "dtype")))
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+  """The OSError in an exception's chain (Orbax and TensorStore wrap them), if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _describe_os_error(e: BaseException) -> str:
+  code = getattr(e, "errno", None)
+  if code == errno.ENOSPC:
+    detail = e.strerror if e.strerror != os.strerror(code) else "No space left on device"
+    return f"the disk is full ({detail})"
+  if code == errno.EROFS:
+    return "the file system is read-only"
+  if code in (errno.EACCES, errno.EPERM):
+    return "permission denied"
+  text = f"{type(e).__name__}: {e}"
+  if "No space left on device" in text or "os_error_code='28'" in text:
+    return f"the disk is full ({text[:400]})"
+  if "Read-only file system" in text or "os_error_code='30'" in text:
+    return f"the file system is read-only ({text[:400]})"
+  return text
+
+
+class Checkpoints:
+  """Saves (async) and restores the train state of one workdir with the guarantees above.
+
+  `save(step, state)` returns once Orbax has the arrays; the write, commit, manifest and
+  retention of that step happen at the next `save` or at `finalize()`, which waits.
+  """
+
+  def __init__(self, workdir: str, config):
+    self.manager = checkpoint_manager(workdir, config)
+    self.directory = str(self.manager.directory)
+    self.keep = int(config.keep_checkpoints)
+    self._pending: int | None = None
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore_or_init(self, config, mesh) -> TrainState:
+    return initial_or_restored_state(config, mesh, self.manager)
+
+  def _write_error(self, step: int, e: BaseException) -> CheckpointWriteError:
+    intact = [s for s in self.steps() if s != step]
+    return CheckpointWriteError(
+        f"Cannot write checkpoint step {step} to {self.directory}: "
+        f"{_describe_os_error(e)}. Intact checkpoints: {intact or 'none'}. Free space (or "
+        f"fix the disk) and rerun the same command to resume from step "
+        f"{max(intact) if intact else 0}.")
+
+  def _check_free_space(self, step: int, state) -> None:
+    """Refuses a save that cannot fit: the previous checkpoint's size, else the raw state."""
+    previous = [read_manifest(os.path.join(self.directory, str(s))) for s in self.steps()[-1:]]
+    needed = previous[0]["total_bytes"] if previous and previous[0] else _state_bytes(state)
+    needed = int(needed * 1.1) + (64 << 10)
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise self._write_error(step, OSError(
+          errno.ENOSPC, f"{free} bytes free, a checkpoint needs about {needed}"))
+
+  def save(self, step: int, state: TrainState) -> None:
+    """Starts an async save of `state` as `step` (finalizing the previous save first)."""
+    self.finalize()
+    if step in self.steps():
+      return
+    self._check_free_space(step, state)
+    try:
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore I/O errors
+      raise self._write_error(step, _os_error_in(e) or e) from e
+    self._pending = step
+
+  def finalize(self) -> None:
+    """Waits for the pending save; writes its manifest; deletes steps beyond `keep`."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore I/O errors
+      raise self._write_error(step, _os_error_in(e) or e) from e
+    step_dir = os.path.join(self.directory, str(step))
+    if not os.path.isdir(step_dir):
+      raise self._write_error(step, RuntimeError("the save did not commit"))
+    try:
+      if jax.process_index() == 0:
+        write_manifest(step_dir, step)
+    except OSError as e:
+      raise self._write_error(step, e) from e
+    _sync(f"bits_jax_manifest_{step}")
+    self.manager.reload()
+    for old in self.steps()[:-self.keep]:
+      if old < step:
+        self.manager.delete(old)
+
+  def close(self) -> None:
+    self.finalize()
+    self.manager.close()

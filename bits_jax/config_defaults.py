@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
 
+  # Fault tolerance (bits_jax/preemption.py, checkpoint.py, config_validation.py).
+  config.on_nonfinite = "skip"        # non-finite loss/grads: 'skip' the update (counted) | 'stop'
+  config.max_consecutive_nonfinite = 10  # stop after this many skipped updates in a row
+  config.allow_config_change = ""     # resume: keys allowed to differ from config.json ('a,b'; '*')
+
   # End-of-run evaluation.
   config.knn_eval = True
   config.knn_ks = (20,)

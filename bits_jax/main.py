@@ -5,14 +5,23 @@ Running the same command again with the same workdir resumes from the latest che
 On several processes (TPU pod slice, multi-node GPU) every process runs the same command;
 see `bits_jax/distributed.py` for how they find each other (`--coordinator_address`,
 `--num_processes`, `--process_id` where JAX cannot detect the cluster).
+
+Exit status: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to resume);
+78 invalid config or a refused config change on resume; 73 workdir locked, read-only or full,
+or a checkpoint write failed; 65 stopped on non-finite loss/gradients (last checkpoint intact).
 """
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from bits_jax import checkpoint
+from bits_jax import config_validation
 from bits_jax import distributed
+from bits_jax import preemption
 from bits_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,7 +45,23 @@ def main(argv):
   distributed.initialize(_DISTRIBUTED.value, distributed.args_from(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   logging.info("JAX devices: %s (%s)", jax.devices(), distributed.describe())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    _exit(preemption.EXIT_PREEMPTED, str(e))
+  except (config_validation.ConfigError, checkpoint.CheckpointMismatchError) as e:
+    _exit(preemption.EXIT_CONFIG, str(e))
+  except (preemption.WorkdirError, checkpoint.CheckpointWriteError) as e:
+    _exit(preemption.EXIT_WORKDIR, str(e))
+  except train.NonFiniteError as e:
+    _exit(preemption.EXIT_NONFINITE, str(e))
+
+
+def _exit(status: int, message: str) -> None:
+  """The message without a traceback, then the exit status that names the case."""
+  logging.error("%s", message)
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from bits_jax import checkpoint as checkpoint_lib
+from bits_jax import config_validation
 from bits_jax import models
+from bits_jax import preemption
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state as train_state_lib
 from bits_jax import train_step as train_step_lib
@@ -70,9 +71,77 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
 
 
+class NonFiniteError(RuntimeError):
+  """The run stopped on non-finite loss/gradients (`config.on_nonfinite`)."""
+
+
+class NonFiniteGuard:
+  """Counts updates the train step skipped for a non-finite loss or gradients.
+
+  `observe(step, skipped)` returns why the run must stop, or None: at the first skipped
+  update under `on_nonfinite='stop'`, after `max_consecutive_nonfinite` in a row under 'skip'.
+  """
+
+  def __init__(self, config):
+    self.policy = config.get("on_nonfinite", "skip")
+    self.max_consecutive = int(config.get("max_consecutive_nonfinite", 10))
+    self.consecutive = 0
+    self.total = 0
+
+  def observe(self, step: int, skipped: bool) -> str | None:
+    if not skipped:
+      self.consecutive = 0
+      return None
+    self.consecutive += 1
+    self.total += 1
+    if jax.process_index() == 0:
+      print(f"step {step}: non-finite loss or gradients, update skipped "
+            f"({self.consecutive} in a row, {self.total} in this run)", flush=True)
+    if self.policy == "stop":
+      return (f"Stopping at step {step}: the loss or gradients are not finite "
+              f"(config.on_nonfinite='stop').")
+    if self.consecutive >= self.max_consecutive:
+      return (f"Stopping at step {step}: {self.consecutive} consecutive updates had a "
+              f"non-finite loss or gradients and were skipped "
+              f"(config.max_consecutive_nonfinite={self.max_consecutive}).")
+    return None
+
+
+def _store_config(config, workdir: str, resuming: bool) -> None:
+  """Checks a resumed run's config against WORKDIR/config.json, then (re)writes it."""
+  path = os.path.join(workdir, "config.json")
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    for key, (old, new) in config_validation.check_resume_config(stored, config).items():
+      if jax.process_index() == 0:
+        print(f"Config change on resume: {key}: {old!r} -> {new!r}", flush=True)
+  if jax.process_index() == 0:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_at_step: int | None = None, devices=None) -> train_state_lib.TrainState:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the final state.
+
+  Before anything is built: the config is validated (`ConfigError`), the workdir must be
+  writable and not in use by another run (`preemption.WorkdirError`). A SIGTERM/SIGINT
+  ends the run after the current step with a checkpoint there (`preemption.Preempted`);
+  non-finite updates are skipped, and `NonFiniteError` stops the run per
+  `config.on_nonfinite` / `max_consecutive_nonfinite`, without saving the bad state.
+  """
+  config_validation.validate_config(config, devices=devices)
+  preemption.check_writable(workdir)
+  with preemption.WorkdirLock(workdir), preemption.StopRequest() as stop:
+    return _train(config, workdir, stop, stop_at_step=stop_at_step, devices=devices)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopRequest, *,
+           stop_at_step: int | None = None, devices=None) -> train_state_lib.TrainState:
+  """The loop of `train`, inside the workdir lock and the signal handlers.
 
   `stop_at_step` ends the run early (with a checkpoint) without changing the schedules,
   which depend on `config.total_steps` only. `devices` (default: all) are the devices of
@@ -86,13 +155,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   sharding_lib.check_batch_divisible(config.batch_size, mesh, "batch_size",
                                      micro_batches=config.get("grad_accum_steps", 1))
   sharding_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval_batch_size")
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  manager = checkpoint_lib.checkpoint_manager(workdir, config)
-  state = checkpoint_lib.initial_or_restored_state(config, mesh, manager)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, config)
+  _store_config(config, workdir, resuming=bool(checkpoints.steps()))
+  state = checkpoints.restore_or_init(config, mesh)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   step_fn = train_step_lib.compile_train_step(config, mesh, state_sharding)
   start_step = int(state.step)
@@ -109,9 +174,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   t0, steps_timed = time.time(), 0
   last_step = config.total_steps if stop_at_step is None else min(stop_at_step,
                                                                     config.total_steps)
+  guard = NonFiniteGuard(config)
+  pending = None  # (step, update_skipped) read one step late, so one step stays in flight
+
+  def settle():
+    """Acts on the pending step's skip flag; stops the run (no save) if the guard says so."""
+    nonlocal pending
+    if pending is None:
+      return
+    (step_done, skipped), pending = pending, None
+    reason = guard.observe(step_done, bool(jax.device_get(skipped)))
+    if reason:
+      checkpoints.finalize()  # a save in flight holds an earlier, good state
+      writer.flush()
+      intact = checkpoints.steps()
+      raise NonFiniteError(
+          f"{reason} The last good checkpoint ({f'step {intact[-1]}' if intact else 'none'}) "
+          f"in {checkpoints.directory} is intact. Fix the cause (a lower learning_rate, "
+          f"NaN/Inf in the data, float32 instead of bfloat16), then rerun the same command "
+          f"to resume from it.")
+
+  stopping = False
   for step in range(start_step, last_step):
     batch = next(batches)
     state, metrics = step_fn(state, batch)
+    settle()
+    pending = (step + 1, metrics["update_skipped"])
     steps_timed += 1
     done = step + 1
     if done % config.log_every == 0 or done == config.total_steps:
@@ -127,10 +215,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
               f"lr {scalars['learning_rate']:.2e} | {rate:.2f} steps/s | "
               f"ETA {_format_eta((config.total_steps - done) / rate)}", flush=True)
       t0, steps_timed = time.time(), 0
-    if done % config.checkpoint_every == 0 or done == last_step:
-      manager.save(done, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
+    stopping = stop.should_stop(done)
+    if done % config.checkpoint_every == 0 or done == last_step or stopping:
+      settle()
+      checkpoints.save(done, state)
+    if stopping:
+      break
+  settle()
+  checkpoints.finalize()  # waits for the async save to commit, writes its manifest
   writer.flush()
+  if stopping:
+    raise preemption.Preempted(int(state.step), stop.signal_name, checkpoints.directory)
   return state
 
 

@@ -24,10 +24,24 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 def logdet_spd(matrix: jax.Array) -> jax.Array:
-  """log|A| for a symmetric positive definite `matrix: [k, k]` via Cholesky."""
+  """log|A| for a symmetric positive definite `matrix: [k, k]` via Cholesky.
+
+  When rounding makes the factorization fail (a huge d / (n eps) times a near-singular
+  Gram, e.g. duplicate rows with a tiny eps), it is redone with a jitter of
+  max(k * float32 eps, 1e-5) times the largest diagonal entry, larger than the rounding
+  error of the matrix: a finite, slightly high value instead of a NaN. A non-finite
+  `matrix` stays non-finite (the train step's guard skips that update).
+  """
   k = matrix.shape[-1]
-  matrix = 0.5 * (matrix + matrix.T) + _JITTER * jnp.eye(k, dtype=matrix.dtype)
-  chol = jnp.linalg.cholesky(matrix)
+  eye = jnp.eye(k, dtype=matrix.dtype)
+  matrix = 0.5 * (matrix + matrix.T) + _JITTER * eye
+  relative = max(k * float(jnp.finfo(matrix.dtype).eps), 1e-5)
+  # The branch is chosen on a gradient-free factorization, so the failed one (NaN) never
+  # enters the backward pass.
+  factorizes = jnp.all(jnp.isfinite(jnp.linalg.cholesky(jax.lax.stop_gradient(matrix))))
+  chol = jax.lax.cond(
+      factorizes, jnp.linalg.cholesky,
+      lambda m: jnp.linalg.cholesky(m + relative * jnp.max(jnp.diagonal(m)) * eye), matrix)
   return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
 
 
