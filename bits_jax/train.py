@@ -39,7 +39,9 @@ def make_feature_fn(config, mesh) -> Callable:
   batch_sharding = sharding_lib.batch_sharding(mesh)
 
   def fn(params, images):
-    return features(params, jax.device_put(np.asarray(images), batch_sharding))
+    if not isinstance(images, jax.Array):  # this process's rows -> one global batch
+      images = jax.make_array_from_process_local_data(batch_sharding, np.asarray(images))
+    return features(params, images)
   return fn
 
 
@@ -53,9 +55,9 @@ def knn_evaluate(config, backbone_params, mesh) -> dict[str, float]:
   feature_fn = make_feature_fn(config, mesh)
   apply_fn = lambda images: feature_fn(backbone_params, images)
   bank = features_lib.extract_features(
-      apply_fn, pipeline.make_eval_iterator(config, config.bank_split))
+      apply_fn, pipeline.make_eval_iterator(config, config.bank_split), mesh=mesh)
   test = features_lib.extract_features(
-      apply_fn, pipeline.make_eval_iterator(config, config.test_split))
+      apply_fn, pipeline.make_eval_iterator(config, config.test_split), mesh=mesh)
   info = sources.get_dataset_info(config)
   return knn.knn_classify(
       bank["cls"], bank["label"], test["cls"], test["label"],

@@ -274,3 +274,35 @@ def test_train_state_is_donated(config):
                              shapes, state_sharding), batch).compile()
   memory = compiled.memory_analysis()
   assert memory.alias_size_in_bytes >= 0.95 * state_bytes, (memory, state_bytes)
+
+
+# ---------------------------------------------------------------- ImageNet presets
+
+
+@pytest.mark.parametrize("name, model", [("imagenet_vits16", "vit_small"),
+                                         ("imagenet_vitb16", "vit_base")])
+def test_imagenet_presets(name, model):
+  from bits_jax import config_validation  # pylint: disable=g-import-not-at-top
+  for arg, epochs in (("ep100", 100), ("ep300", 300)):
+    config = helpers.load_config(name, arg)
+    assert (config.dataset, config.model, config.patch_size) == ("imagenet2012", model, 16)
+    assert (config.num_global_crops, config.global_crop_size) == (2, 224)
+    assert (config.num_local_crops, config.local_crop_size) == (10, 96)
+    assert (config.batch_size, config.bits, config.coding_rate_eps) == (1024, 256, 0.05)
+    steps_per_epoch = 1_281_167 // 1024
+    assert config.total_steps == epochs * steps_per_epoch
+    assert config.head_reinit_every == 10 * steps_per_epoch
+    assert config.dtype == "bfloat16"
+  config_validation.validate_config(config)
+  with pytest.raises(ValueError, match="Unknown preset 'ep50'.*ep100"):
+    helpers.load_config(name, "ep50")
+
+  # FSDP over 8 devices: the state per device is about 1/8 of the whole.
+  config.mesh = {"data": 1, "fsdp": 8}
+  mesh = sharding_lib.make_mesh(config)
+  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
+  shardings = sharding_lib.state_shardings(config, mesh)
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+  per_device = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(
+      jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))
+  assert per_device < 0.14 * total, (per_device, total)
