@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_channels = 3             # image channels fed to the model
 
   # Method.
-  config.method = "bits"              # 'bits' (later also 'dino', 'simdino')
+  config.method = "bits"              # 'bits' | 'dino' | 'simdino' (bits_jax/objectives/)
   config.bits = 256                   # channel width: one logit per bit (paper: 256)
   config.bce_weight = 1.0
   config.coding_rate_weight = 0.1
@@ -23,6 +23,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.head_bottleneck_dim = 256
   config.head_layers = 3
 
+  # DINO (bits_jax/objectives/dino.py); the head also uses head_hidden_dim/bottleneck/layers.
+  config.dino_out_dim = 65536         # prototypes in the weight-normalized last layer
+  config.dino_norm_last_layer = True  # prototypes of unit norm (weight-norm scale fixed to 1)
+  config.dino_student_temp = 0.1
+  config.dino_teacher_temp = 0.07     # after the warm-up
+  config.dino_warmup_teacher_temp = 0.04
+  config.dino_warmup_teacher_temp_steps = 300  # linear warm-up of the teacher temperature
+  config.dino_center_momentum = 0.9
+  config.freeze_last_layer_steps = 0  # first steps with no updates to head/last_layer (DINO)
+
+  # SimDINO (bits_jax/objectives/simdino.py); projection dim = head_bottleneck_dim.
+  config.simdino_eps = 0.5            # coding-rate eps: R = 0.5 logdet(I + d/(n eps) Z^T Z)
+  config.simdino_coding_rate_weight = 1.0  # times the (d + n) / (d n) balancing factor
+
   # Model.
   config.model = "vit_small"          # 'vit_tiny' | 'vit_small' | 'vit_base' | 'vit'
   config.vit_width = 192              # only for model='vit'
@@ -31,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.patch_size = 16
   config.dtype = "float32"            # compute dtype: 'float32' | 'bfloat16'
   config.remat = False                # rematerialize each transformer block
+  config.resnet_width = 64            # model='resnet18'|'resnet50': channels of the stem
+  config.resnet_small_stem = False    # 3x3/1 stem, no max-pool (CIFAR-size images)
 
   # Optimization.
   config.total_steps = 1000

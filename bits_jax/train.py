@@ -29,31 +29,41 @@ from bits_jax import train_step as train_step_lib
 
 
 def make_feature_fn(config, mesh) -> Callable:
-  """`fn(backbone_params, images [b, H, W, C]) -> {'cls': [b, width]}`, jitted on `mesh`."""
+  """`fn(backbone_params, images [b, H, W, C], batch_stats=None) -> {'cls': [b, width]}`.
+
+  Jitted on `mesh`, in eval mode: a BatchNorm backbone normalizes with `batch_stats`, its
+  running averages (required for one).
+  """
   backbone = models.build_backbone(config)
 
   @functools.partial(jax.jit, out_shardings=sharding_lib.replicated(mesh))
-  def features(params, images):
-    return {"cls": backbone.apply({"params": params}, images)["cls"].astype(jnp.float32)}
+  def features(variables, images):
+    return {"cls": backbone.apply(variables, images, train=False)["cls"].astype(jnp.float32)}
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
 
-  def fn(params, images):
+  def fn(params, images, batch_stats=None):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
     if not isinstance(images, jax.Array):  # this process's rows -> one global batch
       images = jax.make_array_from_process_local_data(batch_sharding, np.asarray(images))
-    return features(params, images)
+    return features(variables, images)
   return fn
 
 
-def knn_evaluate(config, backbone_params, mesh) -> dict[str, float]:
-  """Weighted k-NN of the backbone's CLS features: bank split -> test split."""
+def knn_evaluate(config, backbone_params, mesh, batch_stats=None) -> dict[str, float]:
+  """Weighted k-NN of the backbone's CLS features: bank split -> test split.
+
+  `batch_stats`: the backbone's BatchNorm running averages (None for a ViT).
+  """
   from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
 
   feature_fn = make_feature_fn(config, mesh)
-  apply_fn = lambda images: feature_fn(backbone_params, images)
+  apply_fn = lambda images: feature_fn(backbone_params, images, batch_stats)
   bank = features_lib.extract_features(
       apply_fn, pipeline.make_eval_iterator(config, config.bank_split), mesh=mesh)
   test = features_lib.extract_features(
@@ -176,6 +186,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   t0, steps_timed = time.time(), 0
   last_step = config.total_steps if stop_at_step is None else min(stop_at_step,
                                                                     config.total_steps)
+  run_t0 = None
   guard = NonFiniteGuard(config)
   pending = None  # (step, update_skipped) read one step late, so one step stays in flight
 
@@ -202,6 +213,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
     state, metrics = step_fn(state, batch)
     settle()
     pending = (step + 1, metrics["update_skipped"])
+    if run_t0 is None:  # the run's steps/s leaves out the first step (compilation)
+      jax.block_until_ready(state.step)
+      run_t0 = time.time()
     steps_timed += 1
     done = step + 1
     if done % config.log_every == 0 or done == config.total_steps:
@@ -228,6 +242,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   writer.flush()
   if stopping:
     raise preemption.Preempted(int(state.step), stop.signal_name, checkpoints.directory)
+  timed_steps = last_step - start_step - 1
+  if timed_steps > 0 and jax.process_index() == 0:
+    jax.block_until_ready(state)
+    seconds = time.time() - run_t0
+    with open(os.path.join(workdir, "train_speed.json"), "w") as f:
+      json.dump({"steps": timed_steps, "seconds": seconds,
+                 "steps_per_second": timed_steps / seconds,
+                 "devices": [str(d) for d in mesh.devices.flat]}, f, indent=2)
   return state
 
 
@@ -237,9 +259,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding_lib.make_mesh(config)
   results = {}
   if config.knn_eval:
-    trained = knn_evaluate(config, state.teacher_params["backbone"], mesh)
-    random_params = train_state_lib.init_params(config, jax.random.PRNGKey(config.seed + 1))["backbone"]
-    random_init = knn_evaluate(config, random_params, mesh)
+    trained = knn_evaluate(config, state.teacher_params["backbone"], mesh,
+                           state.teacher_batch_stats.get("backbone"))
+    random_params, random_stats = train_state_lib.init_variables(
+        config, jax.random.PRNGKey(config.seed + 1))
+    random_init = knn_evaluate(config, random_params["backbone"], mesh,
+                               random_stats.get("backbone"))
     k = config.knn_ks[0]
     results = {"knn_top1": trained[f"knn_top1_k{k}"],
                "knn_top1_random_init": random_init[f"knn_top1_k{k}"],
@@ -257,6 +282,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              if isinstance(v, float)})
       writer.flush()
       print(f"k-NN top-1 (k={k}) on {config.dataset}:{config.test_split}: "
-            f"BITS-trained {100 * results['knn_top1']:.2f}% | random init "
+            f"{config.method}-trained {100 * results['knn_top1']:.2f}% | random init "
             f"{100 * results['knn_top1_random_init']:.2f}%", flush=True)
   return results

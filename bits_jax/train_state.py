@@ -29,6 +29,11 @@ class TrainState:
   objective_state: PyTree      # e.g. a DINO center; {} for BITS
   rng: jax.Array               # base key; per-step keys are fold_in(rng, step)
   skipped_steps: jax.Array     # int32: updates skipped for non-finite loss/grads
+  # BatchNorm running averages ({'backbone': ...}; {} for a ViT). The teacher's are its
+  # own: updated by its forward pass on the global views (train mode, as in DINO), not
+  # copied or averaged from the student's, so they describe the EMA weights' activations.
+  batch_stats: PyTree = flax.struct.field(default_factory=dict)
+  teacher_batch_stats: PyTree = flax.struct.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -70,9 +75,9 @@ class Student(nn.Module):
   backbone: nn.Module
   head: nn.Module
 
-  def __call__(self, views):
+  def __call__(self, views, train: bool = False):
     b, v = views.shape[:2]
-    feats = self.backbone(views.reshape((b * v,) + views.shape[2:]))
+    feats = self.backbone(views.reshape((b * v,) + views.shape[2:]), train=train)
     out = self.head(feats["cls"])
     return jnp.swapaxes(out.reshape((b, v) + out.shape[1:]), 0, 1)
 
@@ -87,16 +92,36 @@ def init_head_params(head: nn.Module, key, width: int):
   return head.init(key, jnp.zeros((1, width), jnp.float32))["params"]
 
 
-def init_params(config, key):
-  """Fresh student params {'backbone', 'head'} from `key`."""
+def init_variables(config, key):
+  """Fresh student (params {'backbone', 'head'}, batch_stats) from `key`.
+
+  batch_stats is {'backbone': running averages} for a BatchNorm backbone, else {}.
+  """
   backbone, head, _ = build_models(config)
   k_backbone, k_head = jax.random.split(key)
   image = jnp.zeros((1, config.global_crop_size, config.global_crop_size,
                      config.num_channels), jnp.float32)
-  return {
-      "backbone": backbone.init(k_backbone, image)["params"],
+  variables = backbone.init(k_backbone, image)
+  params = {
+      "backbone": variables["params"],
       "head": init_head_params(head, k_head, models.backbone_width(config)),
   }
+  batch_stats = ({"backbone": variables["batch_stats"]} if variables.get("batch_stats")
+                 else {})
+  return params, batch_stats
+
+
+def init_params(config, key):
+  """Fresh student params {'backbone', 'head'} from `key`."""
+  return init_variables(config, key)[0]
+
+
+def backbone_variables(params, batch_stats) -> dict:
+  """Flax variables of the backbone alone from student-shaped params / batch_stats."""
+  variables = {"params": params["backbone"]}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats["backbone"]
+  return variables
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -137,12 +162,28 @@ def _under_key(path, key: str) -> bool:
   return any(getattr(p, "key", None) == key for p in path)
 
 
+def freeze_last_layer(tree: PyTree, step, config) -> PyTree:
+  """Zeros `tree['head']...['last_layer']` leaves while `step < freeze_last_layer_steps`.
+
+  Applied to the gradients (so Adam's moments see nothing) and to the updates (so weight
+  decay does not move the layer either): DINO keeps its prototypes fixed in the first epoch.
+  A no-op for heads without a `last_layer` module and when the key is 0.
+  """
+  steps = config.get("freeze_last_layer_steps", 0)
+  if not steps:
+    return tree
+  frozen = jnp.asarray(step) < steps
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.where(frozen, jnp.zeros_like(x), x)
+      if _under_key(path, "head") and _under_key(path, "last_layer") else x, tree)
+
+
 # ------------------------------------------------------------------------------- state
 
 
 def create_train_state(config, key) -> TrainState:
   """Initial state: student == teacher, fresh optimizer, step 0."""
-  params = init_params(config, jax.random.fold_in(key, 0))
+  params, batch_stats = init_variables(config, jax.random.fold_in(key, 0))
   _, _, objective = build_models(config)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -151,7 +192,9 @@ def create_train_state(config, key) -> TrainState:
       opt_state=make_optimizer(config).init(params),
       objective_state=objective.init_state(config),
       rng=jax.random.fold_in(key, 1),
-      skipped_steps=jnp.zeros((), jnp.int32))
+      skipped_steps=jnp.zeros((), jnp.int32),
+      batch_stats=batch_stats,
+      teacher_batch_stats=batch_stats)
 
 
 def reinit_head(state: TrainState, config) -> TrainState:

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import optax
 
 from bits_jax import sharding as sharding_lib
-from bits_jax.train_state import (Student, TrainState, build_models, head_reinit_due,
-                                  learning_rate_schedule, make_optimizer, reinit_head,
+from bits_jax.train_state import (Student, TrainState, build_models, freeze_last_layer,
+                                  head_reinit_due, learning_rate_schedule, make_optimizer,
+                                  reinit_head,
                                   set_hyperparams, teacher_momentum_schedule,
                                   weight_decay_schedule)
 
@@ -26,23 +27,40 @@ def _all_finite(tree) -> jax.Array:
 
 
 def loss_and_grads(state: TrainState, batch: dict, config):
-  """(loss, new objective state, metrics, grads wrt the student) on one (micro-)batch."""
+  """(loss, new non-trained state, metrics, grads wrt the student) on one (micro-)batch.
+
+  The non-trained state is {'objective_state', 'batch_stats', 'teacher_batch_stats'}.
+  Student and teacher run in train mode: a BatchNorm backbone normalizes with the (global)
+  batch statistics and updates its running averages, the student once per crop resolution
+  (global, then local crops, as DINO's multi-crop wrapper does), the teacher on the global
+  crops only.
+  """
   backbone, head, objective = build_models(config)
   student = Student(backbone, head)
-  teacher_out = jax.lax.stop_gradient(
-      student.apply({"params": state.teacher_params}, batch["global"]))
+
+  def apply(params, batch_stats, views):
+    out, updated = student.apply({"params": params, "batch_stats": batch_stats}, views,
+                                 train=True, mutable=["batch_stats"])
+    return out, updated.get("batch_stats", batch_stats)
+
+  teacher_out, teacher_batch_stats = apply(
+      state.teacher_params, state.teacher_batch_stats, batch["global"])
+  teacher_out = jax.lax.stop_gradient(teacher_out)
 
   def loss_fn(params):
-    out = student.apply({"params": params}, batch["global"])
+    out, batch_stats = apply(params, state.batch_stats, batch["global"])
     if "local" in batch:
-      out = jnp.concatenate(
-          [out, student.apply({"params": params}, batch["local"])], axis=0)
-    return objective.loss(out, teacher_out, state.objective_state, step=state.step,
-                          config=config)
+      local_out, batch_stats = apply(params, batch_stats, batch["local"])
+      out = jnp.concatenate([out, local_out], axis=0)
+    loss, (objective_state, metrics) = objective.loss(
+        out, teacher_out, state.objective_state, step=state.step, config=config)
+    return loss, (objective_state, batch_stats, metrics)
 
-  (loss, (objective_state, metrics)), grads = jax.value_and_grad(
+  (loss, (objective_state, batch_stats, metrics)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  return loss, objective_state, metrics, grads
+  new_states = {"objective_state": objective_state, "batch_stats": batch_stats,
+                "teacher_batch_stats": jax.lax.stop_gradient(teacher_batch_stats)}
+  return loss, new_states, metrics, grads
 
 
 def split_micro_batches(batch: dict, num: int) -> dict:
@@ -69,7 +87,8 @@ def accumulated_loss_and_grads(state: TrainState, batch: dict, config):
   `batch_size / grad_accum_steps` rows (global over all devices), not the full batch. Each
   micro-batch starts from the step's objective state and the new state is the mean of the
   micro-batch results (integer leaves: the last), which equals one big-batch update for
-  states that move linearly with a batch mean (e.g. an EMA center).
+  states that move linearly with a batch mean (e.g. an EMA center). BatchNorm running
+  averages are handled the same way (normalization uses each micro-batch's statistics).
   """
   num = int(config.get("grad_accum_steps", 1))
   if num == 1:
@@ -100,7 +119,8 @@ def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, d
   state = jax.lax.cond(head_reinit_due(state.step, config),
                        lambda s: reinit_head(s, config), lambda s: s, state)
   step = state.step
-  loss, objective_state, metrics, grads = accumulated_loss_and_grads(state, batch, config)
+  loss, new_states, metrics, grads = accumulated_loss_and_grads(state, batch, config)
+  grads = freeze_last_layer(grads, step, config)
 
   lr = learning_rate_schedule(config)(step)
   wd = weight_decay_schedule(config)(step)
@@ -108,6 +128,7 @@ def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, d
   tx = make_optimizer(config)
   opt_state = set_hyperparams(state.opt_state, lr, wd)
   updates, opt_state = tx.update(grads, opt_state, state.params)
+  updates = freeze_last_layer(updates, step, config)
   params = optax.apply_updates(state.params, updates)
   teacher = optax.incremental_update(params, state.teacher_params, 1.0 - momentum)
 
@@ -120,7 +141,9 @@ def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, d
       params=keep(params, state.params),
       teacher_params=keep(teacher, state.teacher_params),
       opt_state=keep(opt_state, state.opt_state),
-      objective_state=keep(objective_state, state.objective_state),
+      objective_state=keep(new_states["objective_state"], state.objective_state),
+      batch_stats=keep(new_states["batch_stats"], state.batch_stats),
+      teacher_batch_stats=keep(new_states["teacher_batch_stats"], state.teacher_batch_stats),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = dict(metrics, learning_rate=lr, weight_decay=wd, teacher_momentum=momentum,
                  grad_norm=optax.tree.norm(grads), update_skipped=(~finite).astype(jnp.float32))

@@ -3,17 +3,39 @@
   python -m bits_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/bits_fmnist
   python -m bits_jax.main --config=configs/fashion_mnist.py:test --workdir=/tmp/t
 
-Presets (`:arg`):
+Presets (`:arg`, comma-separated: a size and/or a method):
   demo (default): a narrow ViT sized for a 2-core CPU (about 10 minutes).
   test: a very small model and a few steps, for tests.
+  bits (default) | dino | simdino: the method (`config.method`), with the same backbone,
+    data, schedule and evaluation; e.g. `:dino` or `:test,simdino`. DINO and SimDINO keep
+    the projection head (no periodic re-init, a BITS ingredient).
 Offline, the data come from the Debian package `dataset-fashion-mnist` (IDX files) when the
 TFDS dataset is not prepared; with internet, TFDS downloads it.
 """
 from bits_jax import config_defaults
 
 
+_SIZES = ("demo", "test")
+_METHODS = ("bits", "dino", "simdino")
+
+
+def _parse_arg(arg: str) -> tuple[str, str]:
+  """'test,dino' -> ('test', 'dino'); missing parts default to ('demo', 'bits')."""
+  size, method = "demo", "bits"
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if token in _SIZES:
+      size = token
+    elif token in _METHODS:
+      method = token
+    else:
+      raise ValueError(f"Unknown preset {token!r} for configs/fashion_mnist.py: use a size "
+                       f"({', '.join(_SIZES)}) and/or a method ({', '.join(_METHODS)}), "
+                       f"comma-separated, e.g. 'test,dino'.")
+  return size, method
+
+
 def get_config(arg: str = "demo"):
-  arg = arg or "demo"
+  arg, method = _parse_arg(arg)
   config = config_defaults.base_config()
   config.dataset = "fashion_mnist"
   config.num_channels = 1
@@ -65,7 +87,13 @@ def get_config(arg: str = "demo"):
     config.checkpoint_every = 3
     config.test_split = "test[:256]"
     config.bank_split = "train[:512]"
-  else:
-    raise ValueError(f"Unknown preset {arg!r} for configs/fashion_mnist.py: use 'demo' or "
-                     f"'test'.")
+
+  config.method = method
+  # DINO: teacher temperature warm-up over 30% of the run, prototypes frozen for the first
+  # steps (DINO: 30 and 1 of 100 epochs); SimDINO uses the defaults of its paper's code.
+  config.dino_out_dim = 4096 if arg == "demo" else 64
+  config.dino_warmup_teacher_temp_steps = int(0.3 * config.total_steps)
+  config.freeze_last_layer_steps = config.warmup_steps // 2 if method == "dino" else 0
+  if method != "bits":
+    config.head_reinit_every = 0
   return config

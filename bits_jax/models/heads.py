@@ -2,6 +2,7 @@
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -25,3 +26,88 @@ class BitsHead(nn.Module):
     x = nn.Dense(self.bottleneck_dim, dtype=self.dtype, name="bottleneck")(x)
     x = nn.Dense(self.bits, dtype=jnp.float32, name="logits")(x.astype(jnp.float32))
     return x
+
+
+def _trunc_normal(stddev: float = 0.02):
+  return nn.initializers.truncated_normal(stddev)
+
+
+class ProjectionMLP(nn.Module):
+  """`[batch, width] -> [batch, out_dim]`: (num_layers - 1) x (Dense + GELU), then Dense.
+
+  Kernels are truncated-normal(0.02), biases zero (the DINO recipe).
+  """
+  out_dim: int
+  hidden_dim: int = 2048
+  num_layers: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_layers - 1):
+      x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal(),
+                   name=f"dense{i}")(x)
+      x = nn.gelu(x, approximate=False)
+    return nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_trunc_normal(),
+                    name="bottleneck")(x)
+
+
+class WeightNormDense(nn.Module):
+  """Bias-free Dense with weight normalization: `W[:, j] = g_j * v[:, j] / ||v[:, j]||`.
+
+  `scale_g` is fixed to 1 (not a parameter) when `learn_scale=False` (DINO's
+  `norm_last_layer=True`), so every prototype has unit norm.
+  """
+  features: int
+  learn_scale: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    v = self.param("kernel_v", _trunc_normal(), (x.shape[-1], self.features), jnp.float32)
+    w = v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=0, keepdims=True), 1e-24))
+    if self.learn_scale:
+      w = w * self.param("scale_g", nn.initializers.ones, (self.features,), jnp.float32)
+    return jnp.matmul(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+
+
+class DinoHead(nn.Module):
+  """DINO head: MLP to a bottleneck, L2 normalization, weight-normalized prototypes.
+
+  `[batch, width] -> [batch, out_dim]` float32 prototype scores (logits before the
+  temperature). The last layer is named `last_layer` so the train step can freeze it.
+  """
+  out_dim: int
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+  norm_last_layer: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = ProjectionMLP(self.bottleneck_dim, self.hidden_dim, self.num_layers, self.dtype,
+                      name="mlp")(x)
+    x = l2_normalize(x.astype(jnp.float32))
+    return WeightNormDense(self.out_dim, learn_scale=not self.norm_last_layer,
+                           name="last_layer")(x)
+
+
+class SimDinoHead(nn.Module):
+  """SimDINO head: the DINO MLP without prototypes. `[batch, width] -> [batch, dim]` float32.
+
+  The output is not normalized here; the loss L2-normalizes it.
+  """
+  dim: int = 256
+  hidden_dim: int = 2048
+  num_layers: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = ProjectionMLP(self.dim, self.hidden_dim, self.num_layers, self.dtype, name="mlp")(x)
+    return x.astype(jnp.float32)
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """Rows scaled to unit L2 norm (zero rows stay zero)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))

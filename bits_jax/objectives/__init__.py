@@ -12,6 +12,8 @@ import importlib
 
 _REGISTRY = {
     "bits": "bits_jax.objectives.bits",
+    "dino": "bits_jax.objectives.dino",
+    "simdino": "bits_jax.objectives.simdino",
 }
 
 

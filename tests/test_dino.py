@@ -1,0 +1,160 @@
+"""DINO loss, head, temperature schedule, center update and last-layer freezing."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bits_jax import train_state
+from bits_jax import train_step
+from bits_jax.models import heads
+from bits_jax.objectives import dino
+from tests import helpers
+
+
+def _config(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      dino_out_dim=16, dino_student_temp=0.1, dino_teacher_temp=0.07,
+      dino_warmup_teacher_temp=0.04, dino_warmup_teacher_temp_steps=100,
+      dino_center_momentum=0.9))
+  config.update(overrides)
+  return config
+
+
+def numpy_dino(student, teacher, center, step, config):
+  """The published DINO loss (Caron et al. 2021, Algorithm 1 + multi-crop), in float64."""
+  student, teacher = np.float64(student), np.float64(teacher)
+  warm = config.dino_warmup_teacher_temp_steps
+  t_temp = config.dino_warmup_teacher_temp + min(step / warm, 1.0) * (
+      config.dino_teacher_temp - config.dino_warmup_teacher_temp)
+
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  total, n_terms = 0.0, 0
+  for g in range(teacher.shape[0]):
+    q = softmax((teacher[g] - center) / t_temp)
+    for v in range(student.shape[0]):
+      if v == g:
+        continue
+      log_p = np.log(softmax(student[v] / config.dino_student_temp))
+      total += np.mean(np.sum(-q * log_p, axis=-1))
+      n_terms += 1
+  m = config.dino_center_momentum
+  new_center = center * m + (1 - m) * teacher.reshape(-1, teacher.shape[-1]).mean(0)
+  return total / n_terms, new_center
+
+
+@pytest.mark.parametrize("step", [0, 37, 100, 250])
+def test_loss_and_center_match_numpy(step):
+  rng = np.random.RandomState(step)
+  student = rng.randn(6, 8, 16).astype(np.float32)  # 2 global + 4 local views
+  teacher = rng.randn(2, 8, 16).astype(np.float32)
+  center = 0.3 * rng.randn(16).astype(np.float32)
+  config = _config()
+  loss, (state, metrics) = dino.loss(jnp.asarray(student), jnp.asarray(teacher),
+                                     {"center": jnp.asarray(center)}, step=step, config=config)
+  ref_loss, ref_center = numpy_dino(student, teacher, center, step, config)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(state["center"], ref_center, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics["teacher_temperature"],
+                             0.04 + 0.03 * min(step / 100, 1.0), rtol=1e-6)
+
+
+def test_teacher_temperature_schedule():
+  config = _config()
+  temps = [float(dino.teacher_temperature(s, config)) for s in (0, 50, 100, 1000)]
+  np.testing.assert_allclose(temps, [0.04, 0.055, 0.07, 0.07], rtol=1e-6)
+  config.dino_warmup_teacher_temp_steps = 0
+  assert float(dino.teacher_temperature(0, config)) == pytest.approx(0.07)
+
+
+def test_no_gradient_to_teacher_or_center():
+  rng = np.random.RandomState(0)
+  s = jnp.asarray(rng.randn(3, 4, 16).astype(np.float32))
+  t = jnp.asarray(rng.randn(2, 4, 16).astype(np.float32))
+  c = jnp.asarray(rng.randn(16).astype(np.float32))
+  f = lambda s, t, c: dino.loss(s, t, {"center": c}, step=5, config=_config())[0]
+  gs, gt, gc = jax.grad(f, argnums=(0, 1, 2))(s, t, c)
+  assert np.abs(gs).sum() > 0
+  np.testing.assert_array_equal(gt, 0.0)
+  np.testing.assert_array_equal(gc, 0.0)
+
+
+def test_center_uses_global_batch_on_8_devices():
+  rng = np.random.RandomState(1)
+  student = rng.randn(4, 16, 16).astype(np.float32)
+  teacher = rng.randn(2, 16, 16).astype(np.float32)
+  teacher[:, :8] += 3.0  # shards differ, so a per-device center would be wrong
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  sharded = NamedSharding(mesh, P(None, "data"))
+  fn = jax.jit(lambda s, t, c: dino.loss(s, t, {"center": c}, step=10, config=_config()))
+  loss, (state, _) = fn(jax.device_put(student, sharded), jax.device_put(teacher, sharded),
+                        jnp.zeros(16))
+  ref_loss, ref_center = numpy_dino(student, teacher, np.zeros(16), 10, _config())
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(state["center"], ref_center, rtol=1e-5, atol=1e-7)
+
+
+def test_single_view_is_a_clear_error():
+  with pytest.raises(ValueError, match="at least two views"):
+    dino.loss(jnp.zeros((1, 2, 16)), jnp.zeros((1, 2, 16)), {"center": jnp.zeros(16)},
+              step=0, config=_config())
+
+
+def test_head_normalized_bottleneck_and_unit_prototypes():
+  head = heads.DinoHead(out_dim=32, hidden_dim=16, bottleneck_dim=8, num_layers=3)
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 12))
+  params = head.init(jax.random.PRNGKey(1), x)["params"]
+  assert set(params) == {"mlp", "last_layer"}
+  assert set(params["last_layer"]) == {"kernel_v"}  # norm_last_layer: no learned scale
+  out = head.apply({"params": params}, x)
+  assert out.shape == (5, 32) and out.dtype == jnp.float32
+  # Unit bottleneck times unit prototypes: cosine similarities.
+  assert np.all(np.abs(out) <= 1 + 1e-5)
+  # Weight normalization: rescaling a prototype's direction vector changes nothing.
+  scaled = jax.tree_util.tree_map(lambda x: x, params)
+  scaled["last_layer"]["kernel_v"] = params["last_layer"]["kernel_v"] * jnp.arange(1, 33)
+  np.testing.assert_allclose(head.apply({"params": scaled}, x), out, rtol=1e-5, atol=1e-6)
+  free = heads.DinoHead(out_dim=32, hidden_dim=16, bottleneck_dim=8, norm_last_layer=False)
+  assert "scale_g" in free.init(jax.random.PRNGKey(1), x)["params"]["last_layer"]
+
+
+@pytest.fixture(scope="module")
+def config():
+  config = helpers.load_config("fashion_mnist", "test,dino")
+  config.freeze_last_layer_steps = 2
+  return config
+
+
+def test_preset(config):
+  assert config.method == "dino" and config.head_reinit_every == 0
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
+  assert state.objective_state["center"].shape == (config.dino_out_dim,)
+
+
+def test_last_layer_frozen_for_first_steps(config):
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
+  step = jax.jit(lambda s, b: train_step.train_step(s, b, config=config))
+  history = [state]
+  for i in range(3):
+    state, metrics = step(state, helpers.random_batch(config, seed=i))
+    assert float(metrics["update_skipped"]) == 0.0
+    history.append(state)
+  last = lambda s: np.asarray(s.params["head"]["last_layer"]["kernel_v"])
+  mlp = lambda s: np.asarray(s.params["head"]["mlp"]["bottleneck"]["kernel"])
+  # Step 0 has learning rate 0 (warm-up). Step 1 (< freeze_last_layer_steps=2) trains the
+  # rest of the head but not the last layer; step 2 trains it too.
+  assert not np.allclose(mlp(history[2]), mlp(history[1]))
+  np.testing.assert_array_equal(last(history[2]), last(history[0]))
+  assert not np.allclose(last(history[3]), last(history[2]))
+  # The center moved away from zero with the teacher's outputs.
+  assert np.abs(np.asarray(history[1].objective_state["center"])).sum() > 0
+
+
+def test_config_problems_name_the_fix():
+  assert dino.config_problems(_config(dino_out_dim=8)) == []
+  problems = dino.config_problems(_config(dino_student_temp=0.0, dino_center_momentum=1.0))
+  assert len(problems) == 2 and "dino_student_temp=0.0 must be > 0" in problems[0]
