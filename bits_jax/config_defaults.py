@@ -80,4 +80,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.knn_eval = True
   config.knn_ks = (20,)
   config.knn_temperature = 0.07
+
+  # Full evaluation (`python -m bits_jax.evaluate`).
+  config.eval_knn_ks = (10, 20, 100, 200)
+  config.eval_linear = True           # linear probe on frozen CLS features
+  config.eval_linear_last4 = False    # also on concatenated last-4-block CLS (DINO protocol)
+  config.eval_linear_epochs = 50
+  config.eval_retrieval_queries = 2000  # test queries for retrieval (None: all)
+  config.eval_dense = True            # patch k-NN segmentation probe (synthetic squares)
+  config.eval_dense_images = 64
+
+  # Continued SSL from other weights: a run workdir, checkpoint or converted params dir.
+  # The backbone is loaded (channels / position grid adapted), the head starts fresh.
+  config.init_from = ""
   return config

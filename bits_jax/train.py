@@ -170,6 +170,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   checkpoints = checkpoint_lib.Checkpoints(workdir, config)
   _store_config(config, workdir, resuming=bool(checkpoints.steps()))
   state = checkpoints.restore_or_init(config, mesh)
+  if config.get("init_from") and int(state.step) == 0:
+    state = init_backbone_from(state, config)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
   step_fn = train_step_lib.compile_train_step(config, mesh, state_sharding)
   start_step = int(state.step)
@@ -253,6 +255,30 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   return state
 
 
+def init_backbone_from(state, config):
+  """Student and teacher backbones (and BatchNorm statistics) from `config.init_from`.
+
+  The head stays fresh: the new run learns its own code on the new data.
+  """
+  from bits_jax.evaluate import pretrained  # pylint: disable=g-import-not-at-top
+  loaded, step = pretrained.load_params(config.init_from)
+  place = lambda new, old: jax.tree_util.tree_map(
+      lambda n, o: jax.device_put(n, o.sharding), new, old)
+  backbone = place(pretrained.adapt_params(loaded["backbone"], state.params["backbone"]),
+                   state.params["backbone"])
+  replace = {"params": dict(state.params, backbone=backbone),
+             "teacher_params": dict(state.teacher_params, backbone=backbone)}
+  if state.batch_stats and "batch_stats" in loaded:
+    stats = place(pretrained.adapt_params(loaded["batch_stats"]["backbone"],
+                                          state.batch_stats["backbone"]),
+                  state.batch_stats["backbone"])
+    replace["batch_stats"] = dict(state.batch_stats, backbone=stats)
+    replace["teacher_batch_stats"] = dict(state.teacher_batch_stats, backbone=stats)
+  print(f"Initialized the backbone from {config.init_from}"
+        + (f" (step {step})" if step is not None else ""), flush=True)
+  return state.replace(**replace)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train, then k-NN of the trained teacher backbone vs. the same model at random init."""
   state = train(config, workdir)
@@ -274,6 +300,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "dataset": config.dataset}
     results.update({f"trained/{k2}": v for k2, v in trained.items()})
     results.update({f"random_init/{k2}": v for k2, v in random_init.items()})
+    if config.get("init_from"):
+      # SSL adaptation: the same evaluation before (loaded weights) and after training.
+      from bits_jax.evaluate import pretrained  # pylint: disable=g-import-not-at-top
+      loaded, _ = pretrained.load_params(config.init_from)
+      stats = None
+      if state.teacher_batch_stats and "batch_stats" in loaded:
+        stats = pretrained.adapt_params(loaded["batch_stats"]["backbone"], jax.device_get(
+            state.teacher_batch_stats["backbone"]))
+      before = knn_evaluate(config, pretrained.adapt_params(
+          loaded["backbone"], jax.device_get(state.params["backbone"])), mesh, stats)
+      results["knn_top1_init_from"] = before[f"knn_top1_k{k}"]
+      results.update({f"init_from/{k2}": v for k2, v in before.items()})
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -283,5 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.flush()
       print(f"k-NN top-1 (k={k}) on {config.dataset}:{config.test_split}: "
             f"{config.method}-trained {100 * results['knn_top1']:.2f}% | random init "
-            f"{100 * results['knn_top1_random_init']:.2f}%", flush=True)
+            f"{100 * results['knn_top1_random_init']:.2f}%"
+            + (f" | before (init_from) {100 * results['knn_top1_init_from']:.2f}%"
+               if "knn_top1_init_from" in results else ""), flush=True)
   return results

@@ -56,17 +56,22 @@ def resolve_checkpoint(path: str) -> tuple[str, Optional[int]]:
 
 
 def load_params(path: str, which: str = "teacher") -> tuple[PyTree, Optional[int]]:
-  """({'backbone': ..., 'head'?: ...} as numpy, step or None) from any accepted source."""
+  """({'backbone', 'head'?, 'batch_stats'?} as numpy, step or None) from any source.
+
+  'batch_stats' ({'backbone': running averages}) is present for BatchNorm backbones.
+  """
   directory, step = resolve_checkpoint(path)
   tree = ocp.StandardCheckpointer().restore(directory)
   if "teacher_params" in tree:  # a TrainState checkpoint
-    key = {"teacher": "teacher_params", "student": "params"}[which]
-    params = tree[key]
-    extra = {k: tree[k] for k in ("teacher_batch_stats", "batch_stats") if k in tree}
-    if extra:
-      params = dict(params, **extra)
-  elif "backbone" in tree:
-    params = tree
+    params_key, stats_key = {"teacher": ("teacher_params", "teacher_batch_stats"),
+                             "student": ("params", "batch_stats")}[which]
+    params = dict(tree[params_key])
+    if tree.get(stats_key):
+      params["batch_stats"] = tree[stats_key]
+  elif "backbone" in tree:  # converted weights
+    params = {k: v for k, v in tree.items() if k in ("backbone", "head", "batch_stats")}
+    if not params.get("batch_stats"):
+      params.pop("batch_stats", None)
   else:
     raise ValueError(f"{directory} holds neither a train state nor a params dict with a "
                      f"'backbone' entry (keys: {sorted(tree)}).")

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bits_jax import models
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state as train_state_lib
 from bits_jax.evaluate import codes as codes_lib
@@ -30,29 +29,37 @@ from bits_jax.evaluate import retrieval
 
 
 def model_params(config, weights: str, which: str = "teacher"):
-  """({'backbone', 'head'?} adapted to the config's model, step) from `weights`."""
+  """({'backbone', 'head'?, 'batch_stats'?} adapted to the config's model, step)."""
   loaded, step = pretrained.load_params(weights, which)
-  target = jax.eval_shape(lambda: train_state_lib.init_params(config, jax.random.PRNGKey(0)))
+  params, batch_stats = jax.eval_shape(
+      lambda: train_state_lib.init_variables(config, jax.random.PRNGKey(0)))
+  target = dict(params)
   if "head" not in loaded:  # e.g. converted backbone-only weights
-    target = {"backbone": target["backbone"]}
+    del target["head"]
   elif jax.tree_util.tree_structure(loaded["head"]) != jax.tree_util.tree_structure(
       target["head"]):
     logging.warning("Checkpoint head does not match config.method=%s: codes skipped.",
                     config.method)
-    target = {"backbone": target["backbone"]}
-  loaded = {k: loaded[k] for k in target}
+    del target["head"]
+  if batch_stats:
+    target["batch_stats"] = batch_stats
+  loaded = {k: loaded[k] for k in target if k in loaded}
   return pretrained.adapt_params(loaded, target), step
 
 
 def make_apply_fn(config, params, mesh):
-  """images [b, H, W, C] -> {'cls', 'cls_last4', 'patch_tokens', 'logits'?}, jitted."""
+  """images [b, H, W, C] -> {'cls', 'cls_last4'?, 'patch_tokens', 'logits'?}, jitted.
+
+  The backbone runs in eval mode (BatchNorm uses the stored running averages).
+  """
   backbone, head, _ = train_state_lib.build_models(config)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   params = jax.device_put(params, sharding_lib.replicated(mesh))
 
   @jax.jit
   def apply(params, images):
-    out = backbone.apply({"params": params["backbone"]}, images)
+    out = backbone.apply(train_state_lib.backbone_variables(params, params.get("batch_stats")),
+                         images, train=False)
     result = {k: out[k].astype(jnp.float32) for k in ("cls", "cls_last4", "patch_tokens")
               if k in out}
     if "head" in params:
@@ -61,7 +68,9 @@ def make_apply_fn(config, params, mesh):
     return result
 
   def fn(images, keep=("cls", "cls_last4", "logits")):
-    out = apply(params, jax.device_put(np.asarray(images), batch_sharding))
+    if not isinstance(images, jax.Array):  # this process's rows -> one global batch
+      images = jax.make_array_from_process_local_data(batch_sharding, np.asarray(images))
+    out = apply(params, images)
     return {k: v for k, v in out.items() if k in keep}
   return fn
 
@@ -93,12 +102,14 @@ def dense_probe(config, apply_fn) -> dict[str, float]:
       tokens = np.asarray(apply_fn(chunk, keep=("patch_tokens",))["patch_tokens"])
       out.append(tokens[:b - pad])
     tokens = np.concatenate(out)
-    grid = size // patch
+    grid = int(round(tokens.shape[1] ** 0.5))  # ViT: size / patch; ResNet: its output stride
     return tokens.reshape(len(images), grid, grid, -1)
 
+  bank_feats, query_feats = patch_features(bank_images), patch_features(query_images)
+  stride = size // bank_feats.shape[1]
   return dense.patch_knn_segmentation(
-      patch_features(bank_images), dense.downsample_mask(bank_masks, patch, 2),
-      patch_features(query_images), dense.downsample_mask(query_masks, patch, 2),
+      bank_feats, dense.downsample_mask(bank_masks, stride, 2),
+      query_feats, dense.downsample_mask(query_masks, stride, 2),
       num_classes=2, k=10)
 
 
