@@ -58,8 +58,7 @@ def main(argv):
 
 
 def _exit(status: int, message: str) -> None:
-  """The message without a traceback, then the exit status that names the case."""
-  logging.error("%s", message)
+  """The message (once, on stderr, no traceback), then the exit status that names the case."""
   print(message, file=sys.stderr, flush=True)
   sys.exit(status)
 
