@@ -162,3 +162,22 @@ def test_core_package_does_not_import_torch():
           "assert 'torch' not in sys.modules, 'torch imported'")
   subprocess.run([sys.executable, "-c", code], check=True,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_vit_base_heads_layout_matches_torch():
+  """ViT-B/16's 12 heads of 64 (2 blocks, 64x64 images, to stay fast)."""
+  torch.manual_seed(4)
+  model = torch_reference.VisionTransformer(img_size=64, embed_dim=768, depth=2,
+                                            num_heads=12).eval()
+  variables, meta = convert.from_torch(_state_dict_np(model), "vit_base")
+  assert meta["patch_size"] == 16 and meta["global_crop_size"] == 64
+  images = np.random.RandomState(5).randn(2, 3, 64, 64).astype(np.float32)
+  with torch.no_grad():
+    ref = model.forward_features(torch.from_numpy(images)).numpy()
+  flax_model = vit.ViT(width=768, depth=2, num_heads=12, patch_size=16, image_size=64)
+  out = flax_model.apply({"params": variables["params"]}, images.transpose(0, 2, 3, 1))
+  np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref[:, 0]).max(), 1e-4)
+  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref[:, 1:]).max(),
+                               1e-4)
+  with pytest.raises(ValueError, match="width 384"):
+    convert.from_torch(_state_dict_np(model), "vit_small")
