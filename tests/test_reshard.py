@@ -1,5 +1,7 @@
 """A checkpoint written on one mesh restores onto another (other device count, FSDP instead
 of pure data parallel) and the run continues as if uninterrupted."""
+import shutil
+
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
@@ -15,13 +17,19 @@ def _config(mesh):
   return config
 
 
-def test_save_on_data8_restore_on_data2_fsdp2(tmp_path):
-  full = train.train(_config({"data": 8, "fsdp": 1}), str(tmp_path / "full"))
+def test_save_on_data8_restore_on_data2_fsdp2(tmp_path, capsys):
+  full_dir = tmp_path / "full"
+  full = train.train(_config({"data": 8, "fsdp": 1}), str(full_dir))
+  assert len(full.params["head"]["dense0"]["kernel"].devices()) == 8
 
-  workdir = str(tmp_path / "resharded")
-  first = train.train(_config({"data": 8, "fsdp": 1}), workdir, stop_at_step=3)
-  assert int(first.step) == 3 and len(first.params["head"]["dense0"]["kernel"].devices()) == 8
-  resumed = train.train(_config({"data": 2, "fsdp": 2}), workdir, devices=jax.devices()[:4])
+  # The uninterrupted run's step-3 checkpoint (written on data=8) starts another workdir.
+  workdir = tmp_path / "resharded"
+  shutil.copytree(full_dir / "checkpoints" / "3", workdir / "checkpoints" / "3")
+  shutil.copy(full_dir / "config.json", workdir / "config.json")
+  capsys.readouterr()
+  resumed = train.train(_config({"data": 2, "fsdp": 2}), str(workdir),
+                        devices=jax.devices()[:4])
+  assert "Resuming from checkpoint step 3" in capsys.readouterr().out
 
   kernel = resumed.params["backbone"]["block0"]["mlp"]["fc1"]["kernel"]   # [32, 128]
   assert kernel.sharding.spec == P(None, "fsdp")
