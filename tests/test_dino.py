@@ -131,7 +131,7 @@ def config():
 
 def test_preset(config):
   assert config.method == "dino" and config.head_reinit_every == 0
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
+  state = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
   assert state.objective_state["center"].shape == (config.dino_out_dim,)
 
 
