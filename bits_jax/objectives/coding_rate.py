@@ -23,26 +23,49 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
+def _cholesky_with_retry(matrix: jax.Array) -> jax.Array:
+  """Lower Cholesky factor of `matrix: [k, k]`, factored once; refactored with a jitter
+  only in the rare case where the first factor is not finite."""
+  k = matrix.shape[-1]
+  relative = max(k * float(jnp.finfo(matrix.dtype).eps), 1e-5)
+  chol = jnp.linalg.cholesky(matrix)
+  return jax.lax.cond(
+      jnp.all(jnp.isfinite(chol)), lambda m, c: c,
+      lambda m, c: jnp.linalg.cholesky(
+          m + relative * jnp.max(jnp.diagonal(m)) * jnp.eye(k, dtype=m.dtype)),
+      matrix, chol)
+
+
+@jax.custom_jvp
+def _logdet_symmetric(matrix: jax.Array) -> jax.Array:
+  return 2.0 * jnp.sum(jnp.log(jnp.diagonal(_cholesky_with_retry(matrix))))
+
+
+@_logdet_symmetric.defjvp
+def _logdet_symmetric_jvp(primals, tangents):
+  # d logdet(A) = <A^-1, dA>, with A^-1 from the factor the value used: differentiating
+  # through the Cholesky instead would pull the failed factor's NaN into the gradient.
+  (matrix,), (dmatrix,) = primals, tangents
+  chol = _cholesky_with_retry(matrix)
+  inverse = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(matrix.shape[-1],
+                                                             dtype=matrix.dtype))
+  value = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+  return value, jnp.sum(inverse * dmatrix)
+
+
 def logdet_spd(matrix: jax.Array) -> jax.Array:
-  """log|A| for a symmetric positive definite `matrix: [k, k]` via Cholesky.
+  """log|A| for a symmetric positive definite `matrix: [k, k]` via one Cholesky.
 
   When rounding makes the factorization fail (a huge d / (n eps) times a near-singular
   Gram, e.g. duplicate rows with a tiny eps), it is redone with a jitter of
   max(k * float32 eps, 1e-5) times the largest diagonal entry, larger than the rounding
-  error of the matrix: a finite, slightly high value instead of a NaN. A non-finite
+  error of the matrix: a finite, slightly high value and a finite gradient (the inverse of
+  the jittered matrix; the jitter counts as a constant) instead of a NaN. A non-finite
   `matrix` stays non-finite (the train step's guard skips that update).
   """
   k = matrix.shape[-1]
   eye = jnp.eye(k, dtype=matrix.dtype)
-  matrix = 0.5 * (matrix + matrix.T) + _JITTER * eye
-  relative = max(k * float(jnp.finfo(matrix.dtype).eps), 1e-5)
-  # The branch is chosen on a gradient-free factorization, so the failed one (NaN) never
-  # enters the backward pass.
-  factorizes = jnp.all(jnp.isfinite(jnp.linalg.cholesky(jax.lax.stop_gradient(matrix))))
-  chol = jax.lax.cond(
-      factorizes, jnp.linalg.cholesky,
-      lambda m: jnp.linalg.cholesky(m + relative * jnp.max(jnp.diagonal(m)) * eye), matrix)
-  return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+  return _logdet_symmetric(0.5 * (matrix + matrix.T) + _JITTER * eye)
 
 
 def coding_rate(z: jax.Array, eps: float = 0.05) -> jax.Array:
