@@ -23,15 +23,16 @@ VIT_SIZES = {
 
 
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense -> GELU -> Dense."""
+  """Transformer MLP: Dense -> GELU -> Dense (exact erf GELU unless `gelu_approximate`)."""
   hidden_dim: int
   dtype: Any = jnp.float32
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
@@ -40,6 +41,7 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -48,7 +50,8 @@ class EncoderBlock(nn.Module):
         num_heads=self.num_heads, dtype=self.dtype, name="attn")(y, y)
     x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-    y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
+    y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
+                 gelu_approximate=self.gelu_approximate, name="mlp")(y)
     return x + y
 
 
@@ -73,6 +76,8 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   remat: bool = False
   dtype: Any = jnp.float32
+  # tanh GELU instead of the exact erf one (the paper's / timm's models use erf).
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -102,7 +107,8 @@ class ViT(nn.Module):
     block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     block_cls_tokens = []
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"block{i}")(x)
+      x = block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                    gelu_approximate=self.gelu_approximate, name=f"block{i}")(x)
       block_cls_tokens.append(x[:, 0])
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
     x = norm(x)
