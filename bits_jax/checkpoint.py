@@ -31,12 +31,13 @@ import shutil
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from bits_jax import sharding as sharding_lib
-from bits_jax.train_state import TrainState, create_train_state
+from bits_jax import train_state as train_state_lib
+from bits_jax import utils
+from bits_jax.train_state import TrainState
 
 MANIFEST = "bits_manifest.json"
 QUARANTINE = "corrupt_checkpoints"
@@ -151,25 +152,6 @@ def manifest_problem(step_dir: str) -> str | None:
 # --------------------------------------------------------------------------- restore
 
 
-def abstract_state(config, mesh):
-  """Shapes, dtypes and shardings of the train state on `mesh`, without allocating it.
-
-  Shardings come from the partition rules for `mesh`, not from the checkpoint, so Orbax
-  restores a checkpoint written on any mesh (other device count, FSDP or pure data
-  parallel) straight into this mesh's layout.
-  """
-  shapes = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0)))
-  shardings = sharding_lib.tree_shardings(shapes, mesh, config)
-  return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
 def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
@@ -200,18 +182,10 @@ def _incompatibility(manager: ocp.CheckpointManager, step: int, target) -> str |
           f"config: {only_wanted}")
 
 
-@jax.jit
-def _tree_all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def _restored_problem(state: TrainState, step: int) -> str | None:
   if int(state.step) != step:
     return f"it holds step {int(state.step)} under the name {step}"
-  if not bool(_tree_all_finite(state)):
+  if not bool(jax.jit(utils.tree_all_finite)(state)):
     return "it holds non-finite values"
   return None
 
@@ -226,7 +200,7 @@ def remove_incomplete_writes(directory: str) -> list[str]:
       _say(f"Found an incomplete checkpoint write {os.path.join(directory, name)} (the run "
            f"stopped while saving): it was never a complete checkpoint; removing it.")
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-  _sync("bits_jax_remove_incomplete_writes")
+  utils.sync_processes("bits_jax_remove_incomplete_writes")
   return names
 
 
@@ -235,13 +209,13 @@ def quarantine(manager: ocp.CheckpointManager, step: int, problem: str) -> str:
   source = _step_dir(manager, step)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
   dest = os.path.join(os.path.dirname(str(manager.directory)), QUARANTINE, f"{step}-{stamp}")
-  _sync(f"bits_jax_quarantine_{step}")
+  utils.sync_processes(f"bits_jax_quarantine_{step}")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.move(source, dest)
     _say(f"Checkpoint step {step} in {manager.directory} is damaged: {problem}. Moved it to "
          f"{dest}; falling back to the previous checkpoint.")
-  _sync(f"bits_jax_quarantined_{step}")
+  utils.sync_processes(f"bits_jax_quarantined_{step}")
   manager.reload()
   return dest
 
@@ -294,15 +268,15 @@ def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | 
   return None
 
 
-def initial_or_restored_state(config, mesh, manager) -> TrainState:
+def initial_or_restored_state(components, config, mesh, manager) -> TrainState:
   """The newest intact checkpoint if any (see `restore_latest_good`), else a fresh state."""
-  target = abstract_state(config, mesh)
+  target = sharding_lib.abstract_state(components, config, mesh)
   restored = restore_latest_good(manager, target)
   if restored is not None:
     return restored
-  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, target)
-  init = jax.jit(lambda: create_train_state(config, jax.random.PRNGKey(config.seed)),
-                 out_shardings=state_sharding)
+  init = jax.jit(lambda: train_state_lib.create(components, config,
+                                                jax.random.PRNGKey(config.seed)),
+                 out_shardings=sharding_lib.shardings_of(target))
   return init()
 
 
@@ -358,8 +332,8 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_or_init(self, config, mesh) -> TrainState:
-    return initial_or_restored_state(config, mesh, self.manager)
+  def restore_or_init(self, components, config, mesh) -> TrainState:
+    return initial_or_restored_state(components, config, mesh, self.manager)
 
   def _write_error(self, step: int, e: BaseException) -> CheckpointWriteError:
     intact = [s for s in self.steps() if s != step]
@@ -408,12 +382,13 @@ class Checkpoints:
         write_manifest(step_dir, step)
     except OSError as e:
       raise self._write_error(step, e) from e
-    _sync(f"bits_jax_manifest_{step}")
+    utils.sync_processes(f"bits_jax_manifest_{step}")
     self.manager.reload()
     for old in self.steps()[:-self.keep]:
       if old < step:
         self.manager.delete(old)
 
   def close(self) -> None:
+    """Finalizes the pending save and releases Orbax's threads."""
     self.finalize()
     self.manager.close()

@@ -1,11 +1,12 @@
 """Config validation, before anything is built or compiled, and the config check on resume.
 
 `validate_config(config)` raises one `ConfigError` that lists every problem, each naming the
-key and the fix. The known keys, their types and defaults are read from
-`config_defaults.base_config()` at call time, and method / model / dataset names are checked
-by the objectives registry, the model builder and the data sources, so a new key, method or
-backbone needs no change here. An objective module may add its own checks with an optional
-`config_problems(config) -> list[str]`.
+(dotted) key and the fix. The known keys, their types and defaults are read from
+`config_defaults.base_config()` at call time; `config.model` options come from the model
+registry, `config.evals` entries from the evaluator registry (their keyword arguments from
+the evaluator's signature), method / dataset names from the objective registry and the data
+sources, and each objective adds its own checks (`Objective.config_problems`), so a new
+key, method, backbone or evaluator needs no change here.
 
 `check_resume_config(stored, config)` compares the config of a resumed run with the one
 saved in the workdir (`config.json`): a difference in a key that changes the training is
@@ -16,23 +17,26 @@ always change.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import numbers
-import os
 from typing import Any
 
 import ml_collections
 
 # Keys that change neither the training trajectory nor the checkpoint: they may differ on
 # resume without being allowed explicitly.
+# Dotted keys, or prefixes ending in '.', of the whole section.
 RESUME_SAFE_KEYS = (
-    "log_every", "checkpoint_every", "keep_checkpoints",
-    "knn_eval", "knn_ks", "knn_temperature", "eval_batch_size", "test_split", "bank_split",
-    "eval_resize_size", "eval_crop_size", "data_threads", "prefetch_batches", "data_dir",
-    "idx_dir", "on_nonfinite", "max_consecutive_nonfinite", "allow_config_change",
+    "log_every", "checkpoint_every", "keep_checkpoints", "baseline_random_init", "evals.",
+    "input.eval_batch_size", "input.eval_resize_size", "input.eval_crop_size",
+    "input.threads", "input.prefetch_batches", "input.data_dir", "input.idx_dir",
+    "on_nonfinite", "max_consecutive_nonfinite", "allow_config_change",
     # Device layout: checkpoints restore onto any mesh (sharding-aware restore).
-    "mesh", "partition_rules", "fsdp_min_size", "remat",
+    "mesh.", "partition_rules", "fsdp_min_size", "model.remat",
 )
+# Sections whose keys are not fixed by the defaults.
+_OPEN_SECTIONS = ("model", "evals")
 _NONFINITE_POLICIES = ("skip", "stop")
 _DTYPES = ("float32", "bfloat16")
 
@@ -44,6 +48,15 @@ class ConfigError(ValueError):
 def _base_config() -> ml_collections.ConfigDict:
   from bits_jax import config_defaults  # pylint: disable=g-import-not-at-top
   return config_defaults.base_config()
+
+
+def flat_items(config, prefix: str = ""):
+  """(dotted key, value) of every leaf of a nested config or dict."""
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and value:
+      yield from flat_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
 
 
 def _type_problem(key: str, value: Any, default: Any) -> str | None:
@@ -84,10 +97,11 @@ def _unknown_key_problem(key: str, known) -> str:
 
 
 class _Checker:
-  """Collects problems; value checks skip keys whose type is already wrong."""
+  """Collects problems over the dotted keys; value checks skip keys whose type is wrong."""
 
   def __init__(self, config, bad_keys):
-    self.config = config
+    self.config = dict(flat_items(config))
+    self.nested = config
     self.bad = set(bad_keys)
     self.problems: list[str] = []
 
@@ -121,117 +135,132 @@ class _Checker:
 def _check_values(c: _Checker) -> None:
   """Impossible values and inconsistent schedule lengths."""
   cfg = c.config
-  c.positive("bits", "the number of bits in each message; the paper uses 256")
-  for key in ("total_steps", "batch_size", "eval_batch_size", "log_every", "checkpoint_every",
-              "keep_checkpoints", "num_global_crops", "num_channels", "head_hidden_dim",
-              "head_bottleneck_dim", "head_layers", "max_consecutive_nonfinite", "patch_size",
-              "global_crop_size"):
+  for key in ("total_steps", "input.batch_size", "input.eval_batch_size", "log_every",
+              "checkpoint_every", "keep_checkpoints", "input.crops.num_global",
+              "input.num_channels", "objective.head.hidden_dim",
+              "objective.head.bottleneck_dim", "objective.head.num_layers",
+              "max_consecutive_nonfinite", "input.crops.global_size"):
     c.positive(key, "a count or size")
-  for key in ("num_local_crops", "warmup_steps", "head_reinit_every", "weight_decay",
-              "weight_decay_end", "grad_clip_norm", "bce_weight", "coding_rate_weight",
-              "learning_rate", "min_learning_rate"):
-    c.non_negative(key, "0 disables it" if key in ("head_reinit_every", "grad_clip_norm")
+  for key in ("input.crops.num_local", "optim.warmup_steps", "optim.weight_decay",
+              "optim.weight_decay_end", "optim.clip_norm", "optim.learning_rate",
+              "optim.end_learning_rate"):
+    c.non_negative(key, "0 disables it" if key == "optim.clip_norm"
                    else "a count, weight or rate")
-  c.positive("coding_rate_eps", "the distortion in the coding rate, e.g. 0.05")
-  c.within("teacher_momentum", 0.0, 1.0, "the EMA momentum of the teacher, e.g. 0.996")
-  c.within("adam_b1", 0.0, 0.999999, "an Adam decay rate below 1")
-  c.within("adam_b2", 0.0, 0.999999, "an Adam decay rate below 1")
-  if c.ok("num_local_crops") and cfg.num_local_crops > 0:
-    c.positive("local_crop_size", "the side of the local crops")
-  if c.ok("warmup_steps", "total_steps") and cfg.warmup_steps > cfg.total_steps:
-    c.add(f"config.warmup_steps={cfg.warmup_steps} is longer than config.total_steps="
-          f"{cfg.total_steps}: the learning rate would never leave warm-up; use a "
-          f"warmup_steps below total_steps (e.g. {max(cfg.total_steps // 10, 1)}).")
-  if (c.ok("head_reinit_every", "total_steps") and cfg.head_reinit_every > 0 and
-      cfg.head_reinit_every >= cfg.total_steps > 0):
-    c.add(f"config.head_reinit_every={cfg.head_reinit_every} is not below config.total_steps="
-          f"{cfg.total_steps}: the head would never be re-initialized; set "
-          f"head_reinit_every=0 to turn re-initialization off, or a value below total_steps.")
-  if (c.ok("min_learning_rate", "learning_rate") and
-      cfg.min_learning_rate > cfg.learning_rate):
-    c.add(f"config.min_learning_rate={cfg.min_learning_rate} is above config.learning_rate="
-          f"{cfg.learning_rate} (the peak): lower min_learning_rate.")
-  if c.ok("num_global_crops", "num_local_crops") and (
-      cfg.num_global_crops + cfg.num_local_crops < 2):
-    c.add("self-distillation needs at least two views: set num_global_crops=2, or "
-          "num_local_crops > 0.")
-  for key in ("global_crop_scale", "local_crop_scale"):
+  c.within("optim.teacher_momentum", 0.0, 1.0, "the EMA momentum of the teacher, e.g. 0.996")
+  c.within("optim.b1", 0.0, 0.999999, "an Adam decay rate below 1")
+  c.within("optim.b2", 0.0, 0.999999, "an Adam decay rate below 1")
+  c.positive("optim.grad_accum_steps", "micro-batches per update; 1 = none")
+  if c.ok("input.crops.num_local") and cfg["input.crops.num_local"] > 0:
+    c.positive("input.crops.local_size", "the side of the local crops")
+  if c.ok("optim.warmup_steps", "total_steps") and (
+      cfg["optim.warmup_steps"] > cfg["total_steps"]):
+    c.add(f"config.optim.warmup_steps={cfg['optim.warmup_steps']} is longer than "
+          f"config.total_steps={cfg['total_steps']}: the learning rate would never leave "
+          f"warm-up; use a warmup_steps below total_steps (e.g. "
+          f"{max(cfg['total_steps'] // 10, 1)}).")
+  if c.ok("optim.end_learning_rate", "optim.learning_rate") and (
+      cfg["optim.end_learning_rate"] > cfg["optim.learning_rate"]):
+    c.add(f"config.optim.end_learning_rate={cfg['optim.end_learning_rate']} is above "
+          f"config.optim.learning_rate={cfg['optim.learning_rate']} (the peak): lower "
+          f"end_learning_rate.")
+  if c.ok("input.crops.num_global", "input.crops.num_local") and (
+      cfg["input.crops.num_global"] + cfg["input.crops.num_local"] < 2):
+    c.add("self-distillation needs at least two views: set input.crops.num_global=2, or "
+          "input.crops.num_local > 0.")
+  for key in ("input.crops.global_scale", "input.crops.local_scale"):
     if c.ok(key):
       scale = tuple(cfg[key])
       if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         c.add(f"config.{key}={scale} must be (low, high) with 0 < low <= high <= 1.")
-  if c.ok("on_nonfinite") and cfg.on_nonfinite not in _NONFINITE_POLICIES:
-    c.add(f"config.on_nonfinite={cfg.on_nonfinite!r}: use 'skip' (skip the update and count "
-          f"it) or 'stop'.")
-  if c.ok("dtype") and cfg.dtype not in _DTYPES:
-    c.add(f"config.dtype={cfg.dtype!r}: use 'float32' or 'bfloat16'.")
+  if c.ok("input.augment.blur_probs") and len(tuple(cfg["input.augment.blur_probs"])) != 3:
+    c.add(f"config.input.augment.blur_probs={tuple(cfg['input.augment.blur_probs'])} must be "
+          f"(first global view, other global views, local views).")
+  if c.ok("on_nonfinite") and cfg["on_nonfinite"] not in _NONFINITE_POLICIES:
+    c.add(f"config.on_nonfinite={cfg['on_nonfinite']!r}: use 'skip' (skip the update and "
+          f"count it) or 'stop'.")
+  if c.ok("dtype") and cfg["dtype"] not in _DTYPES:
+    c.add(f"config.dtype={cfg['dtype']!r}: use 'float32' or 'bfloat16'.")
     c.bad.add("dtype")  # the model builder would report it again
-  if c.ok("knn_ks") and not all(
-      isinstance(k, numbers.Integral) and k > 0 for k in cfg.knn_ks):
-    c.add(f"config.knn_ks={tuple(cfg.knn_ks)} must be positive ints, e.g. (20,).")
 
 
-def _check_method_and_model(c: _Checker) -> None:
-  """Method from the objectives registry, backbone from the model builder, patch vs crops."""
-  from bits_jax import models  # pylint: disable=g-import-not-at-top
+def _check_objective(c: _Checker) -> None:
+  """The method from the objective registry, then the objective's own checks."""
   from bits_jax import objectives  # pylint: disable=g-import-not-at-top
-  cfg = c.config
-  if c.ok("method"):
-    try:
-      objective = objectives.get_objective(cfg.method)
-    except ValueError as e:
-      c.add(str(e))
-    else:
-      extra = getattr(objective, "config_problems", None)
-      if extra is not None:
-        c.problems.extend(extra(cfg))
-  if not c.ok("model") or "dtype" in c.bad:
+  if not c.ok("objective.name"):
     return
   try:
-    backbone = models.build_backbone(cfg)
+    objective = objectives.get(c.config["objective.name"])
+  except ValueError as e:
+    c.add(str(e))
+    return
+  section = c.config["objective.name"]
+  if not any(k in c.bad for k in c.config if k.startswith(f"objective.{section}.")):
+    c.problems.extend(objective.config_problems(c.nested))
+
+
+def _check_model(c: _Checker) -> None:
+  """Backbone and its options from the model registry, patch size vs crops."""
+  from bits_jax import models  # pylint: disable=g-import-not-at-top
+  if not c.ok("model.name") or "dtype" in c.bad or any(
+      k in c.bad for k in ("input.crops.global_size", "input.num_channels")):
+    return
+  try:
+    backbone = models.build_backbone(c.nested)
   except (ValueError, KeyError, AttributeError) as e:
-    c.add(str(e) if "config.model" in str(e) else f"config.model={cfg.model!r}: {e}")
+    c.add(str(e) if "config.model" in str(e) else
+          f"config.model.name={c.config['model.name']!r}: {e}")
     return
   patch = getattr(backbone, "patch_size", None)
-  if patch is None or not c.ok("patch_size") or cfg.patch_size <= 0:
+  if not isinstance(patch, int) or patch <= 0:
     return
-  sizes = [("global_crop_size", cfg.get("global_crop_size", 0))]
-  if cfg.get("num_local_crops", 0):
-    sizes.append(("local_crop_size", cfg.get("local_crop_size", 0)))
+  sizes = [("input.crops.global_size", c.config.get("input.crops.global_size", 0))]
+  if c.config.get("input.crops.num_local", 0):
+    sizes.append(("input.crops.local_size", c.config.get("input.crops.local_size", 0)))
   for key, size in sizes:
-    if key in c.bad or size <= 0:
+    if key in c.bad or not isinstance(size, int) or size <= 0:
       continue
     if size < patch:
-      c.add(f"config.{key}={size} is smaller than config.patch_size={patch}: a ViT needs at "
-            f"least one patch; use a crop of at least {patch} (a multiple of {patch}) or a "
-            f"smaller patch_size.")
+      c.add(f"config.{key}={size} is smaller than config.model.patch_size={patch}: a ViT "
+            f"needs at least one patch; use a crop of at least {patch} (a multiple of "
+            f"{patch}) or a smaller patch_size.")
     elif size % patch:
-      c.add(f"config.{key}={size} is not a multiple of config.patch_size={patch}: use "
+      c.add(f"config.{key}={size} is not a multiple of config.model.patch_size={patch}: use "
             f"{size - size % patch} or {size - size % patch + patch}.")
+
+
+def _check_evals(c: _Checker) -> None:
+  """Every config.evals entry: a registered type, `every`/`at_end`, known keyword arguments."""
+  from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+  for name, entry in c.nested.evals.items():
+    if not isinstance(entry, (ml_collections.ConfigDict, dict)) or "type" not in entry:
+      c.add(f"config.evals.{name} must be a dict with a 'type' (an evaluator: e.g. 'knn').")
+      continue
+    try:
+      fn = common.get(entry["type"])
+    except ValueError as e:
+      c.add(f"config.evals.{name}.type: {e}")
+      continue
+    every = entry.get("every", 0)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+      c.add(f"config.evals.{name}.every={every!r} must be an int >= 0 (steps between runs "
+            f"during training; 0 = not during training).")
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+      continue
+    known = [p for p in params if p != "ctx"]
+    for key in entry:
+      if key not in ("type", "every", "at_end") and key not in known:
+        c.add(f"config.evals.{name}.{key} is not an option of the {entry['type']!r} "
+              f"evaluator: use {known}.")
 
 
 def _check_dataset(c: _Checker) -> None:
   from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
-  if not c.ok("dataset"):
+  if not c.ok("input.dataset"):
     return
-  try:
-    kind, arg = sources.source_kind(c.config)
-  except ValueError as e:
-    c.add(str(e))
-    return
-  forms = "a TFDS name, 'npz:/path.npz', 'idx:/dir' or 'imagefolder:/dir'"
-  if kind == "tfds":
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    try:
-      tfds.builder_cls(arg)
-    except Exception:  # pylint: disable=broad-except  # DatasetNotFoundError and friends
-      close = difflib.get_close_matches(arg, tfds.list_builders(), n=1, cutoff=0.75)
-      hint = f" (did you mean '{close[0]}'?)" if close else ""
-      c.add(f"unknown dataset {arg!r}{hint}: set config.dataset to {forms}.")
-  elif kind == "npz" and not os.path.isfile(arg):
-    c.add(f"config.dataset={c.config.dataset!r}: file {arg} does not exist; use {forms}.")
-  elif kind in ("idx", "imagefolder") and not os.path.isdir(arg):
-    c.add(f"config.dataset={c.config.dataset!r}: directory {arg} does not exist; use {forms}.")
+  problem = sources.dataset_problem(c.nested)
+  if problem:
+    c.add(problem)
 
 
 def _check_devices(c: _Checker, devices) -> None:
@@ -239,18 +268,18 @@ def _check_devices(c: _Checker, devices) -> None:
   from bits_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   cfg = c.config
   try:
-    mesh = sharding_lib.make_mesh(cfg, devices)
+    mesh = sharding_lib.make_mesh(c.nested, devices)
   except ValueError as e:
     c.add(str(e))
     return
-  micro = cfg.get("grad_accum_steps", 1)
-  for key in ("batch_size", "eval_batch_size"):
-    if not c.ok(key) or cfg[key] <= 0 or (key == "batch_size" and (
-        "grad_accum_steps" in c.bad or not isinstance(micro, int) or micro < 1)):
+  micro = cfg.get("optim.grad_accum_steps", 1)
+  for key in ("input.batch_size", "input.eval_batch_size"):
+    if not c.ok(key) or cfg[key] <= 0 or (key == "input.batch_size" and (
+        "optim.grad_accum_steps" in c.bad or not isinstance(micro, int) or micro < 1)):
       continue
     try:
       sharding_lib.check_batch_divisible(
-          cfg[key], mesh, key, **({"micro_batches": micro} if key == "batch_size" and
+          cfg[key], mesh, key, **({"micro_batches": micro} if key == "input.batch_size" and
                                   micro != 1 else {}))
     except ValueError as e:
       c.add(str(e))
@@ -258,19 +287,23 @@ def _check_devices(c: _Checker, devices) -> None:
 
 def config_problems(config, *, devices=None) -> list[str]:
   """Every problem of `config` (empty if none); `devices`: those of the mesh (default all)."""
-  base = _base_config()
-  problems = [_unknown_key_problem(k, list(base.keys())) for k in config.keys()
-              if k not in base]
-  bad_keys = set()
-  for key in config.keys():
-    if key in base:
-      problem = _type_problem(key, config[key], base[key])
-      if problem:
-        problems.append(problem)
-        bad_keys.add(key)
+  base = dict(flat_items(_base_config()))
+  problems, bad_keys = [], set()
+  for key, value in flat_items(config):
+    if key.split(".")[0] in _OPEN_SECTIONS and key not in base:
+      continue  # checked by the model / evaluator registries
+    if key not in base:
+      problems.append(_unknown_key_problem(key, list(base)))
+      continue
+    problem = _type_problem(key, value, base[key])
+    if problem:
+      problems.append(problem)
+      bad_keys.add(key)
   checker = _Checker(config, bad_keys)
   _check_values(checker)
-  _check_method_and_model(checker)
+  _check_objective(checker)
+  _check_model(checker)
+  _check_evals(checker)
   _check_dataset(checker)
   _check_devices(checker, devices)
   return problems + checker.problems
@@ -296,12 +329,17 @@ def _as_plain(config) -> dict:
 
 
 def config_differences(stored: dict, config) -> dict[str, tuple[Any, Any]]:
-  """{key: (stored value, current value)} for every top-level key that differs."""
-  current = _as_plain(config)
+  """{dotted key: (stored value, current value)} for every leaf that differs."""
+  stored, current = dict(flat_items(stored)), dict(flat_items(_as_plain(config)))
   keys = sorted(set(stored) | set(current))
   missing = object()
   return {k: (stored.get(k, "<absent>"), current.get(k, "<absent>")) for k in keys
           if stored.get(k, missing) != current.get(k, missing)}
+
+
+def _resume_safe(key: str) -> bool:
+  return any(key == safe or (safe.endswith(".") and key.startswith(safe))
+             for safe in RESUME_SAFE_KEYS)
 
 
 def allowed_changes(config) -> set[str]:
@@ -318,7 +356,7 @@ def check_resume_config(stored: dict, config) -> dict[str, tuple[Any, Any]]:
   differences = config_differences(stored, config)
   allowed = allowed_changes(config)
   refused = {k: v for k, v in differences.items()
-             if k not in RESUME_SAFE_KEYS and "*" not in allowed and k not in allowed}
+             if not _resume_safe(k) and "*" not in allowed and k not in allowed}
   if refused:
     lines = "\n".join(f"  - {k}: {old!r} in the workdir, {new!r} now"
                       for k, (old, new) in refused.items())

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from bits_jax import checkpoint
 from bits_jax import config_validation
 from bits_jax import distributed
-from bits_jax import preemption
+from bits_jax import run_guard
 from bits_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,14 +47,14 @@ def main(argv):
   logging.info("JAX devices: %s (%s)", jax.devices(), distributed.describe())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except preemption.Preempted as e:
-    _exit(preemption.EXIT_PREEMPTED, str(e))
+  except run_guard.Preempted as e:
+    _exit(run_guard.EXIT_PREEMPTED, str(e))
   except (config_validation.ConfigError, checkpoint.CheckpointMismatchError) as e:
-    _exit(preemption.EXIT_CONFIG, str(e))
-  except (preemption.WorkdirError, checkpoint.CheckpointWriteError) as e:
-    _exit(preemption.EXIT_WORKDIR, str(e))
-  except train.NonFiniteError as e:
-    _exit(preemption.EXIT_NONFINITE, str(e))
+    _exit(run_guard.EXIT_CONFIG, str(e))
+  except (run_guard.WorkdirError, checkpoint.CheckpointWriteError) as e:
+    _exit(run_guard.EXIT_WORKDIR, str(e))
+  except run_guard.NonFiniteError as e:
+    _exit(run_guard.EXIT_NONFINITE, str(e))
 
 
 def _exit(status: int, message: str) -> None:

@@ -1,4 +1,5 @@
-"""Run safety: stop requests from signals (agreed by all processes), the workdir lock, exit codes.
+"""What keeps a run safe: stop requests from signals (agreed by all processes), the workdir
+lock, the non-finite-update policy, and the exit codes that name how a run ended.
 
 A preemption notice (SIGTERM) or Ctrl-C (SIGINT) asks the run to stop: the loop finishes the
 step in flight, saves a checkpoint at that step, waits for it, flushes the metric writers and
@@ -207,3 +208,42 @@ class WorkdirLock:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
+
+
+# ------------------------------------------------------------------------- non-finite
+
+
+class NonFiniteError(RuntimeError):
+  """The run stopped on non-finite loss/gradients (`config.on_nonfinite`)."""
+
+
+class NonFiniteGuard:
+  """Counts updates the train step skipped for a non-finite loss or gradients.
+
+  `observe(step, skipped)` returns why the run must stop, or None: at the first skipped
+  update under `on_nonfinite='stop'`, after `max_consecutive_nonfinite` in a row under 'skip'.
+  """
+
+  def __init__(self, config):
+    self.policy = config.on_nonfinite
+    self.max_consecutive = int(config.max_consecutive_nonfinite)
+    self.consecutive = 0
+    self.total = 0
+
+  def observe(self, step: int, skipped: bool) -> str | None:
+    if not skipped:
+      self.consecutive = 0
+      return None
+    self.consecutive += 1
+    self.total += 1
+    if jax.process_index() == 0:
+      print(f"step {step}: non-finite loss or gradients, update skipped "
+            f"({self.consecutive} in a row, {self.total} in this run)", flush=True)
+    if self.policy == "stop":
+      return (f"Stopping at step {step}: the loss or gradients are not finite "
+              f"(config.on_nonfinite='stop').")
+    if self.consecutive >= self.max_consecutive:
+      return (f"Stopping at step {step}: {self.consecutive} consecutive updates had a "
+              f"non-finite loss or gradients and were skipped "
+              f"(config.max_consecutive_nonfinite={self.max_consecutive}).")
+    return None

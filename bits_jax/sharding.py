@@ -28,9 +28,11 @@ import re
 from typing import Any, Sequence
 
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bits_jax import utils
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -117,19 +119,6 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, name: str = "batch_size
 # ----------------------------------------------------------------------- partition rules
 
 
-def path_name(path: Sequence[Any]) -> str:
-  """'params/backbone/block0/attn/query/kernel' from a jax key path."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   """Split the largest dimension divisible by `fsdp_size` (arrays of >= min_size elements)."""
   if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
@@ -183,12 +172,24 @@ def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh, config=None) -
 def tree_shardings(tree, mesh: Mesh, config=None):
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) from the rules."""
   def one(path, x):
-    return NamedSharding(mesh, partition_spec(path_name(path), np.shape(x), mesh, config))
+    return NamedSharding(mesh, partition_spec(utils.path_name(path), np.shape(x), mesh, config))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def state_shardings(config, mesh: Mesh):
-  """Shardings of the train state of `config` on `mesh` (no allocation)."""
+def abstract_state(components, config, mesh: Mesh):
+  """Shapes, dtypes and shardings of the train state on `mesh`, without allocating it.
+
+  Shardings come from the partition rules for `mesh`, not from a checkpoint, so Orbax
+  restores a checkpoint written on any mesh (other device count, FSDP or pure data
+  parallel) straight into this mesh's layout.
+  """
   from bits_jax import train_state  # pylint: disable=g-import-not-at-top
-  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
-  return tree_shardings(shapes, mesh, config)
+  shapes = jax.eval_shape(lambda: train_state.create(components, config, jax.random.PRNGKey(0)))
+  shardings = tree_shardings(shapes, mesh, config)
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def shardings_of(tree):
+  """The `.sharding` of every leaf (arrays or sharded ShapeDtypeStructs)."""
+  return jax.tree_util.tree_map(lambda x: x.sharding, tree)

@@ -1,81 +1,28 @@
-"""The training loop and end-of-run evaluation.
+"""The training loop: build once, step, checkpoint, evaluate.
 
 `train` restores the latest checkpoint in the workdir (or starts fresh), runs the jitted
-train step over the input pipeline, logs metrics with CLU and saves Orbax checkpoints;
-`train_and_evaluate` then reports k-NN of the trained teacher backbone next to the same
-architecture at random init.
+train step over the input pipeline, logs metrics with CLU, saves Orbax checkpoints and runs
+the `config.evals` entries that have `every` > 0; `train_and_evaluate` then runs the `at_end`
+evaluators on the trained teacher (and, with `baseline_random_init`, on the same model at
+random init) and writes `WORKDIR/results.json`.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
-from typing import Callable
 
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bits_jax import checkpoint as checkpoint_lib
 from bits_jax import config_validation
-from bits_jax import models
-from bits_jax import preemption
+from bits_jax import run_guard
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state as train_state_lib
 from bits_jax import train_step as train_step_lib
-
-
-def make_feature_fn(config, mesh) -> Callable:
-  """`fn(backbone_params, images [b, H, W, C], batch_stats=None) -> {'cls': [b, width]}`.
-
-  Jitted on `mesh`, in eval mode: a BatchNorm backbone normalizes with `batch_stats`, its
-  running averages (required for one).
-  """
-  backbone = models.build_backbone(config)
-
-  @functools.partial(jax.jit, out_shardings=sharding_lib.replicated(mesh))
-  def features(variables, images):
-    return {"cls": backbone.apply(variables, images, train=False)["cls"].astype(jnp.float32)}
-
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-
-  def fn(params, images, batch_stats=None):
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    if not isinstance(images, jax.Array):  # this process's rows -> one global batch
-      images = jax.make_array_from_process_local_data(batch_sharding, np.asarray(images))
-    return features(variables, images)
-  return fn
-
-
-def knn_evaluate(config, backbone_params, mesh, batch_stats=None) -> dict[str, float]:
-  """Weighted k-NN of the backbone's CLS features: bank split -> test split.
-
-  `batch_stats`: the backbone's BatchNorm running averages (None for a ViT).
-  """
-  from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from bits_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
-  from bits_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
-
-  feature_fn = make_feature_fn(config, mesh)
-  apply_fn = lambda images: feature_fn(backbone_params, images, batch_stats)
-  bank = features_lib.extract_features(
-      apply_fn, pipeline.make_eval_iterator(config, config.bank_split), mesh=mesh)
-  test = features_lib.extract_features(
-      apply_fn, pipeline.make_eval_iterator(config, config.test_split), mesh=mesh)
-  info = sources.get_dataset_info(config)
-  return knn.knn_classify(
-      bank["cls"], bank["label"], test["cls"], test["label"],
-      num_classes=info.num_classes, ks=tuple(config.knn_ks), temperature=config.knn_temperature,
-      bank_mask=bank["mask"], query_mask=test["mask"], mesh=mesh)
-
-
-# ------------------------------------------------------------------------------- loop
+from bits_jax.train_state import Components, TrainState
 
 
 def _format_eta(seconds: float) -> str:
@@ -83,40 +30,22 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
 
 
-class NonFiniteError(RuntimeError):
-  """The run stopped on non-finite loss/gradients (`config.on_nonfinite`)."""
+def steps_per_epoch(config) -> int:
+  """Updates per pass over the training split."""
+  from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
+  info = sources.get_dataset_info(config)
+  examples = info.num_examples.get(config.input.train_split)
+  if not examples:
+    return 0
+  return max(int(examples) // int(config.input.batch_size), 1)
 
 
-class NonFiniteGuard:
-  """Counts updates the train step skipped for a non-finite loss or gradients.
-
-  `observe(step, skipped)` returns why the run must stop, or None: at the first skipped
-  update under `on_nonfinite='stop'`, after `max_consecutive_nonfinite` in a row under 'skip'.
-  """
-
-  def __init__(self, config):
-    self.policy = config.get("on_nonfinite", "skip")
-    self.max_consecutive = int(config.get("max_consecutive_nonfinite", 10))
-    self.consecutive = 0
-    self.total = 0
-
-  def observe(self, step: int, skipped: bool) -> str | None:
-    if not skipped:
-      self.consecutive = 0
-      return None
-    self.consecutive += 1
-    self.total += 1
-    if jax.process_index() == 0:
-      print(f"step {step}: non-finite loss or gradients, update skipped "
-            f"({self.consecutive} in a row, {self.total} in this run)", flush=True)
-    if self.policy == "stop":
-      return (f"Stopping at step {step}: the loss or gradients are not finite "
-              f"(config.on_nonfinite='stop').")
-    if self.consecutive >= self.max_consecutive:
-      return (f"Stopping at step {step}: {self.consecutive} consecutive updates had a "
-              f"non-finite loss or gradients and were skipped "
-              f"(config.max_consecutive_nonfinite={self.max_consecutive}).")
-    return None
+def teacher_variables(state: TrainState) -> dict:
+  """The EMA teacher as evaluation variables {'backbone', 'head', 'batch_stats'?}."""
+  variables = dict(state.teacher_params)
+  if state.teacher_batch_stats:
+    variables["batch_stats"] = state.teacher_batch_stats
+  return variables
 
 
 def _store_config(config, workdir: str, resuming: bool) -> None:
@@ -136,23 +65,23 @@ def _store_config(config, workdir: str, resuming: bool) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_at_step: int | None = None, devices=None) -> train_state_lib.TrainState:
+          stop_at_step: int | None = None, devices=None) -> TrainState:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the final state.
 
   Before anything is built: the config is validated (`ConfigError`), the workdir must be
-  writable and not in use by another run (`preemption.WorkdirError`). A SIGTERM/SIGINT
-  ends the run after the current step with a checkpoint there (`preemption.Preempted`);
+  writable and not in use by another run (`run_guard.WorkdirError`). A SIGTERM/SIGINT
+  ends the run after the current step with a checkpoint there (`run_guard.Preempted`);
   non-finite updates are skipped, and `NonFiniteError` stops the run per
   `config.on_nonfinite` / `max_consecutive_nonfinite`, without saving the bad state.
   """
   config_validation.validate_config(config, devices=devices)
-  preemption.check_writable(workdir)
-  with preemption.WorkdirLock(workdir), preemption.StopRequest() as stop:
+  run_guard.check_writable(workdir)
+  with run_guard.WorkdirLock(workdir), run_guard.StopRequest() as stop:
     return _train(config, workdir, stop, stop_at_step=stop_at_step, devices=devices)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopRequest, *,
-           stop_at_step: int | None = None, devices=None) -> train_state_lib.TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.StopRequest, *,
+           stop_at_step: int | None = None, devices=None) -> TrainState:
   """The loop of `train`, inside the workdir lock and the signal handlers.
 
   `stop_at_step` ends the run early (with a checkpoint) without changing the schedules,
@@ -164,22 +93,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   from bits_jax.data import prefetch  # pylint: disable=g-import-not-at-top
 
   mesh = sharding_lib.make_mesh(config, devices)
-  sharding_lib.check_batch_divisible(config.batch_size, mesh, "batch_size",
-                                     micro_batches=config.get("grad_accum_steps", 1))
-  sharding_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval_batch_size")
+  components = train_state_lib.build(config, steps_per_epoch(config))
   checkpoints = checkpoint_lib.Checkpoints(workdir, config)
   _store_config(config, workdir, resuming=bool(checkpoints.steps()))
-  state = checkpoints.restore_or_init(config, mesh)
-  if config.get("init_from") and int(state.step) == 0:
+  state = checkpoints.restore_or_init(components, config, mesh)
+  if config.init_from and int(state.step) == 0:
     state = init_backbone_from(state, config)
-  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step_fn = train_step_lib.compile_train_step(config, mesh, state_sharding)
+  step_fn = train_step_lib.compile_train_step(components, config, mesh,
+                                              sharding_lib.shardings_of(state))
   start_step = int(state.step)
+  periodic = {name: entry for name, entry in config.evals.items() if entry.every > 0}
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.items()
+    writer.write_hparams({k: v for k, v in _flat_items(config)
                           if isinstance(v, (int, float, str, bool))})
 
   batches = prefetch.prefetch_to_mesh(
@@ -189,7 +117,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   last_step = config.total_steps if stop_at_step is None else min(stop_at_step,
                                                                     config.total_steps)
   run_t0 = None
-  guard = NonFiniteGuard(config)
+  guard = run_guard.NonFiniteGuard(config)
   pending = None  # (step, update_skipped) read one step late, so one step stays in flight
 
   def settle():
@@ -203,9 +131,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
       checkpoints.finalize()  # a save in flight holds an earlier, good state
       writer.flush()
       intact = checkpoints.steps()
-      raise NonFiniteError(
+      raise run_guard.NonFiniteError(
           f"{reason} The last good checkpoint ({f'step {intact[-1]}' if intact else 'none'}) "
-          f"in {checkpoints.directory} is intact. Fix the cause (a lower learning_rate, "
+          f"in {checkpoints.directory} is intact. Fix the cause (a lower optim.learning_rate, "
           f"NaN/Inf in the data, float32 instead of bfloat16), then rerun the same command "
           f"to resume from it.")
 
@@ -233,6 +161,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
               f"lr {scalars['learning_rate']:.2e} | {rate:.2f} steps/s | "
               f"ETA {_format_eta((config.total_steps - done) / rate)}", flush=True)
       t0, steps_timed = time.time(), 0
+    due = [name for name, entry in periodic.items() if done % entry.every == 0]
+    if due:
+      _log_evals(components, config, mesh, state, done, due, writer)
     stopping = stop.should_stop(done)
     if done % config.checkpoint_every == 0 or done == last_step or stopping:
       settle()
@@ -243,7 +174,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   checkpoints.finalize()  # waits for the async save to commit, writes its manifest
   writer.flush()
   if stopping:
-    raise preemption.Preempted(int(state.step), stop.signal_name, checkpoints.directory)
+    raise run_guard.Preempted(int(state.step), stop.signal_name, checkpoints.directory)
   timed_steps = last_step - start_step - 1
   if timed_steps > 0 and jax.process_index() == 0:
     jax.block_until_ready(state)
@@ -255,22 +186,42 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
   return state
 
 
-def init_backbone_from(state, config):
+def _flat_items(config, prefix: str = ""):
+  """(dotted key, value) of every leaf of a nested config."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _log_evals(components: Components, config, mesh, state: TrainState, step: int, names,
+               writer) -> dict:
+  """Runs the evaluators `names` on the current teacher; logs their scalars at `step`."""
+  from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+  from bits_jax.evaluate import run as run_lib  # pylint: disable=g-import-not-at-top
+  ctx = common.EvalContext(config, components, teacher_variables(state), mesh, step=step)
+  results = common.run_evaluators(ctx, config.evals, names)
+  writer.write_scalars(step, run_lib.scalars(results, "eval/"))
+  return results
+
+
+def init_backbone_from(state: TrainState, config) -> TrainState:
   """Student and teacher backbones (and BatchNorm statistics) from `config.init_from`.
 
   The head stays fresh: the new run learns its own code on the new data.
   """
-  from bits_jax.evaluate import pretrained  # pylint: disable=g-import-not-at-top
-  loaded, step = pretrained.load_params(config.init_from)
+  from bits_jax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  loaded, step = weights_lib.load_params(config.init_from)
   place = lambda new, old: jax.tree_util.tree_map(
       lambda n, o: jax.device_put(n, o.sharding), new, old)
-  backbone = place(pretrained.adapt_params(loaded["backbone"], state.params["backbone"]),
+  backbone = place(weights_lib.adapt_params(loaded["backbone"], state.params["backbone"]),
                    state.params["backbone"])
   replace = {"params": dict(state.params, backbone=backbone),
              "teacher_params": dict(state.teacher_params, backbone=backbone)}
   if state.batch_stats and "batch_stats" in loaded:
-    stats = place(pretrained.adapt_params(loaded["batch_stats"]["backbone"],
-                                          state.batch_stats["backbone"]),
+    stats = place(weights_lib.adapt_params(loaded["batch_stats"]["backbone"],
+                                           state.batch_stats["backbone"]),
                   state.batch_stats["backbone"])
     replace["batch_stats"] = dict(state.batch_stats, backbone=stats)
     replace["teacher_batch_stats"] = dict(state.teacher_batch_stats, backbone=stats)
@@ -279,49 +230,62 @@ def init_backbone_from(state, config):
   return state.replace(**replace)
 
 
+def _knn_headline(results: dict, config) -> tuple[str, int] | None:
+  """('knn/knn_top1_k<k>', k) for the k-NN evaluator's k=20 (else its first k)."""
+  for name, entry in config.evals.items():
+    if entry.type == "knn" and entry.at_end:
+      ks = tuple(entry.ks)
+      k = 20 if 20 in ks else ks[0]
+      return f"{name}/knn_top1_k{k}", k
+  return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train, then k-NN of the trained teacher backbone vs. the same model at random init."""
+  """Train; then the `at_end` evaluators on the trained teacher (and the random-init model).
+
+  `WORKDIR/results.json` holds every metric under `trained/`, `random_init/` and (with
+  `init_from`) `init_from/`, plus the headline `knn_top1`, `knn_top1_random_init`.
+  """
+  from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+  from bits_jax.evaluate import run as run_lib  # pylint: disable=g-import-not-at-top
   state = train(config, workdir)
+  names = [name for name, entry in config.evals.items() if entry.at_end]
+  if not names:
+    return {}
   mesh = sharding_lib.make_mesh(config)
-  results = {}
-  if config.knn_eval:
-    trained = knn_evaluate(config, state.teacher_params["backbone"], mesh,
-                           state.teacher_batch_stats.get("backbone"))
-    random_params, random_stats = train_state_lib.init_variables(
-        config, jax.random.PRNGKey(config.seed + 1))
-    random_init = knn_evaluate(config, random_params["backbone"], mesh,
-                               random_stats.get("backbone"))
-    k = config.knn_ks[0]
-    results = {"knn_top1": trained[f"knn_top1_k{k}"],
-               "knn_top1_random_init": random_init[f"knn_top1_k{k}"],
-               "knn_k": k,
-               "step": int(state.step),
-               "method": config.method,
-               "dataset": config.dataset}
-    results.update({f"trained/{k2}": v for k2, v in trained.items()})
-    results.update({f"random_init/{k2}": v for k2, v in random_init.items()})
-    if config.get("init_from"):
-      # SSL adaptation: the same evaluation before (loaded weights) and after training.
-      from bits_jax.evaluate import pretrained  # pylint: disable=g-import-not-at-top
-      loaded, _ = pretrained.load_params(config.init_from)
-      stats = None
-      if state.teacher_batch_stats and "batch_stats" in loaded:
-        stats = pretrained.adapt_params(loaded["batch_stats"]["backbone"], jax.device_get(
-            state.teacher_batch_stats["backbone"]))
-      before = knn_evaluate(config, pretrained.adapt_params(
-          loaded["backbone"], jax.device_get(state.params["backbone"])), mesh, stats)
-      results["knn_top1_init_from"] = before[f"knn_top1_k{k}"]
-      results.update({f"init_from/{k2}": v for k2, v in before.items()})
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-      writer = metric_writers.create_default_writer(workdir)
-      writer.write_scalars(int(state.step), {k2: v for k2, v in results.items()
-                                             if isinstance(v, float)})
-      writer.flush()
-      print(f"k-NN top-1 (k={k}) on {config.dataset}:{config.test_split}: "
-            f"{config.method}-trained {100 * results['knn_top1']:.2f}% | random init "
-            f"{100 * results['knn_top1_random_init']:.2f}%"
-            + (f" | before (init_from) {100 * results['knn_top1_init_from']:.2f}%"
-               if "knn_top1_init_from" in results else ""), flush=True)
+  components = train_state_lib.build(config, steps_per_epoch(config))
+  evaluated = {"trained": teacher_variables(state)}
+  if config.baseline_random_init:
+    params, stats = train_state_lib.init_variables(components,
+                                                   jax.random.PRNGKey(config.seed + 1))
+    evaluated["random_init"] = dict(params, **({"batch_stats": stats} if stats else {}))
+  if config.init_from:
+    # SSL adaptation: the same evaluation before (loaded weights) and after training.
+    evaluated["init_from"], _ = run_lib.load_variables(config, components, config.init_from)
+  results = {"step": int(state.step), "method": config.objective.name,
+             "dataset": config.input.dataset}
+  plots = []
+  for label, variables in evaluated.items():
+    out_dir = os.path.join(workdir, "eval") if label == "trained" else None
+    ctx = common.EvalContext(config, components, variables, mesh, step=int(state.step),
+                             out_dir=out_dir if jax.process_index() == 0 else None)
+    results.update({f"{label}/{k}": v
+                    for k, v in common.run_evaluators(ctx, config.evals, names).items()})
+    plots += ctx.plots
+  headline = _knn_headline(results, config)
+  if headline:
+    key, k = headline
+    results["knn_k"] = k
+    for label in evaluated:
+      suffix = "" if label == "trained" else f"_{label}"
+      results[f"knn_top1{suffix}"] = results[f"{label}/{key}"]
+  run_lib.write_results(results, workdir, step=int(state.step), plots=plots, prefix="")
+  if headline and jax.process_index() == 0:
+    split = next(e.query_split for e in config.evals.values() if e.type == "knn")
+    print(f"k-NN top-1 (k={k}) on {config.input.dataset}:{split}: "
+          f"{config.objective.name}-trained {100 * results['knn_top1']:.2f}%"
+          + (f" | random init {100 * results['knn_top1_random_init']:.2f}%"
+             if "knn_top1_random_init" in results else "")
+          + (f" | before (init_from) {100 * results['knn_top1_init_from']:.2f}%"
+             if "knn_top1_init_from" in results else ""), flush=True)
   return results

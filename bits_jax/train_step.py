@@ -6,27 +6,20 @@ large arrays split over `fsdp`). Losses see global arrays, so batch statistics (
 messages) are over the global batch whatever the mesh: there is no per-device approximation.
 With `grad_accum_steps > 1` they are over each (global) micro-batch instead.
 """
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from bits_jax import optim
 from bits_jax import sharding as sharding_lib
-from bits_jax.train_state import (Student, TrainState, build_models, freeze_last_layer,
-                                  head_reinit_due, learning_rate_schedule, make_optimizer,
-                                  reinit_head,
-                                  set_hyperparams, teacher_momentum_schedule,
-                                  weight_decay_schedule)
+from bits_jax import train_state as train_state_lib
+from bits_jax import utils
+from bits_jax.train_state import Components, TrainState
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def loss_and_grads(state: TrainState, batch: dict, config):
+def loss_and_grads(state: TrainState, batch: dict, components: Components, config):
   """(loss, new non-trained state, metrics, grads wrt the student) on one (micro-)batch.
 
   The non-trained state is {'objective_state', 'batch_stats', 'teacher_batch_stats'}.
@@ -35,8 +28,7 @@ def loss_and_grads(state: TrainState, batch: dict, config):
   (global, then local crops, as DINO's multi-crop wrapper does), the teacher on the global
   crops only.
   """
-  backbone, head, objective = build_models(config)
-  student = Student(backbone, head)
+  student = components.student
 
   def apply(params, batch_stats, views):
     out, updated = student.apply({"params": params, "batch_stats": batch_stats}, views,
@@ -52,7 +44,7 @@ def loss_and_grads(state: TrainState, batch: dict, config):
     if "local" in batch:
       local_out, batch_stats = apply(params, batch_stats, batch["local"])
       out = jnp.concatenate([out, local_out], axis=0)
-    loss, (objective_state, metrics) = objective.loss(
+    loss, (objective_state, metrics) = components.objective.loss(
         out, teacher_out, state.objective_state, step=state.step, config=config)
     return loss, (objective_state, batch_stats, metrics)
 
@@ -78,7 +70,8 @@ def split_micro_batches(batch: dict, num: int) -> dict:
   return jax.tree_util.tree_map(split, batch)
 
 
-def accumulated_loss_and_grads(state: TrainState, batch: dict, config):
+def accumulated_loss_and_grads(state: TrainState, batch: dict, components: Components,
+                               config):
   """`loss_and_grads` averaged over `config.grad_accum_steps` micro-batches (a lax.scan).
 
   Gradients, loss and metrics are means over equal micro-batches, so every batch-mean term
@@ -90,12 +83,13 @@ def accumulated_loss_and_grads(state: TrainState, batch: dict, config):
   states that move linearly with a batch mean (e.g. an EMA center). BatchNorm running
   averages are handled the same way (normalization uses each micro-batch's statistics).
   """
-  num = int(config.get("grad_accum_steps", 1))
+  num = int(config.optim.grad_accum_steps)
   if num == 1:
-    return loss_and_grads(state, batch, config)
+    return loss_and_grads(state, batch, components, config)
 
   def body(grad_sum, micro_batch):
-    loss, objective_state, metrics, grads = loss_and_grads(state, micro_batch, config)
+    loss, objective_state, metrics, grads = loss_and_grads(state, micro_batch, components,
+                                                           config)
     return jax.tree_util.tree_map(jnp.add, grad_sum, grads), (loss, objective_state, metrics)
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -107,60 +101,63 @@ def accumulated_loss_and_grads(state: TrainState, batch: dict, config):
   return jnp.mean(losses), mean(objective_states), mean(metrics), grads
 
 
-def train_step(state: TrainState, batch: dict, *, config) -> tuple[TrainState, dict]:
-  """One update. Pure: a function of (state, batch) only.
+def make_train_step(components: Components, config) -> Callable:
+  """`train_step(state, batch) -> (state, metrics)`, a pure function closed over `components`.
 
-  Args:
-    state: the TrainState.
-    batch: {'global': [batch, G, S, S, C], optional 'local': [batch, L, s, s, C]}.
-  Returns:
-    (new_state, metrics) with scalar metrics.
+  `batch`: {'global': [batch, G, S, S, C], optional 'local': [batch, L, s, s, C]}; metrics are
+  scalars. The objective decides when the head is re-initialised and what must not move yet.
   """
-  state = jax.lax.cond(head_reinit_due(state.step, config),
-                       lambda s: reinit_head(s, config), lambda s: s, state)
-  step = state.step
-  loss, new_states, metrics, grads = accumulated_loss_and_grads(state, batch, config)
-  grads = freeze_last_layer(grads, step, config)
+  objective, schedules, optimizer = (components.objective, components.schedules,
+                                     components.optimizer)
 
-  lr = learning_rate_schedule(config)(step)
-  wd = weight_decay_schedule(config)(step)
-  momentum = teacher_momentum_schedule(config)(step)
-  tx = make_optimizer(config)
-  opt_state = set_hyperparams(state.opt_state, lr, wd)
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  updates = freeze_last_layer(updates, step, config)
-  params = optax.apply_updates(state.params, updates)
-  teacher = optax.incremental_update(params, state.teacher_params, 1.0 - momentum)
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    if components.head_reset_every:
+      state = jax.lax.cond(train_state_lib.head_reset_due(state.step, components),
+                           lambda s: train_state_lib.reset_head(s, components), lambda s: s,
+                           state)
+    step = state.step
+    loss, new_states, metrics, grads = accumulated_loss_and_grads(state, batch, components,
+                                                                  config)
+    grads = objective.mask_updates(grads, step, config)
+    lr = schedules.learning_rate(step)
+    wd = schedules.weight_decay(step)
+    momentum = schedules.teacher_momentum(step)
+    opt_state = optim.set_hyperparams(state.opt_state, lr, wd)
+    updates, opt_state = optimizer.update(grads, opt_state, state.params)
+    updates = objective.mask_updates(updates, step, config)
+    params = optax.apply_updates(state.params, updates)
+    teacher = optax.incremental_update(params, state.teacher_params, 1.0 - momentum)
 
-  # A non-finite loss or gradient skips the update instead of poisoning the params.
-  finite = jnp.isfinite(loss) & _all_finite(grads)
-  keep = lambda new, old: jax.tree_util.tree_map(
-      lambda a, b: jnp.where(finite, a, b), new, old)
-  new_state = state.replace(
-      step=step + 1,
-      params=keep(params, state.params),
-      teacher_params=keep(teacher, state.teacher_params),
-      opt_state=keep(opt_state, state.opt_state),
-      objective_state=keep(new_states["objective_state"], state.objective_state),
-      batch_stats=keep(new_states["batch_stats"], state.batch_stats),
-      teacher_batch_stats=keep(new_states["teacher_batch_stats"], state.teacher_batch_stats),
-      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  metrics = dict(metrics, learning_rate=lr, weight_decay=wd, teacher_momentum=momentum,
-                 grad_norm=optax.tree.norm(grads), update_skipped=(~finite).astype(jnp.float32))
-  return new_state, metrics
+    # A non-finite loss or gradient skips the update instead of poisoning the params.
+    finite = jnp.isfinite(loss) & utils.tree_all_finite(grads)
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=step + 1,
+        params=keep(params, state.params),
+        teacher_params=keep(teacher, state.teacher_params),
+        opt_state=keep(opt_state, state.opt_state),
+        objective_state=keep(new_states["objective_state"], state.objective_state),
+        batch_stats=keep(new_states["batch_stats"], state.batch_stats),
+        teacher_batch_stats=keep(new_states["teacher_batch_stats"],
+                                 state.teacher_batch_stats),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, learning_rate=lr, weight_decay=wd, teacher_momentum=momentum,
+                   grad_norm=optax.tree.norm(grads),
+                   update_skipped=(~finite).astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
 
 
-def compile_train_step(config, mesh, state_sharding=None) -> Callable:
-  """`train_step` jitted over `mesh`: batch split on ('data', 'fsdp'), state donated.
+def compile_train_step(components: Components, config, mesh, state_sharding) -> Callable:
+  """The train step jitted over `mesh`: batch split on ('data', 'fsdp'), state donated.
 
-  `state_sharding` defaults to the partition rules' shardings for `config` on `mesh`.
-  Donating the state lets XLA update it in place, so peak memory holds about one state.
+  `state_sharding`: the train state's shardings (`sharding.state_shardings`). Donating the
+  state lets XLA update it in place, so peak memory holds about one state.
   """
-  if state_sharding is None:
-    state_sharding = sharding_lib.state_shardings(config, mesh)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
   return jax.jit(
-      functools.partial(train_step, config=config),
-      in_shardings=(state_sharding, batch_sharding),
+      make_train_step(components, config),
+      in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
       donate_argnums=(0,))

@@ -1,28 +1,41 @@
 """Shared test utilities."""
-import importlib.util
 import os
 
 import numpy as np
+
+from bits_jax import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str = ""):
   """`get_config(arg)` of configs/<name>.py."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return utils.load_config_file(os.path.join(REPO, "configs", f"{name}.py") +
+                                (f":{arg}" if arg else ""))
 
 
 def random_batch(config, seed: int = 0):
   """A synthetic multi-crop batch with the pipeline's structure."""
   rng = np.random.RandomState(seed)
-  b, c = config.batch_size, config.num_channels
-  batch = {"global": rng.randn(b, config.num_global_crops, config.global_crop_size,
-                               config.global_crop_size, c).astype(np.float32)}
-  if config.num_local_crops:
-    batch["local"] = rng.randn(b, config.num_local_crops, config.local_crop_size,
-                               config.local_crop_size, c).astype(np.float32)
+  b, c, crops = config.input.batch_size, config.input.num_channels, config.input.crops
+  batch = {"global": rng.randn(b, crops.num_global, crops.global_size, crops.global_size,
+                               c).astype(np.float32)}
+  if crops.num_local:
+    batch["local"] = rng.randn(b, crops.num_local, crops.local_size, crops.local_size,
+                               c).astype(np.float32)
   return batch
+
+
+def create_state(config, mesh=None):
+  """(components, state) of `config`, the state placed on `mesh` when given."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bits_jax import sharding  # pylint: disable=g-import-not-at-top
+  from bits_jax import train_state  # pylint: disable=g-import-not-at-top
+  components = train_state.build(config)
+  key = jax.random.PRNGKey(config.seed)
+  if mesh is None:
+    return components, train_state.create(components, config, key)
+  target = sharding.abstract_state(components, config, mesh)
+  init = jax.jit(lambda: train_state.create(components, config, key),
+                 out_shardings=sharding.shardings_of(target))
+  return components, init()

@@ -29,12 +29,24 @@ The context (`EvalContext`, built by `bits_jax.evaluate.run`) offers:
   ctx.normalize(images_uint8) -> float32 images normalised as in training
   ctx.add_plot(path) registers a written PNG for TensorBoard
 """
+from __future__ import annotations
+
+import importlib
 from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bits_jax import sharding as sharding_lib
+from bits_jax import train_state as train_state_lib
+from bits_jax import utils
+from bits_jax.models import vit as vit_lib
 
 EvaluatorFn = Callable[..., dict[str, Any]]
 _REGISTRY: dict[str, EvaluatorFn] = {}
-# Evaluator modules import this one; importing them all fills the registry.
-_MODULES = ()
+# Evaluator modules import this one; `get` imports them all to fill the registry.
+_MODULES = ("knn", "linear", "retrieval", "codes", "dense", "geometry", "video", "maskcut")
 
 
 def register(name: str) -> Callable[[EvaluatorFn], EvaluatorFn]:
@@ -52,5 +64,150 @@ def register(name: str) -> Callable[[EvaluatorFn], EvaluatorFn]:
 def get(name: str) -> EvaluatorFn:
   """The evaluator registered as `name`."""
   if name not in _REGISTRY:
+    for module in _MODULES:
+      try:
+        importlib.import_module(f"bits_jax.evaluate.{module}")
+      except ModuleNotFoundError as e:
+        if e.name != f"bits_jax.evaluate.{module}":
+          raise
+  if name not in _REGISTRY:
     raise ValueError(f"Unknown evaluator type {name!r}: use one of {sorted(_REGISTRY)}.")
   return _REGISTRY[name]
+
+
+class EvalContext:
+  """Frozen weights on a mesh, ready for evaluators (see the module docstring).
+
+  Args:
+    config: the run's config.
+    components: `train_state.build(config)` (the backbone and head modules).
+    variables: {'backbone': params, 'head'?: params, 'batch_stats'?: {'backbone': stats}}.
+    mesh: the device mesh; images are split over it along the batch.
+    step: training step of the weights.
+    out_dir: where evaluators write figures (None: nowhere).
+  """
+
+  def __init__(self, config, components, variables, mesh, *, step: int = 0,
+               out_dir: str | None = None):
+    self.config, self.mesh, self.step, self.out_dir = config, mesh, int(step or 0), out_dir
+    self.plots: list[str] = []
+    self._components = components
+    self._variables = jax.device_put(variables, sharding_lib.replicated(mesh))
+    self._batch_sharding = sharding_lib.batch_sharding(mesh)
+    self._apply = jax.jit(self._forward, static_argnames=("outputs",))
+    self._features: dict[str, dict[str, np.ndarray]] = {}
+    self._info = None
+
+  @property
+  def has_head(self) -> bool:
+    return "head" in self._variables
+
+  @property
+  def patch_size(self) -> int:
+    return int(self.config.model.get("patch_size", 1))
+
+  @property
+  def info(self):
+    if self._info is None:
+      from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
+      self._info = sources.get_dataset_info(self.config)
+    return self._info
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.info.num_classes)
+
+  def add_plot(self, path: str) -> None:
+    self.plots.append(path)
+
+  def _forward(self, variables, images, outputs):
+    backbone = train_state_lib.backbone_variables(variables, variables.get("batch_stats"))
+    want_keys = "last_keys" in outputs
+    out = self._components.backbone.apply(
+        backbone, images, train=False,
+        capture_intermediates=_last_keys_filter if want_keys else False,
+        mutable=["intermediates"] if want_keys else False)
+    if want_keys:
+      out, state = out
+      out = dict(out, last_keys=_last_keys(state["intermediates"]))
+    result = {k: out[k].astype(jnp.float32) for k in outputs if k in out}
+    if "logits" in outputs:
+      if not self.has_head:
+        raise ValueError("these weights have no projection head: 'logits' are not available.")
+      result["logits"] = self._components.head.apply(
+          {"params": variables["head"]}, out["cls"]).astype(jnp.float32)
+    missing = sorted(set(outputs) - set(result))
+    if missing:
+      raise ValueError(f"the backbone does not output {missing}.")
+    return result
+
+  def predict_batch(self, images, outputs=("cls",)) -> dict[str, jax.Array]:
+    """The model on one batch whose rows divide over the devices (global arrays out)."""
+    if not isinstance(images, jax.Array):  # this process's rows -> one global batch
+      images = utils.to_global(images, self._batch_sharding, "images")
+    return self._apply(self._variables, images, outputs=tuple(outputs))
+
+  def predict(self, images, outputs=("cls",)) -> dict[str, np.ndarray]:
+    """The model on `images: [n, H, W, C]` (any n), in chunks of `eval_batch_size`."""
+    images = np.asarray(images, np.float32)
+    n, chunk = len(images), int(self.config.input.eval_batch_size)
+    devices = self.mesh.devices.size
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, chunk):
+      block = images[start:start + chunk]
+      pad = -len(block) % devices
+      if pad:
+        block = np.concatenate([block, np.zeros((pad,) + block.shape[1:], block.dtype)])
+      out = self.predict_batch(block, outputs)
+      for key, value in out.items():
+        parts.setdefault(key, []).append(utils.to_host(value)[:len(block) - pad])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+  def normalize(self, images) -> np.ndarray:
+    """uint8 `images: [n, H, W, C]` -> float32, normalised as the training pipeline does."""
+    from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    mean, std = pipeline.normalization(self.config, np.shape(images)[-1])
+    return (np.asarray(images, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32)
+
+  def features(self, split: str) -> dict[str, np.ndarray]:
+    """Frozen features of `split` (cached): 'cls', 'cls_last4'?, 'logits'?, 'label', 'mask'."""
+    if split not in self._features:
+      from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+      from bits_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
+      outputs = ("cls", "cls_last4") + (("logits",) if self.has_head else ())
+      if not isinstance(self._components.backbone, vit_lib.ViT):
+        outputs = tuple(o for o in outputs if o != "cls_last4")
+      self._features[split] = features_lib.extract_features(
+          lambda images: self.predict_batch(images, outputs),
+          pipeline.make_eval_iterator(self.config, split), mesh=self.mesh)
+    return self._features[split]
+
+
+def _last_keys_filter(module, method_name: str) -> bool:
+  """capture_intermediates filter: the key projection of every attention block."""
+  del method_name
+  return module.name == "key" and module.parent is not None and module.parent.name == "attn"
+
+
+def _last_keys(intermediates) -> jax.Array:
+  """Keys of the last attention block's patch tokens, heads concatenated: [n, h*w, D]."""
+  blocks = sorted((k for k in intermediates if k.startswith("block")),
+                  key=lambda k: int(k[len("block"):]))
+  keys = intermediates[blocks[-1]]["attn"]["key"]["__call__"][0]  # [n, 1 + h*w, heads, dh]
+  return keys[:, 1:].reshape(keys.shape[0], keys.shape[1] - 1, -1).astype(jnp.float32)
+
+
+def run_evaluators(ctx: EvalContext, evals, names=None) -> dict[str, Any]:
+  """Runs `config.evals` entries (all, or `names`) on `ctx`: {'<name>/<metric>': value}."""
+  results: dict[str, Any] = {}
+  for name, entry in evals.items():
+    if names is not None and name not in names:
+      continue
+    kwargs = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
+    for key, value in get(entry["type"])(ctx, **kwargs).items():
+      results[f"{name}/{key}"] = value
+  return results
+
+
+_ENTRY_KEYS = ("type", "every", "at_end")

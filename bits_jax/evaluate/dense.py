@@ -11,6 +11,7 @@ from typing import Optional
 from jax.sharding import Mesh
 import numpy as np
 
+from bits_jax.evaluate import common
 from bits_jax.evaluate import knn
 
 
@@ -145,3 +146,26 @@ def patch_knn_segmentation(bank_feats, bank_labels, query_feats,
                           k=k, temperature=temperature, mesh=mesh,
                           block_size=block_size)
   return segmentation_scores(_confusion(preds, query_y, num_classes))
+
+
+@common.register("dense")
+def run(ctx, *, num_images: int = 64, k: int = 10) -> dict[str, float]:
+  """Patch k-NN segmentation of synthetic squares sized for the model's crops."""
+  size, seed = ctx.config.input.crops.global_size, ctx.config.seed
+  patch = ctx.patch_size
+  sides = dict(image_size=size, min_side=max(patch, size // 4), max_side=max(patch, size // 2))
+  bank_images, bank_masks = synthetic_squares(seed, num_images, **sides)
+  query_images, query_masks = synthetic_squares(seed + 1, num_images // 2, **sides)
+  channels = ctx.config.input.num_channels
+
+  def patch_features(images):
+    tokens = ctx.predict(np.repeat(images, channels, axis=-1),
+                         outputs=("patch_tokens",))["patch_tokens"]
+    grid = int(round(tokens.shape[1] ** 0.5))  # ViT: size / patch; ResNet: its output stride
+    return tokens.reshape(len(images), grid, grid, -1)
+
+  bank_feats, query_feats = patch_features(bank_images), patch_features(query_images)
+  stride = size // bank_feats.shape[1]
+  return patch_knn_segmentation(
+      bank_feats, downsample_mask(bank_masks, stride, 2),
+      query_feats, downsample_mask(query_masks, stride, 2), num_classes=2, k=k)

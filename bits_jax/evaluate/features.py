@@ -5,25 +5,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-
-def to_host(x: Any) -> np.ndarray:
-  """numpy copy of x; global arrays spanning several hosts are all-gathered."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-def _to_global(x: Any, sharding: NamedSharding, name: str) -> jax.Array:
-  if isinstance(x, jax.Array):
-    return x if x.sharding == sharding else jax.device_put(x, sharding)
-  x = np.asarray(x)
-  n_local = len(sharding.addressable_devices)
-  if x.shape[0] % n_local:
-    raise ValueError(f"batch['{name}'] has {x.shape[0]} rows, not divisible by "
-                     f"the {n_local} local devices of the mesh: pad eval "
-                     "batches to a multiple of the device count.")
-  return jax.make_array_from_process_local_data(sharding, x)
+from bits_jax import utils
 
 
 def extract_features(apply_fn: Callable[[Any], Mapping[str, Any]],
@@ -56,9 +38,9 @@ def extract_features(apply_fn: Callable[[Any], Mapping[str, Any]],
     if mask is None:
       mask = np.ones(np.shape(labels)[0], bool)
     if sharding is not None:
-      images = _to_global(images, sharding, "image")
-      labels = _to_global(labels, sharding, "label")
-      mask = _to_global(mask, sharding, "mask")
+      images = utils.to_global(images, sharding, "batch['image']")
+      labels = utils.to_global(labels, sharding, "batch['label']")
+      mask = utils.to_global(mask, sharding, "batch['mask']")
     outputs = apply_fn(images)
     if not isinstance(outputs, Mapping):
       raise TypeError("apply_fn must return a dict of [b, ...] arrays, got "
@@ -67,9 +49,9 @@ def extract_features(apply_fn: Callable[[Any], Mapping[str, Any]],
       if reserved in outputs:
         raise ValueError(f"apply_fn output key '{reserved}' clashes with the "
                          "batch field of that name: rename the output.")
-    host = {name: to_host(value) for name, value in outputs.items()}
-    host["label"] = to_host(labels)
-    host["mask"] = to_host(mask).astype(bool)
+    host = {name: utils.to_host(value) for name, value in outputs.items()}
+    host["label"] = utils.to_host(labels)
+    host["mask"] = utils.to_host(mask).astype(bool)
     b = host["label"].shape[0]
     for name, value in host.items():
       if value.shape[:1] != (b,):

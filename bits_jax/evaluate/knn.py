@@ -17,12 +17,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from bits_jax import utils
+from bits_jax.evaluate import common
+
 _NEG_INF = -jnp.inf
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
 
 
 def _merge_topk(vals, labels, new_vals, new_labels, k):
@@ -98,7 +96,7 @@ def _vote_counts(sims, labels, query_labels, query_valid, *, ks, num_classes,
 
 def _neighbours(queries, bank, bank_labels, bank_valid, *, k, chunk, mesh):
   """Top-k (sims, labels) [b, k] of raw queries against the prepared bank."""
-  queries = _l2_normalize(queries)
+  queries = utils.l2_normalize(queries.astype(jnp.float32))
   if mesh is None:
     return _chunked_topk(queries, bank, bank_labels, bank_valid, k=k,
                          chunk=chunk)
@@ -149,7 +147,7 @@ def _predict_block(queries, bank, bank_labels, bank_valid, *, k, num_classes,
 
 @functools.partial(jax.jit, static_argnames=("out_sharding",))
 def _normalize_bank(bank, *, out_sharding=None):
-  out = _l2_normalize(bank)
+  out = utils.l2_normalize(bank.astype(jnp.float32))
   if out_sharding is not None:
     out = jax.lax.with_sharding_constraint(out, out_sharding)
   return out
@@ -336,3 +334,13 @@ def knn_predict(bank_feats, bank_labels, query_feats, *, num_classes: int,
         chunk=bank.chunk, mesh=mesh)
     preds.append(np.asarray(pred.addressable_data(0))[:stop - start])
   return np.concatenate(preds) if preds else np.zeros(0, np.int32)
+
+
+@common.register("knn")
+def run(ctx, *, bank_split: str = "train", query_split: str = "test",
+        ks: Sequence[int] = (20,), temperature: float = 0.07) -> dict[str, float]:
+  """Weighted k-NN top-1 of the CLS features: `query_split` queries, `bank_split` bank."""
+  bank, queries = ctx.features(bank_split), ctx.features(query_split)
+  return knn_classify(bank["cls"], bank["label"], queries["cls"], queries["label"],
+                      num_classes=ctx.num_classes, ks=tuple(ks), temperature=temperature,
+                      bank_mask=bank["mask"], query_mask=queries["mask"], mesh=ctx.mesh)

@@ -1,9 +1,31 @@
-"""Backbones and heads, built from config."""
+"""The backbone registry: `config.model.name` -> a linen Module built from `config.model`.
+
+Each entry is a module class and the fields the name fixes (e.g. `vit_small` fixes width,
+depth and heads); every other dataclass field of the class may be set from `config.model`
+(`--config.model.patch_size=8`, `--config.model.remat=True`). The reference image size of
+position embeddings is the global crop size and the compute dtype is `config.dtype`.
+Adding a backbone is one `BACKBONES` entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
 from bits_jax.models import resnet
 from bits_jax.models import vit
+
+_AUTOMATIC_FIELDS = ("parent", "name", "image_size", "dtype")
+
+BACKBONES: dict[str, tuple[type[nn.Module], dict]] = {
+    "vit": (vit.ViT, {}),  # width, depth, num_heads from config.model
+    **{f"vit_{size}": (vit.ViT, dict(zip(("width", "depth", "num_heads"), dims)))
+       for size, dims in vit.VIT_SIZES.items()},
+    **{name: (resnet.ResNet, dict(block=block, stage_sizes=stages))
+       for name, (block, stages) in resnet.RESNET_SIZES.items()},
+}
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -13,36 +35,37 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return jnp.dtype(name)
 
 
-def build_backbone(config: ml_collections.ConfigDict):
-  """The backbone named by `config.model` ('vit_tiny', 'vit_small', 'vit_base', or 'vit'
-  with explicit `vit_width`, `vit_depth`, `vit_heads`; 'resnet18' / 'resnet50' with
-  `resnet_width` and `resnet_small_stem`)."""
-  name = config.model
-  if name.startswith("vit"):
-    if name == "vit":
-      width, depth, heads = config.vit_width, config.vit_depth, config.vit_heads
-    else:
-      size = name[len("vit_"):]
-      if size not in vit.VIT_SIZES:
-        raise ValueError(f"Unknown config.model={name!r}: use one of "
-                         f"{['vit_' + s for s in vit.VIT_SIZES] + ['vit']}.")
-      width, depth, heads = vit.VIT_SIZES[size]
-    return vit.ViT(width=width, depth=depth, num_heads=heads, patch_size=config.patch_size,
-                   image_size=config.global_crop_size, remat=config.get("remat", False),
-                   dtype=compute_dtype(config))
-  if name in resnet.RESNET_SIZES:
-    block, stages = resnet.RESNET_SIZES[name]
-    return resnet.ResNet(block=block, stage_sizes=stages,
-                         width=config.get("resnet_width", 64),
-                         small_stem=config.get("resnet_small_stem", False),
-                         dtype=compute_dtype(config))
-  raise ValueError(f"Unknown config.model={name!r}: use 'vit_tiny', 'vit_small', "
-                   f"'vit_base', 'vit', 'resnet18' or 'resnet50'.")
+def model_options(name: str) -> list[str]:
+  """The `config.model` keys the backbone `name` accepts (besides `name`)."""
+  cls, fixed = _entry(name)
+  return [f.name for f in dataclasses.fields(cls)
+          if f.name not in _AUTOMATIC_FIELDS and f.name not in fixed]
 
 
-def backbone_width(config: ml_collections.ConfigDict) -> int:
-  if config.model == "vit":
-    return config.vit_width
-  if config.model in resnet.RESNET_SIZES:
-    return resnet.output_width(config.model, config.get("resnet_width", 64))
-  return vit.VIT_SIZES[config.model[len("vit_"):]][0]
+def _entry(name: str):
+  if name not in BACKBONES:
+    raise ValueError(f"Unknown config.model.name={name!r}: use one of {sorted(BACKBONES)}.")
+  return BACKBONES[name]
+
+
+def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
+  """The backbone of `config.model` (ValueError naming the key for an unknown option)."""
+  name = config.model.name
+  cls, fixed = _entry(name)
+  options = {k: v for k, v in config.model.items() if k != "name"}
+  unknown = sorted(set(options) - set(model_options(name)))
+  if unknown:
+    raise ValueError(f"config.model.{unknown[0]} is not an option of {name!r}: use "
+                     f"{model_options(name)}.")
+  kwargs = dict(fixed, **options, dtype=compute_dtype(config))
+  if "image_size" in {f.name for f in dataclasses.fields(cls)}:
+    kwargs["image_size"] = config.input.crops.global_size
+  try:
+    return cls(**kwargs)
+  except TypeError as e:  # a required field (e.g. 'vit' without width) is missing
+    raise ValueError(f"config.model for {name!r}: {e}; set it in config.model.") from e
+
+
+def feature_dim(config: ml_collections.ConfigDict) -> int:
+  """Width of the backbone's 'cls' features."""
+  return build_backbone(config).feature_dim

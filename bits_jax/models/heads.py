@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bits_jax import utils
+
 
 class BitsHead(nn.Module):
   """MLP head producing bit logits: `[batch, width] -> [batch, bits]`.
@@ -87,7 +89,7 @@ class DinoHead(nn.Module):
   def __call__(self, x):
     x = ProjectionMLP(self.bottleneck_dim, self.hidden_dim, self.num_layers, self.dtype,
                       name="mlp")(x)
-    x = l2_normalize(x.astype(jnp.float32))
+    x = utils.l2_normalize(x.astype(jnp.float32))
     return WeightNormDense(self.out_dim, learn_scale=not self.norm_last_layer,
                            name="last_layer")(x)
 
@@ -107,7 +109,3 @@ class SimDinoHead(nn.Module):
     x = ProjectionMLP(self.dim, self.hidden_dim, self.num_layers, self.dtype, name="mlp")(x)
     return x.astype(jnp.float32)
 
-
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-  """Rows scaled to unit L2 norm (zero rows stay zero)."""
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))

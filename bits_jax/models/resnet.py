@@ -36,6 +36,14 @@ def _pad(k: int):
   return ((k // 2, k // 2), (k // 2, k // 2))
 
 
+def _shortcut(x, features: int, stride: int, conv, norm):
+  """Identity, or a strided 1x1 conv + BatchNorm where the shape changes (torchvision)."""
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  x = conv(features, (1, 1), strides=stride, padding="VALID", name="downsample_conv")(x)
+  return norm(name="downsample_bn")(x)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs; the stride is in the first."""
   features: int
@@ -49,11 +57,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(norm(name="bn1")(y))
     y = conv(self.features, (3, 3), padding=_pad(3), name="conv2")(y)
     y = norm(name="bn2")(y)
-    if self.stride != 1 or x.shape[-1] != self.features:
-      x = conv(self.features, (1, 1), strides=self.stride, padding="VALID",
-               name="downsample_conv")(x)
-      x = norm(name="downsample_bn")(x)
-    return nn.relu(x + y)
+    return nn.relu(_shortcut(x, self.features, self.stride, conv, norm) + y)
 
 
 class Bottleneck(nn.Module):
@@ -70,10 +74,7 @@ class Bottleneck(nn.Module):
     y = conv(self.features, (3, 3), strides=self.stride, padding=_pad(3), name="conv2")(y)
     y = nn.relu(norm(name="bn2")(y))
     y = norm(name="bn3")(conv(out, (1, 1), padding="VALID", name="conv3")(y))
-    if self.stride != 1 or x.shape[-1] != out:
-      x = conv(out, (1, 1), strides=self.stride, padding="VALID", name="downsample_conv")(x)
-      x = norm(name="downsample_bn")(x)
-    return nn.relu(x + y)
+    return nn.relu(_shortcut(x, out, self.stride, conv, norm) + y)
 
 
 class ResNet(nn.Module):
@@ -90,20 +91,22 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
+  @property
+  def feature_dim(self) -> int:
+    """Width of the 'cls' features (the last stage's channels)."""
+    return self.width * 2 ** (len(self.stage_sizes) - 1) * _EXPANSION[self.block]
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype)
-    x = images.astype(self.dtype)
-    if self.small_stem:
-      x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=False, dtype=self.dtype,
-                  kernel_init=_conv_init, name="conv1")(x)
-      x = nn.relu(norm(name="bn1")(x))
-    else:
-      x = nn.Conv(self.width, (7, 7), strides=2, padding=_pad(7), use_bias=False,
-                  dtype=self.dtype, kernel_init=_conv_init, name="conv1")(x)
-      x = nn.relu(norm(name="bn1")(x))
+    kernel, stride = (3, 1) if self.small_stem else (7, 2)
+    x = nn.Conv(self.width, (kernel, kernel), strides=stride, padding=_pad(kernel),
+                use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
+                name="conv1")(images.astype(self.dtype))
+    x = nn.relu(norm(name="bn1")(x))
+    if not self.small_stem:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     for i, num_blocks in enumerate(self.stage_sizes):
@@ -115,9 +118,3 @@ class ResNet(nn.Module):
     tokens = x.reshape(b, h * w, c)
     return {"cls": jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.dtype),
             "patch_tokens": tokens}
-
-
-def output_width(name: str, width: int = 64) -> int:
-  """Feature width of `RESNET_SIZES[name]` with base `width`."""
-  block, stages = RESNET_SIZES[name]
-  return width * 2 ** (len(stages) - 1) * _EXPANSION[block]

@@ -8,44 +8,61 @@ used (bits diverse and decorrelated).
   loss = bce_weight * agreement
          - coding_rate_weight * (d + n) / (d * n) * mean_g coding_rate(s_g, eps)
 
-with n the global batch and d the number of bits.
+with n the global batch and d the number of bits (settings: `config.objective.bits`). The
+head is re-initialised every `reset_every_steps` / `reset_every_epochs` (BITS-reset).
 """
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from bits_jax import utils
 from bits_jax.models import heads
 from bits_jax.objectives import coding_rate as coding_rate_lib
-
-NAME = "bits"
+from bits_jax.objectives import common
 
 
 def make_head(config: ml_collections.ConfigDict):
   """The projection head whose outputs are the bit logits."""
+  head = config.objective.head
   return heads.BitsHead(
-      bits=config.bits,
-      hidden_dim=config.head_hidden_dim,
-      bottleneck_dim=config.head_bottleneck_dim,
-      num_layers=config.head_layers,
+      bits=config.objective.bits.num_bits,
+      hidden_dim=head.hidden_dim,
+      bottleneck_dim=head.bottleneck_dim,
+      num_layers=head.num_layers,
       dtype=config.get("dtype", "float32"))
 
 
-def init_state(config: ml_collections.ConfigDict):
-  """BITS keeps no state between steps (no centering, no temperatures)."""
-  del config
-  return {}
+def head_reset_every(config: ml_collections.ConfigDict, steps_per_epoch) -> int:
+  """Steps between head re-initialisations (`reset_every_steps` or `_epochs`; 0 = never)."""
+  return utils.steps(config.objective.bits, "reset_every", steps_per_epoch)
+
+
+def config_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Impossible BITS settings, each with its fix (called by config validation)."""
+  bits = config.objective.bits
+  problems = common.positive(config, "bits", ("num_bits",),
+                             "the number of bits in each message; the paper uses 256")
+  problems += common.positive(config, "bits", ("eps",),
+                              "the distortion in the coding rate, e.g. 0.05")
+  for key in ("bce_weight", "coding_rate_weight", "reset_every_steps", "reset_every_epochs"):
+    if bits[key] is None or bits[key] < 0:
+      problems.append(f"config.objective.bits.{key}={bits[key]} must be >= 0 (0 disables it).")
+  if bits.reset_every_steps and bits.reset_every_epochs:
+    problems.append(f"config.objective.bits.reset_every_steps={bits.reset_every_steps} and "
+                    f"reset_every_epochs={bits.reset_every_epochs} are both set: set one "
+                    f"(the other to 0).")
+  elif 0 < (bits.reset_every_steps or 0) and bits.reset_every_steps >= config.total_steps > 0:
+    problems.append(
+        f"config.objective.bits.reset_every_steps={bits.reset_every_steps} is not below "
+        f"config.total_steps={config.total_steps}: the head would never be re-initialized; "
+        f"set it to 0 to turn re-initialization off, or a value below total_steps.")
+  return problems
 
 
 def messages(teacher_logits: jax.Array) -> jax.Array:
   """{0, 1} messages, no gradient. `teacher_logits: [..., bits]`."""
   return jax.lax.stop_gradient((teacher_logits > 0).astype(jnp.float32))
-
-
-def cross_view_pairs(num_teacher_views: int, num_student_views: int):
-  """(teacher view g, student view v) index pairs with v != g."""
-  return [(g, v) for g in range(num_teacher_views)
-          for v in range(num_student_views) if v != g]
 
 
 def agreement(student_logits: jax.Array, teacher_messages: jax.Array):
@@ -57,17 +74,15 @@ def agreement(student_logits: jax.Array, teacher_messages: jax.Array):
   Returns:
     (bce, accuracy): float32 scalars averaged over pairs, batch and bits.
   """
-  pairs = cross_view_pairs(teacher_messages.shape[0], student_logits.shape[0])
-  if not pairs:
-    raise ValueError("BITS needs at least two views (two global crops, or one global crop "
-                     "and one local crop): set num_global_crops=2 or num_local_crops>0.")
-  bce, acc = [], []
-  for g, v in pairs:
-    s = student_logits[v].astype(jnp.float32)
-    bce.append(jnp.mean(optax.sigmoid_binary_cross_entropy(s, teacher_messages[g])))
-    acc.append(jnp.mean(((s > 0).astype(jnp.float32) == teacher_messages[g])
-                        .astype(jnp.float32)))
-  return jnp.mean(jnp.stack(bce)), jnp.mean(jnp.stack(acc))
+  pairs = common.cross_view_pairs(teacher_messages.shape[0], student_logits.shape[0], "BITS")
+  s = student_logits.astype(jnp.float32)
+  bce = common.mean_over_pairs(
+      lambda g, v: jnp.mean(optax.sigmoid_binary_cross_entropy(s[v], teacher_messages[g])),
+      pairs)
+  accuracy = common.mean_over_pairs(
+      lambda g, v: jnp.mean(((s[v] > 0).astype(jnp.float32) == teacher_messages[g])
+                            .astype(jnp.float32)), pairs)
+  return bce, accuracy
 
 
 def bit_statistics(teacher_messages: jax.Array):
@@ -88,20 +103,21 @@ def loss(student_logits: jax.Array, teacher_logits: jax.Array, state, *, step,
     teacher_logits: [G, batch, bits] for the global views.
     state: objective state (empty for BITS).
     step: the global step (unused by BITS).
-    config: needs bits-related keys `bce_weight`, `coding_rate_weight`, `coding_rate_eps`.
+    config: reads `config.objective.bits` (bce_weight, coding_rate_weight, eps).
   Returns:
     (loss, (new_state, metrics)).
   """
   del step
+  settings = config.objective.bits
   num_global = teacher_logits.shape[0]
   msgs = messages(teacher_logits)
   bce, accuracy = agreement(student_logits, msgs)
   n, d = student_logits.shape[1], student_logits.shape[2]
-  rates = [coding_rate_lib.coding_rate(student_logits[g], config.coding_rate_eps)
+  rates = [coding_rate_lib.coding_rate(student_logits[g], settings.eps)
            for g in range(num_global)]
   rate = jnp.mean(jnp.stack(rates))
-  rate_scale = (d + n) / (d * n)
-  total = config.bce_weight * bce - config.coding_rate_weight * rate_scale * rate
+  rate_scale = common.coding_rate_balance(n, d)
+  total = settings.bce_weight * bce - settings.coding_rate_weight * rate_scale * rate
   balance, entropy = bit_statistics(msgs)
   metrics = {
       "loss": total,
@@ -112,3 +128,8 @@ def loss(student_logits: jax.Array, teacher_logits: jax.Array, state, *, step,
       "agreement_accuracy": accuracy,
   }
   return total, (state, metrics)
+
+
+OBJECTIVE = common.Objective(name="bits", make_head=make_head, loss=loss,
+                             head_reset_every=head_reset_every,
+                             config_problems=config_problems)

@@ -5,10 +5,12 @@ all V views (`[batch, K]` each), a center `c: [K]` and temperatures `tau_t(step)
 
   q_g = softmax((t_g - c) / tau_t)                    (no gradient)
   loss = mean_{g, v != g} mean_batch sum_k -q_g[k] * log softmax(s_v / tau_s)[k]
-  c <- m * c + (1 - m) * mean_{g, batch} t_g           (m = dino_center_momentum = 0.9)
+  c <- m * c + (1 - m) * mean_{g, batch} t_g           (m = center_momentum = 0.9)
 
-`tau_t` warms up linearly from `dino_warmup_teacher_temp` (0.04) to `dino_teacher_temp`
-(0.07) over `dino_warmup_teacher_temp_steps`, then stays; `tau_s = dino_student_temp` (0.1).
+Settings in `config.objective.dino`: `tau_t` warms up linearly from `warmup_teacher_temp`
+(0.04) to `teacher_temp` (0.07) over `warmup_teacher_temp_steps`, then stays;
+`tau_s = student_temp` (0.1). The prototypes (`head/last_layer`) are frozen for the first
+`freeze_last_layer_steps` (`mask_updates`).
 The center is updated with the mean over the global batch: inside `jax.jit` on a mesh the
 mean of a batch-sharded array is reduced across devices, as DINO's all-reduce does.
 """
@@ -16,56 +18,67 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bits_jax import utils
 from bits_jax.models import heads
-
-NAME = "dino"
+from bits_jax.objectives import common
 
 
 def make_head(config: ml_collections.ConfigDict):
-  """3-layer MLP -> bottleneck -> L2 norm -> weight-normalized `dino_out_dim` prototypes."""
+  """3-layer MLP -> bottleneck -> L2 norm -> weight-normalized `out_dim` prototypes."""
+  head, dino = config.objective.head, config.objective.dino
   return heads.DinoHead(
-      out_dim=config.dino_out_dim,
-      hidden_dim=config.head_hidden_dim,
-      bottleneck_dim=config.head_bottleneck_dim,
-      num_layers=config.head_layers,
-      norm_last_layer=config.dino_norm_last_layer,
+      out_dim=dino.out_dim,
+      hidden_dim=head.hidden_dim,
+      bottleneck_dim=head.bottleneck_dim,
+      num_layers=head.num_layers,
+      norm_last_layer=dino.norm_last_layer,
       dtype=config.get("dtype", "float32"))
 
 
 def init_state(config: ml_collections.ConfigDict):
   """The center of the teacher scores, `{'center': [out_dim]}` zeros."""
-  return {"center": jnp.zeros((config.dino_out_dim,), jnp.float32)}
+  return {"center": jnp.zeros((config.objective.dino.out_dim,), jnp.float32)}
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Impossible DINO settings, each with its fix (called by config validation)."""
-  problems = []
-  for key in ("dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp"):
-    if not config[key] > 0:
-      problems.append(f"config.{key}={config[key]} must be > 0 (DINO: student 0.1, teacher "
-                      f"0.04 -> 0.07).")
-  if not 0 <= config.dino_center_momentum < 1:
-    problems.append(f"config.dino_center_momentum={config.dino_center_momentum} must be in "
-                    f"[0, 1) (DINO: 0.9).")
-  if config.dino_out_dim < 1:
-    problems.append(f"config.dino_out_dim={config.dino_out_dim} must be >= 1 (DINO: 65536).")
+  dino = config.objective.dino
+  problems = common.positive(config, "dino",
+                             ("student_temp", "teacher_temp", "warmup_teacher_temp"),
+                             "DINO: student 0.1, teacher 0.04 -> 0.07")
+  if not 0 <= dino.center_momentum < 1:
+    problems.append(f"config.objective.dino.center_momentum={dino.center_momentum} must be "
+                    f"in [0, 1) (DINO: 0.9).")
+  if dino.out_dim < 1:
+    problems.append(f"config.objective.dino.out_dim={dino.out_dim} must be >= 1 "
+                    f"(DINO: 65536).")
   return problems
 
 
 def teacher_temperature(step, config: ml_collections.ConfigDict) -> jax.Array:
-  """Linear warm-up from `dino_warmup_teacher_temp` to `dino_teacher_temp`, then constant."""
-  start, end = config.dino_warmup_teacher_temp, config.dino_teacher_temp
-  warmup = config.dino_warmup_teacher_temp_steps
+  """Linear warm-up from `warmup_teacher_temp` to `teacher_temp`, then constant."""
+  dino = config.objective.dino
+  start, end = dino.warmup_teacher_temp, dino.teacher_temp
+  warmup = dino.warmup_teacher_temp_steps
   if warmup <= 0:
     return jnp.asarray(end, jnp.float32)
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / warmup, 0.0, 1.0)
   return start + (end - start) * frac
 
 
-def cross_view_pairs(num_teacher_views: int, num_student_views: int):
-  """(teacher view g, student view v) index pairs with v != g."""
-  return [(g, v) for g in range(num_teacher_views)
-          for v in range(num_student_views) if v != g]
+def mask_updates(tree, step, config: ml_collections.ConfigDict):
+  """Zeros `tree['head']...['last_layer']` leaves while `step < freeze_last_layer_steps`.
+
+  Applied to the gradients (so Adam's moments see nothing) and to the updates (so weight
+  decay does not move the layer either): DINO keeps its prototypes fixed in the first epoch.
+  """
+  steps = config.objective.dino.freeze_last_layer_steps
+  if not steps:
+    return tree
+  frozen = jnp.asarray(step) < steps
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.where(frozen, jnp.zeros_like(x), x)
+      if utils.under_key(path, "head") and utils.under_key(path, "last_layer") else x, tree)
 
 
 def teacher_probs(teacher_out: jax.Array, center: jax.Array, temperature) -> jax.Array:
@@ -89,26 +102,21 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
     teacher_out: [G, batch, K] for the global views.
     state: {'center': [K]}.
     step: the global step (drives the teacher temperature warm-up).
-    config: `dino_*` keys.
+    config: reads `config.objective.dino`.
   Returns:
     (loss, (new_state, metrics)).
   """
-  pairs = cross_view_pairs(teacher_out.shape[0], student_out.shape[0])
-  if not pairs:
-    raise ValueError("DINO needs at least two views (two global crops, or one global crop "
-                     "and one local crop): set num_global_crops=2 or num_local_crops>0.")
+  dino = config.objective.dino
+  pairs = common.cross_view_pairs(teacher_out.shape[0], student_out.shape[0], "DINO")
   temp = teacher_temperature(step, config)
   q = teacher_probs(teacher_out, state["center"], temp)
-  log_p = jax.nn.log_softmax(student_out.astype(jnp.float32) / config.dino_student_temp,
-                             axis=-1)
-  terms, agree = [], []
-  for g, v in pairs:
-    terms.append(jnp.mean(-jnp.sum(q[g] * log_p[v], axis=-1)))
-    agree.append(jnp.mean((jnp.argmax(q[g], -1) == jnp.argmax(log_p[v], -1))
-                          .astype(jnp.float32)))
-  total = jnp.mean(jnp.stack(terms))
-  new_state = {"center": updated_center(state["center"], teacher_out,
-                                        config.dino_center_momentum)}
+  log_p = jax.nn.log_softmax(student_out.astype(jnp.float32) / dino.student_temp, axis=-1)
+  total = common.mean_over_pairs(lambda g, v: jnp.mean(-jnp.sum(q[g] * log_p[v], axis=-1)),
+                                 pairs)
+  agreement = common.mean_over_pairs(
+      lambda g, v: jnp.mean((jnp.argmax(q[g], -1) == jnp.argmax(log_p[v], -1))
+                            .astype(jnp.float32)), pairs)
+  new_state = {"center": updated_center(state["center"], teacher_out, dino.center_momentum)}
   teacher_entropy = jnp.mean(-jnp.sum(q * jnp.log(jnp.clip(q, 1e-30)), axis=-1))
   mean_q = jnp.mean(q, axis=(0, 1))
   metrics = {
@@ -117,6 +125,11 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
       "teacher_entropy": teacher_entropy,
       # Entropy of the batch-mean teacher distribution: low means collapse to few prototypes.
       "teacher_marginal_entropy": -jnp.sum(mean_q * jnp.log(jnp.clip(mean_q, 1e-30))),
-      "agreement_accuracy": jnp.mean(jnp.stack(agree)),
+      "agreement_accuracy": agreement,
   }
   return total, (new_state, metrics)
+
+
+OBJECTIVE = common.Objective(name="dino", make_head=make_head, loss=loss,
+                             init_state=init_state, mask_updates=mask_updates,
+                             config_problems=config_problems)

@@ -8,10 +8,10 @@ projections `zs_v` on all V views, teacher projections `zt_g` on the G global vi
 
   loss = mean_{g, v != g} mean_batch 1/2 ||zs_v - zt_g||^2  -  gamma * mean_g R_eps(zs_g)
   R_eps(Z) = 1/2 logdet(I_d + d / (n * eps) * Z^T Z)       (`coding_rate.coding_rate`)
-  gamma = simdino_coding_rate_weight * (d + n) / (d * n)
+  gamma = coding_rate_weight * (d + n) / (d * n)      (config.objective.simdino)
 
 `gamma`'s factor (d + n) / (d n) is the balancing weight of the SimDINO reference
-implementation, and `eps` enters as d / (n eps) there too (default `simdino_eps = 0.5`, its
+implementation, and `eps` enters as d / (n eps) there too (default `eps = 0.5`, its
 default). On the sphere 1/2 ||a - b||^2 = 1 - cos(a, b), so this equals the reference's
 "-cosine - expansion" loss up to the constant 1.
 """
@@ -19,43 +19,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bits_jax import utils
 from bits_jax.models import heads
 from bits_jax.objectives import coding_rate as coding_rate_lib
-
-NAME = "simdino"
+from bits_jax.objectives import common
 
 
 def make_head(config: ml_collections.ConfigDict):
-  """3-layer MLP projecting to `head_bottleneck_dim` (normalized in the loss)."""
+  """3-layer MLP projecting to `objective.head.bottleneck_dim` (normalized in the loss)."""
+  head = config.objective.head
   return heads.SimDinoHead(
-      dim=config.head_bottleneck_dim,
-      hidden_dim=config.head_hidden_dim,
-      num_layers=config.head_layers,
+      dim=head.bottleneck_dim,
+      hidden_dim=head.hidden_dim,
+      num_layers=head.num_layers,
       dtype=config.get("dtype", "float32"))
-
-
-def init_state(config: ml_collections.ConfigDict):
-  """SimDINO keeps no state between steps."""
-  del config
-  return {}
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Impossible SimDINO settings, each with its fix (called by config validation)."""
-  if not config.simdino_eps > 0:
-    return [f"config.simdino_eps={config.simdino_eps} must be > 0 (SimDINO: 0.5)."]
-  return []
-
-
-def cross_view_pairs(num_teacher_views: int, num_student_views: int):
-  """(teacher view g, student view v) index pairs with v != g."""
-  return [(g, v) for g in range(num_teacher_views)
-          for v in range(num_student_views) if v != g]
-
-
-def coding_rate_scale(n: int, d: int) -> float:
-  """SimDINO's balancing factor (d + n) / (d * n)."""
-  return (d + n) / (d * n)
+  return common.positive(config, "simdino", ("eps",), "SimDINO: 0.5")
 
 
 def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
@@ -67,25 +49,22 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
     teacher_out: [G, batch, d] for the global views.
     state: objective state (empty).
     step: the global step (unused).
-    config: `simdino_eps`, `simdino_coding_rate_weight`.
+    config: reads `config.objective.simdino` (eps, coding_rate_weight).
   Returns:
     (loss, (new_state, metrics)).
   """
   del step
-  pairs = cross_view_pairs(teacher_out.shape[0], student_out.shape[0])
-  if not pairs:
-    raise ValueError("SimDINO needs at least two views (two global crops, or one global "
-                     "crop and one local crop): set num_global_crops=2 or num_local_crops>0.")
-  zs = coding_rate_lib.l2_normalize(student_out.astype(jnp.float32))
-  zt = jax.lax.stop_gradient(coding_rate_lib.l2_normalize(teacher_out.astype(jnp.float32)))
-  distance = jnp.mean(jnp.stack(
-      [jnp.mean(0.5 * jnp.sum((zs[v] - zt[g]) ** 2, axis=-1)) for g, v in pairs]))
+  simdino = config.objective.simdino
+  pairs = common.cross_view_pairs(teacher_out.shape[0], student_out.shape[0], "SimDINO")
+  zs = utils.l2_normalize(student_out.astype(jnp.float32))
+  zt = jax.lax.stop_gradient(utils.l2_normalize(teacher_out.astype(jnp.float32)))
+  distance = common.mean_over_pairs(
+      lambda g, v: jnp.mean(0.5 * jnp.sum((zs[v] - zt[g]) ** 2, axis=-1)), pairs)
   num_global = teacher_out.shape[0]
   rate = jnp.mean(jnp.stack(
-      [coding_rate_lib.coding_rate(student_out[g], config.simdino_eps)
-       for g in range(num_global)]))
+      [coding_rate_lib.coding_rate(student_out[g], simdino.eps) for g in range(num_global)]))
   n, d = student_out.shape[1], student_out.shape[2]
-  gamma = config.simdino_coding_rate_weight * coding_rate_scale(n, d)
+  gamma = simdino.coding_rate_weight * common.coding_rate_balance(n, d)
   total = distance - gamma * rate
   metrics = {
       "loss": total,
@@ -94,3 +73,7 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
       "coding_rate": rate,
   }
   return total, (state, metrics)
+
+
+OBJECTIVE = common.Objective(name="simdino", make_head=make_head, loss=loss,
+                             config_problems=config_problems)

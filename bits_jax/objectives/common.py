@@ -1,0 +1,82 @@
+"""The objective interface and what the objectives share.
+
+An objective module defines `OBJECTIVE = Objective(...)`:
+
+  make_head(config) -> nn.Module               the projection head
+  init_state(config) -> pytree                 state between steps (a DINO center; {})
+  loss(student_out, teacher_out, state, *, step, config) -> (loss, (new_state, metrics))
+      student_out: [V, batch, dim] (the G global views first), teacher_out: [G, batch, dim]
+  head_reset_every(config, steps_per_epoch) -> int
+      steps between re-initialisations of the head (0 = never; BITS-reset)
+  mask_updates(tree, step, config) -> tree     zeroes what must not move yet (DINO's
+                                               frozen prototypes); identity by default
+  config_problems(config) -> list[str]         impossible settings, each with its fix
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def _no_reset(config, steps_per_epoch) -> int:
+  del config, steps_per_epoch
+  return 0
+
+
+def _identity(tree, step, config):
+  del step, config
+  return tree
+
+
+def _no_problems(config) -> list[str]:
+  del config
+  return []
+
+
+def _no_state(config) -> PyTree:
+  del config
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  name: str
+  make_head: Callable
+  loss: Callable
+  init_state: Callable = _no_state
+  head_reset_every: Callable[[Any, int | None], int] = _no_reset
+  mask_updates: Callable = _identity
+  config_problems: Callable[[Any], list[str]] = _no_problems
+
+
+def cross_view_pairs(num_teacher_views: int, num_student_views: int,
+                     method: str) -> list[tuple[int, int]]:
+  """(teacher view g, student view v) index pairs with v != g; an error if there are none."""
+  pairs = [(g, v) for g in range(num_teacher_views) for v in range(num_student_views) if v != g]
+  if not pairs:
+    raise ValueError(f"{method} needs at least two views (two global crops, or one global "
+                     f"crop and local crops): set config.input.crops.num_global=2 or "
+                     f"config.input.crops.num_local > 0.")
+  return pairs
+
+
+def mean_over_pairs(fn: Callable[[int, int], jax.Array], pairs) -> jax.Array:
+  """Mean of `fn(g, v)` over the (teacher, student) view pairs."""
+  return jnp.mean(jnp.stack([fn(g, v) for g, v in pairs]))
+
+
+def positive(config, section: str, keys, hint: str) -> list[str]:
+  """Problems for the keys of `config.objective.<section>` that are not > 0."""
+  values = config.objective[section]
+  return [f"config.objective.{section}.{k}={values[k]} must be > 0 ({hint})."
+          for k in keys if values[k] is None or not values[k] > 0]
+
+
+def coding_rate_balance(n: int, d: int) -> float:
+  """SimDINO's balancing factor (d + n) / (d n) of the coding rate of n vectors in R^d."""
+  return (d + n) / (d * n)

@@ -1,0 +1,106 @@
+"""Small helpers shared across the package: one home each."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """Rows scaled to unit L2 norm (zero rows stay zero)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+  """bool scalar: every floating-point leaf of `tree` is finite (True for no such leaf)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def path_name(path) -> str:
+  """'params/backbone/block0/attn/query/kernel' from a jax key path."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def under_key(path, key: str) -> bool:
+  """Whether a jax key path passes through the dict key `key`."""
+  return any(getattr(p, "key", None) == key for p in path)
+
+
+# ------------------------------------------------------------------ host <-> global arrays
+
+
+def to_host(x: Any) -> np.ndarray:
+  """numpy copy of `x`; global arrays spanning several processes are all-gathered."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def to_global(x: Any, sharding: jax.sharding.NamedSharding, name: str = "batch") -> jax.Array:
+  """This process's rows `x: [b, ...]` as one global array with `sharding` on the batch axis."""
+  if isinstance(x, jax.Array):
+    return x if x.sharding == sharding else jax.device_put(x, sharding)
+  x = np.asarray(x)
+  n_local = len(sharding.addressable_devices)
+  if x.shape[0] % n_local:
+    raise ValueError(f"{name} has {x.shape[0]} rows, not divisible by the {n_local} local "
+                     f"devices of the mesh: pad it to a multiple of the device count.")
+  return jax.make_array_from_process_local_data(sharding, x)
+
+
+def sync_processes(name: str) -> None:
+  """A barrier over all processes (a no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------- configs
+
+
+def steps(section, name: str, steps_per_epoch: int | None) -> int:
+  """`section.<name>_steps`, or `section.<name>_epochs` converted to steps (big_vision style).
+
+  At most one of the two may be non-zero; 0 means "never" / "none".
+  """
+  by_steps = section.get(f"{name}_steps", 0) or 0
+  by_epochs = section.get(f"{name}_epochs", 0) or 0
+  if by_steps and by_epochs:
+    raise ValueError(f"both {name}_steps={by_steps} and {name}_epochs={by_epochs} are set: "
+                     f"set one of them (the other to 0).")
+  if by_epochs:
+    if not steps_per_epoch:
+      raise ValueError(f"{name}_epochs={by_epochs} needs the number of training examples: "
+                       f"give {name}_steps instead.")
+    return max(int(round(by_epochs * steps_per_epoch)), 1)
+  return int(by_steps)
+
+
+def load_config_file(spec: str):
+  """The ConfigDict of 'path/to/config.py[:arg]' (as `--config=` accepts it)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Config file {path!r} not found: pass --config=configs/NAME.py.")
+  module_spec = importlib.util.spec_from_file_location(
+      "bits_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config(arg)` in each module (ml_collections config files)."""
