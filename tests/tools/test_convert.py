@@ -1,6 +1,10 @@
-"""PyTorch <-> Flax conversion: same outputs as timm/torchvision-layout torch models."""
+"""The converter on .pth files: CLI import/export, DINO checkpoints, refused pickles."""
+import argparse
 import json
 import os
+import shlex
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -8,115 +12,30 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bits_jax.models import convert  # pylint: disable=g-import-not-at-top
-from bits_jax.models import resnet
-from bits_jax.models import vit
+from bits_jax import weights  # pylint: disable=g-import-not-at-top
+from bits_jax.models import torch_mapping
+from bits_jax.tools import convert
 from tests import torch_reference
+
+
+class Payload:
+  """Pickles to a call of os.system: what a malicious checkpoint would carry."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
 def _state_dict_np(model):
   return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def _randomize_batchnorm(model, seed):
-  """Non-trivial BatchNorm affine params and running stats, so all four are checked."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(0.5 + 0.5 * torch.rand(c, generator=gen))
-        m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-        m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-        m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def torch_vit():
   torch.manual_seed(0)
   return torch_reference.vit_small_patch16_224().eval()
-
-
-@pytest.fixture(scope="module")
-def torch_resnet():
-  torch.manual_seed(1)
-  model = torch_reference.resnet50()
-  _randomize_batchnorm(model, 2)
-  return model.eval()
-
-
-def _flax_vit(meta):
-  width, depth, heads = vit.VIT_SIZES["small"]
-  return vit.ViT(width=width, depth=depth, num_heads=heads, patch_size=meta["patch_size"],
-                 image_size=meta["global_crop_size"])
-
-
-def test_vit_small_matches_torch_cls_and_patch_tokens(torch_vit):
-  variables, meta = convert.from_torch(_state_dict_np(torch_vit), "vit_small")
-  assert meta["patch_size"] == 16 and meta["global_crop_size"] == 224
-  assert meta["ignored_keys"] == ["head.bias", "head.weight"]
-  images = np.random.RandomState(0).randn(2, 3, 224, 224).astype(np.float32)
-  with torch.no_grad():
-    ref = torch_vit.forward_features(torch.from_numpy(images)).numpy()
-  out = jax.jit(_flax_vit(meta).apply)({"params": variables["params"]},
-                                       images.transpose(0, 2, 3, 1))
-  np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref[:, 0]).max(), 1e-4)
-  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref[:, 1:]).max(),
-                               1e-4)
-
-
-def test_vit_round_trip_to_torch(torch_vit):
-  original = _state_dict_np(torch_vit)
-  variables, _ = convert.from_torch(original, "vit_small")
-  exported = convert.to_torch(variables, "vit_small")
-  assert set(exported) == set(original) - {"head.weight", "head.bias"}
-  for key, value in exported.items():
-    assert value.shape == original[key].shape, key
-    if key not in ("cls_token", "pos_embed"):
-      np.testing.assert_array_equal(value, original[key], err_msg=key)
-  # The CLS position embedding is folded into cls_token and written back as zero.
-  np.testing.assert_allclose(exported["cls_token"],
-                             original["cls_token"] + original["pos_embed"][:, :1], atol=1e-7)
-  np.testing.assert_array_equal(exported["pos_embed"][:, 0], 0.0)
-  np.testing.assert_array_equal(exported["pos_embed"][:, 1:], original["pos_embed"][:, 1:])
-  # The exported weights load into the torch model and compute the same function.
-  reloaded = torch_reference.vit_small_patch16_224().eval()
-  missing, unexpected = reloaded.load_state_dict(
-      {k: torch.from_numpy(v) for k, v in exported.items()}, strict=False)
-  assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
-  x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-  with torch.no_grad():
-    np.testing.assert_allclose(reloaded.forward_features(x).numpy(),
-                               torch_vit.forward_features(x).numpy(), atol=1e-5)
-
-
-def test_resnet50_matches_torch_eval_mode(torch_resnet):
-  variables, meta = convert.from_torch(_state_dict_np(torch_resnet), "resnet50")
-  assert meta["resnet_small_stem"] is False and meta["resnet_width"] == 64
-  assert "fc.weight" in meta["ignored_keys"]
-  images = np.random.RandomState(1).randn(2, 3, 64, 64).astype(np.float32)
-  with torch.no_grad():
-    ref_map = torch_resnet.forward_features(torch.from_numpy(images)).numpy()  # [B, C, h, w]
-  model = resnet.ResNet(*resnet.RESNET_SIZES["resnet50"])
-  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, images.transpose(0, 2, 3, 1))
-  b, c, h, w = ref_map.shape
-  ref_tokens = ref_map.transpose(0, 2, 3, 1).reshape(b, h * w, c)
-  assert np.abs(ref_tokens).max() > 0.1  # the comparison is not between near-zero maps
-  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref_tokens).max(),
-                               1e-4)
-  np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref_map.mean((2, 3))).max(),
-                               1e-4)
-
-
-def test_resnet50_round_trip_to_torch(torch_resnet):
-  original = _state_dict_np(torch_resnet)
-  variables, _ = convert.from_torch(original, "resnet50")
-  exported = convert.to_torch(variables, "resnet50")
-  assert set(exported) == set(original) - {"fc.weight", "fc.bias"}
-  for key, value in exported.items():
-    if not key.endswith("num_batches_tracked"):
-      np.testing.assert_array_equal(value, original[key], err_msg=key)
 
 
 def test_cli_import_and_export(torch_vit, tmp_path):
@@ -126,58 +45,79 @@ def test_cli_import_and_export(torch_vit, tmp_path):
   torch.save({"teacher": sd, "student": sd, "epoch": 3}, pth)
   out = str(tmp_path / "converted")
   with pytest.raises(ValueError, match="--key=teacher"):
-    convert.main(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=16",
-                  f"--out={out}"])
+    convert.cli(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=16",
+                 f"--out={out}"])
   with pytest.raises(ValueError, match="patch size 16"):
-    convert.main(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=8",
-                  f"--out={out}", "--key=teacher"])
-  assert convert.main(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=16",
-                       f"--out={out}", "--key=teacher"]) == 0
-  with open(os.path.join(out, convert.META_FILE)) as f:
+    convert.cli(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=8",
+                 f"--out={out}", "--key=teacher"])
+  assert convert.cli(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=16",
+                      f"--out={out}", "--key=teacher"]) == 0
+  with open(os.path.join(out, weights.META_FILE)) as f:
     meta = json.load(f)
   assert meta["model"] == "vit_small" and meta["patch_size"] == 16
-  loaded = convert.load_converted(out)
-  expected, _ = convert.from_torch(_state_dict_np(torch_vit), "vit_small")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["params"], expected["params"])
+  assert weights.read_meta(out) == meta
+  loaded, step = weights.load_params(out)
+  assert step is None and set(loaded) == {"backbone"}
+  expected, _ = torch_mapping.from_torch(_state_dict_np(torch_vit), "vit_small")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["backbone"],
+                         expected["params"])
 
   back = str(tmp_path / "export.pth")
-  assert convert.main(["--from=flax", f"--in={out}", "--arch=vit_small",
-                       f"--out={back}"]) == 0
+  assert convert.cli(["--from=flax", f"--in={out}", "--arch=vit_small",
+                      f"--out={back}"]) == 0
   exported = torch.load(back)
   np.testing.assert_array_equal(exported["blocks.3.attn.qkv.weight"].numpy(),
                                 torch_vit.state_dict()["blocks.3.attn.qkv.weight"].numpy())
 
 
-def test_wrong_arch_is_a_clear_error(torch_resnet):
-  with pytest.raises(ValueError, match="resnet50"):
-    convert.from_torch(_state_dict_np(torch_resnet), "resnet18")
-  with pytest.raises(ValueError, match="Unknown --arch"):
-    convert.from_torch({}, "vgg16")
+def test_dino_checkpoint_with_args_namespace_loads_weights_only(tmp_path):
+  """DINO's checkpoint.pth: argparse args, optimizer state and loss center beside the nets."""
+  torch.manual_seed(6)
+  model = torch_reference.VisionTransformer(img_size=32, embed_dim=192, depth=1, num_heads=3)
+  sd = {f"module.backbone.{k}": v for k, v in model.state_dict().items()}
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+  path = tmp_path / "checkpoint.pth"
+  torch.save({"teacher": sd, "student": sd, "epoch": 7, "optimizer": optimizer.state_dict(),
+              "args": argparse.Namespace(arch="vit_tiny", patch_size=16, lr=5e-4,
+                                         local_crops_scale=(0.05, 0.4), data_path="/data"),
+              "dino_loss": {"center": torch.zeros(1, 65536)}}, path)
+  state_dict = convert.read_torch(path, key="teacher")
+  assert set(state_dict) == set(model.state_dict())
+  np.testing.assert_array_equal(state_dict["blocks.0.mlp.fc1.weight"],
+                                model.state_dict()["blocks.0.mlp.fc1.weight"].numpy())
+  assert all(isinstance(v, np.ndarray) for v in state_dict.values())
+
+
+def test_pickle_payload_is_refused_and_not_run(tmp_path):
+  marker = tmp_path / "payload_ran"
+  path = tmp_path / "malicious.pth"
+  torch.save({"state_dict": {"w": torch.ones(2)}, "extra": Payload(str(marker))}, path)
+  with pytest.raises(convert.UnsafeCheckpointError, match="Refused to load .*system"):
+    convert.read_torch(path)
+  with pytest.raises(ValueError, match="--from=safetensors"):
+    convert.cli(["--from=torch", f"--in={path}", "--arch=vit_tiny",
+                 f"--out={tmp_path / 'out'}"])
+  assert not marker.exists()
+  assert not (tmp_path / "out").exists()
+  # The payload is live: an unrestricted load runs it (what the converter must never do).
+  torch.load(path, weights_only=False)
+  assert marker.exists()
+
+
+def test_cli_entry_point_reports_errors_without_traceback(tmp_path):
+  missing = tmp_path / "missing.pth"
+  proc = subprocess.run(
+      [sys.executable, "-m", "bits_jax.tools.convert", "--from=torch", f"--in={missing}",
+       "--arch=vit_tiny", f"--out={tmp_path / 'out'}"],
+      capture_output=True, text=True, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 1, proc.stderr
+  assert "convert: " in proc.stderr and "Traceback" not in proc.stderr
+  assert "missing.pth" in proc.stderr
 
 
 def test_core_package_does_not_import_torch():
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  code = ("import sys; import bits_jax.models.convert, bits_jax.train; "
+  code = ("import sys; import bits_jax.tools.convert, bits_jax.models.torch_mapping, "
+          "bits_jax.weights, bits_jax.train; "
           "assert 'torch' not in sys.modules, 'torch imported'")
   subprocess.run([sys.executable, "-c", code], check=True,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
-
-
-def test_vit_base_heads_layout_matches_torch():
-  """ViT-B/16's 12 heads of 64 (2 blocks, 64x64 images, to stay fast)."""
-  torch.manual_seed(4)
-  model = torch_reference.VisionTransformer(img_size=64, embed_dim=768, depth=2,
-                                            num_heads=12).eval()
-  variables, meta = convert.from_torch(_state_dict_np(model), "vit_base")
-  assert meta["patch_size"] == 16 and meta["global_crop_size"] == 64
-  images = np.random.RandomState(5).randn(2, 3, 64, 64).astype(np.float32)
-  with torch.no_grad():
-    ref = model.forward_features(torch.from_numpy(images)).numpy()
-  flax_model = vit.ViT(width=768, depth=2, num_heads=12, patch_size=16, image_size=64)
-  out = flax_model.apply({"params": variables["params"]}, images.transpose(0, 2, 3, 1))
-  np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref[:, 0]).max(), 1e-4)
-  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref[:, 1:]).max(),
-                               1e-4)
-  with pytest.raises(ValueError, match="width 384"):
-    convert.from_torch(_state_dict_np(model), "vit_small")
