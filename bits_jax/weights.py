@@ -10,8 +10,8 @@ relative, `gs://...`):
     {'backbone', 'head'?, 'batch_stats'?: {'backbone'}} and an optional `convert_meta.json`
     with the model settings the weights need.
 From a train-state checkpoint the EMA teacher's params are used (the model DINO-style methods
-evaluate); `which='student'` selects the student. Adapting the loaded params to a model of
-another input shape is `bits_jax.models.adapt.adapt_params`.
+evaluate); `which='student'` selects the student. `adapt_params` (from
+`bits_jax.models.adapt`) fits loaded params to a model of another input shape.
 """
 import json
 import os
@@ -23,6 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bits_jax.models import adapt
+
+adapt_params = adapt.adapt_params
 PyTree = Any
 META_FILE = "convert_meta.json"
 _PARAMS_KEYS = ("backbone", "head", "batch_stats")
