@@ -1,17 +1,15 @@
 """Side-by-side run of several methods with the same backbone, data, schedule and evaluation.
 
   python -m bits_jax.compare --config=configs/fashion_mnist.py --methods=bits,dino,simdino \
-      --workdir=DIR [--set=total_steps=200 --set=learning_rate=5e-4]
+      --workdir=DIR [--config.total_steps=200 --config.optim.learning_rate=5e-4]
 
-For each method M the config file is loaded with the preset 'SIZE,M' (SIZE from
-`--config=FILE:SIZE`, e.g. `:test`), so a config file lists the method-specific settings
-once, next to the shared ones. Each method trains and is evaluated (k-NN) in DIR/M exactly
-as `bits_jax.main` would (rerunning resumes); then DIR/compare.md (a Markdown table) and
-DIR/compare.json hold k-NN top-1, the random-init baseline and training steps/s (compilation
-excluded).
+The config file (with its preset, e.g. `--config=configs/fashion_mnist.py:test`) and the
+`--config.*` overrides are the same for every method; each method M then sets
+`objective.name = M` (`configs/common.set_method`: DINO and SimDINO keep their head). Each
+method trains and is evaluated (k-NN) in DIR/M exactly as `bits_jax.main` would (rerunning
+resumes); then DIR/compare.md (a Markdown table) and DIR/compare.json hold k-NN top-1, the
+random-init baseline and training steps/s (compilation excluded).
 """
-import ast
-import importlib.util
 import json
 import os
 import time
@@ -19,40 +17,24 @@ import time
 from absl import app
 from absl import flags
 import jax
+import ml_collections
+from ml_collections import config_flags
 
 from bits_jax import objectives
 from bits_jax import train
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file, FILE.py[:SIZE].")
-_METHODS = flags.DEFINE_list("methods", ["bits", "dino", "simdino"], "Methods to compare.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, FILE.py[:preset].",
+                                          lock_config=True)
+_METHODS = flags.DEFINE_list("methods", list(objectives.NAMES), "Methods to compare.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per "
                                "method).")
-_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every method.")
 
 
-def load_config(spec: str, method: str, overrides=()):
-  """`get_config('SIZE,method')` of the config file `spec` = 'FILE.py[:SIZE]', overridden."""
-  path, _, size = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Config file {path!r} not found: pass --config=configs/NAME.py.")
-  objectives.get_objective(method)  # fails early on an unknown method
-  module_spec = importlib.util.spec_from_file_location("compare_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(",".join(filter(None, (size, method))))
-  if config.method != method:
-    raise ValueError(f"{path} with preset {size + ',' + method!r} gives method "
-                     f"{config.method!r}: its get_config must accept the method as a preset.")
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep or key not in config:
-      raise ValueError(f"--set={item!r}: use KEY=VALUE with a key of the config.")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass  # a plain string
-    setattr(config, key, value)
-  return config
+def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """A copy of `config` training `method` (the method's own settings stay as configured)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  objectives.get(method)  # fails early on an unknown method
+  return common.set_method(config.copy_and_resolve_references(), method)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -68,16 +50,19 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def compare(spec: str, methods, workdir: str, overrides=()) -> list[dict]:
+def compare(config: ml_collections.ConfigDict, methods, workdir: str) -> list[dict]:
   """Trains and evaluates every method in `workdir/<method>`; returns one row per method."""
-  configs = [load_config(spec, m, overrides) for m in methods]
+  configs = [method_config(config, m) for m in methods]
+  if not any(e.type == "knn" and e.at_end for e in config.evals.values()):
+    raise ValueError("compare reports k-NN top-1: keep config.evals.knn.at_end=True.")
+  if not config.baseline_random_init:
+    raise ValueError("compare reports the random-init baseline: keep "
+                     "config.baseline_random_init=True.")
   rows = []
-  for method, config in zip(methods, configs):
-    if not config.knn_eval:
-      raise ValueError("compare reports k-NN top-1: do not set knn_eval=False.")
+  for method, method_cfg in zip(methods, configs):
     run_dir = os.path.join(workdir, method)
     t0 = time.time()
-    results = train.train_and_evaluate(config, run_dir)
+    results = train.train_and_evaluate(method_cfg, run_dir)
     row = {"method": method, "wall_seconds": time.time() - t0,
            **{k: results[k] for k in ("knn_top1", "knn_top1_random_init", "knn_k", "step")}}
     speed_file = os.path.join(run_dir, "train_speed.json")
@@ -89,11 +74,11 @@ def compare(spec: str, methods, workdir: str, overrides=()) -> list[dict]:
     table = markdown_table(rows)
     devices = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
     with open(os.path.join(workdir, "compare.md"), "w") as f:
-      f.write(f"Config: `{spec}`, overrides: {list(overrides)}, devices: {devices}\n\n")
+      f.write(f"Methods: {list(methods)}, devices: {devices}\n\n")
       f.write(table)
     with open(os.path.join(workdir, "compare.json"), "w") as f:
-      json.dump({"config": spec, "overrides": list(overrides), "devices": devices,
-                 "rows": rows}, f, indent=2)
+      json.dump({"methods": list(methods), "devices": devices, "rows": rows,
+                 "config": json.loads(config.to_json_best_effort())}, f, indent=2)
     print(table, flush=True)
   return rows
 
@@ -102,7 +87,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  compare(_CONFIG.value, _METHODS.value, _WORKDIR.value, _SET.value)
+  compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -62,5 +62,5 @@ def get_config(arg=None):
   dino = config.objective.dino
   dino.out_dim = 4096 if arg.size == "demo" else 64
   dino.warmup_teacher_temp_steps = int(0.3 * config.total_steps)
-  dino.freeze_last_layer_steps = config.optim.warmup_steps // 2 if arg.method == "dino" else 0
+  dino.freeze_last_layer_steps = config.optim.warmup_steps // 2
   return common.set_method(config, arg.method)

@@ -1,32 +1,35 @@
 """bits_jax.compare: per-method configs from one file, overrides, the Markdown table."""
-import os
-
 import pytest
 
 from bits_jax import compare
 from tests import helpers
 
-_CONFIG = os.path.join(helpers.REPO, "configs", "fashion_mnist.py")
-
 
 @pytest.mark.parametrize("method", ["bits", "dino", "simdino"])
 def test_same_budget_one_key_apart(method):
-  base = compare.load_config(f"{_CONFIG}:test", "bits")
-  config = compare.load_config(f"{_CONFIG}:test", method, ["total_steps=3", "learning_rate=5e-4"])
-  assert config.method == method and config.total_steps == 3
-  assert config.learning_rate == 5e-4
-  for key in ("model", "vit_width", "batch_size", "warmup_steps", "dataset", "num_local_crops",
-              "teacher_momentum", "knn_ks"):
-    assert config[key] == base[key], key
+  base = helpers.load_config("fashion_mnist", "test")
+  overridden = base.copy_and_resolve_references()
+  overridden.total_steps = 3
+  overridden.optim.learning_rate = 5e-4
+  config = compare.method_config(overridden, method)
+  assert config.objective.name == method and config.total_steps == 3
+  assert config.optim.learning_rate == 5e-4
+  assert base.objective.name == "bits"  # the caller's config is not modified
+  for key in ("model", "input", "evals"):
+    assert config[key].to_dict() == base[key].to_dict(), key
+  for key in ("warmup_steps", "teacher_momentum"):
+    assert config.optim[key] == base.optim[key], key
+  resets = config.objective.bits.reset_every_steps
+  assert (resets == base.objective.bits.reset_every_steps) if method == "bits" else resets == 0
 
 
 def test_bad_arguments_are_clear_errors():
   with pytest.raises(ValueError, match="Unknown method 'byol'"):
-    compare.load_config(_CONFIG, "byol")
-  with pytest.raises(ValueError, match="KEY=VALUE with a key of the config"):
-    compare.load_config(_CONFIG, "dino", ["no_such_key=1"])
-  with pytest.raises(FileNotFoundError, match="not found"):
-    compare.load_config("configs/nope.py", "dino")
+    compare.method_config(helpers.load_config("fashion_mnist", "test"), "byol")
+  config = helpers.load_config("fashion_mnist", "test")
+  config.evals.knn.at_end = False
+  with pytest.raises(ValueError, match="keep config.evals.knn.at_end=True"):
+    compare.compare(config, ["bits"], "/nonexistent")
 
 
 def test_markdown_table():
