@@ -129,9 +129,9 @@ def _decode_safetensors(data: bytes) -> dict[str, np.ndarray]:
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   if "BF16" not in _safetensors_dtypes(data):
     return safetensors.numpy.load(data)
-  # numpy has no bfloat16: ml_dtypes (a JAX dependency) gives the dtype numpy's backend lacks.
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  dtypes = dict(_SAFETENSORS_DTYPES, BF16=ml_dtypes.bfloat16)
+  # numpy has no bfloat16 (what numpy's backend lacks); JAX's bfloat16 is a numpy dtype.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dtypes = dict(_SAFETENSORS_DTYPES, BF16=jnp.bfloat16)
   out = {}
   for name, tensor in safetensors.deserialize(data):
     if tensor["dtype"] not in dtypes:
