@@ -258,7 +258,7 @@ def _check_dataset(c: _Checker) -> None:
   from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
   if not c.ok("input.dataset"):
     return
-  problem = sources.dataset_problem(c.nested)
+  problem = sources.check(c.nested.input)
   if problem:
     c.add(problem)
 

@@ -10,7 +10,11 @@ Exit status: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rer
 78 invalid config or a refused config change on resume; 73 workdir locked, read-only or full,
 or a checkpoint write failed; 65 stopped on non-finite loss/gradients (last checkpoint intact).
 """
+import os
 import sys
+
+# TensorFlow feeds the input pipeline only: keep its C++ start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
@@ -42,6 +46,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # absl turns INFO on under app.run; Orbax alone would print ~5 lines per checkpoint.
+    # `--verbosity=0` brings them back.
+    logging.set_verbosity(logging.WARNING)
   distributed.initialize(_DISTRIBUTED.value, distributed.args_from(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   logging.info("JAX devices: %s (%s)", jax.devices(), distributed.describe())

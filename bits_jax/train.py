@@ -15,6 +15,7 @@ import time
 from clu import metric_writers
 import jax
 import ml_collections
+import numpy as np
 
 from bits_jax import checkpoint as checkpoint_lib
 from bits_jax import config_validation
@@ -22,6 +23,7 @@ from bits_jax import run_guard
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state as train_state_lib
 from bits_jax import train_step as train_step_lib
+from bits_jax import utils
 from bits_jax.train_state import Components, TrainState
 
 
@@ -32,8 +34,8 @@ def _format_eta(seconds: float) -> str:
 
 def steps_per_epoch(config) -> int:
   """Updates per pass over the training split."""
-  from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
-  info = sources.get_dataset_info(config)
+  from bits_jax import data  # pylint: disable=g-import-not-at-top
+  info = data.get_dataset_info(config)
   examples = info.num_examples.get(config.input.train_split)
   if not examples:
     return 0
@@ -89,7 +91,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
   the `config.mesh` mesh. On several processes every process runs this same function; only
   process 0 writes logs and files, checkpoints are written collectively.
   """
-  from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from bits_jax import data  # pylint: disable=g-import-not-at-top
   from bits_jax.data import prefetch  # pylint: disable=g-import-not-at-top
 
   mesh = sharding_lib.make_mesh(config, devices)
@@ -107,11 +109,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flat_items(config)
+    writer.write_hparams({k: v for k, v in config_validation.flat_items(config)
                           if isinstance(v, (int, float, str, bool))})
 
   batches = prefetch.prefetch_to_mesh(
-      pipeline.make_train_iterator(config, start_step=start_step),
+      data.make_train_iterator(config, start_step=start_step),
       sharding_lib.batch_sharding(mesh), size=2)
   t0, steps_timed = time.time(), 0
   last_step = config.total_steps if stop_at_step is None else min(stop_at_step,
@@ -140,30 +142,38 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
   stopping = False
   for step in range(start_step, last_step):
     batch = next(batches)
+    if step == 0:
+      _log_views(writer, batch)
     state, metrics = step_fn(state, batch)
     settle()
     pending = (step + 1, metrics["update_skipped"])
-    if run_t0 is None:  # the run's steps/s leaves out the first step (compilation)
-      jax.block_until_ready(state.step)
-      run_t0 = time.time()
-    steps_timed += 1
     done = step + 1
+    if run_t0 is None:  # rates and the ETA leave out the first step (compilation)
+      jax.block_until_ready(state.step)
+      run_t0 = t0 = time.time()
+    else:
+      steps_timed += 1
     if done % config.log_every == 0 or done == config.total_steps:
       metrics = jax.device_get(metrics)
-      elapsed = time.time() - t0
-      rate = steps_timed / max(elapsed, 1e-9)
-      scalars = {k: float(v) for k, v in metrics.items()}
+      rate = steps_timed / max(time.time() - t0, 1e-9) if steps_timed else float("nan")
+      scalars = {k: float(v) for k, v in metrics.items() if v.ndim == 0}
       scalars["steps_per_second"] = rate
       writer.write_scalars(done, scalars)
+      histograms = {k: v for k, v in metrics.items() if v.ndim == 1}
+      if histograms:
+        writer.write_histograms(done, histograms)
       if jax.process_index() == 0:
         print(f"step {done}/{config.total_steps} | loss {scalars['loss']:.4f} | "
               f"bit acc {scalars.get('agreement_accuracy', float('nan')):.3f} | "
               f"lr {scalars['learning_rate']:.2e} | {rate:.2f} steps/s | "
-              f"ETA {_format_eta((config.total_steps - done) / rate)}", flush=True)
+              f"ETA {_format_eta((config.total_steps - done) / rate) if steps_timed else '?'}",
+              flush=True)
       t0, steps_timed = time.time(), 0
     due = [name for name, entry in periodic.items() if done % entry.every == 0]
     if due:
+      eval_t0 = time.time()
       _log_evals(components, config, mesh, state, done, due, writer)
+      t0 += time.time() - eval_t0  # rates and the ETA count training steps only
     stopping = stop.should_stop(done)
     if done % config.checkpoint_every == 0 or done == last_step or stopping:
       settle()
@@ -186,13 +196,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
   return state
 
 
-def _flat_items(config, prefix: str = ""):
-  """(dotted key, value) of every leaf of a nested config."""
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _flat_items(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
+def _log_views(writer, batch: dict, num_examples: int = 8) -> None:
+  """The first examples' augmented views as image grids (rows: examples, columns: views)."""
+  for name in ("global", "local"):
+    if name not in batch:
+      continue
+    views = utils.to_host(batch[name][:num_examples])  # [n, V, S, S, C]
+    lo = views.min(axis=(2, 3, 4), keepdims=True)
+    hi = views.max(axis=(2, 3, 4), keepdims=True)
+    views = (views - lo) / np.maximum(hi - lo, 1e-6)  # per-view contrast stretch
+    n, v, h, w, c = views.shape
+    grid = views.transpose(0, 2, 1, 3, 4).reshape(1, n * h, v * w, c)
+    writer.write_images(0, {f"views/{name}": grid})
 
 
 def _log_evals(components: Components, config, mesh, state: TrainState, step: int, names,

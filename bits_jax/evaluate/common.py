@@ -109,8 +109,8 @@ class EvalContext:
   @property
   def info(self):
     if self._info is None:
-      from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
-      self._info = sources.get_dataset_info(self.config)
+      from bits_jax import data  # pylint: disable=g-import-not-at-top
+      self._info = data.get_dataset_info(self.config)
     return self._info
 
   @property
@@ -165,22 +165,23 @@ class EvalContext:
 
   def normalize(self, images) -> np.ndarray:
     """uint8 `images: [n, H, W, C]` -> float32, normalised as the training pipeline does."""
-    from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    mean, std = pipeline.normalization(self.config, np.shape(images)[-1])
+    from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
+    spec = augment.color_spec(self.config.input)
+    mean, std = spec.mean, spec.std
     return (np.asarray(images, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
         std, np.float32)
 
   def features(self, split: str) -> dict[str, np.ndarray]:
     """Frozen features of `split` (cached): 'cls', 'cls_last4'?, 'logits'?, 'label', 'mask'."""
     if split not in self._features:
-      from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+      from bits_jax import data  # pylint: disable=g-import-not-at-top
       from bits_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
       outputs = ("cls", "cls_last4") + (("logits",) if self.has_head else ())
       if not isinstance(self._components.backbone, vit_lib.ViT):
         outputs = tuple(o for o in outputs if o != "cls_last4")
       self._features[split] = features_lib.extract_features(
           lambda images: self.predict_batch(images, outputs),
-          pipeline.make_eval_iterator(self.config, split), mesh=self.mesh)
+          data.make_eval_iterator(self.config, split), mesh=self.mesh)
     return self._features[split]
 
 

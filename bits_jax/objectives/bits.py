@@ -126,6 +126,7 @@ def loss(student_logits: jax.Array, teacher_logits: jax.Array, state, *, step,
       "bit_balance": balance,
       "bit_entropy": entropy,
       "agreement_accuracy": accuracy,
+      "bit_usage": jnp.mean(msgs, axis=(0, 1)),  # [bits]: how often each bit is on
   }
   return total, (state, metrics)
 
