@@ -58,24 +58,71 @@ class ColorSpec:
   xla: bool = True
 
 
-def view_specs(config) -> tuple[list[ViewSpec], list[ViewSpec]]:
-  """(global views, local views) from the data config.
+# Per-dataset normalization statistics (on images scaled to [0, 1]).
+KNOWN_NORMALIZATION = {
+    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'imagenet2012_subset': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'fashion_mnist': ((0.2860,), (0.3530,)),
+    'mnist': ((0.1307,), (0.3081,)),
+}
+
+
+def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
+  """(global views, local views) from `config.input` (its `crops` and `augment`).
 
   The first global view is always blurred with blur_probs[0]; the other
   global views use blur_probs[1] and are solarized with solarize_prob; local
   views use blur_probs[2] and are never solarized.
   """
-  blur_first, blur_second, blur_local = tuple(config.blur_probs)
+  crops, aug = input_config.crops, input_config.augment
+  if len(tuple(aug.blur_probs)) != 3:
+    raise ValueError('config.input.augment.blur_probs must be (first global, other globals, '
+                     f'locals), got {aug.blur_probs}')
+  for key in ('global_size', 'local_size'):
+    if int(crops[key]) <= 0:
+      raise ValueError(f'config.input.crops.{key} must be a positive int, got {crops[key]}')
+  blur_first, blur_second, blur_local = tuple(aug.blur_probs)
   globals_ = [
-      ViewSpec(size=int(config.global_crop_size), scale=tuple(config.global_crop_scale),
+      ViewSpec(size=int(crops.global_size), scale=tuple(crops.global_scale),
                blur_prob=blur_first if i == 0 else blur_second,
-               solarize_prob=0.0 if i == 0 else float(config.solarize_prob))
-      for i in range(int(config.num_global_crops))]
+               solarize_prob=0.0 if i == 0 else float(aug.solarize_prob))
+      for i in range(int(crops.num_global))]
   locals_ = [
-      ViewSpec(size=int(config.local_crop_size), scale=tuple(config.local_crop_scale),
+      ViewSpec(size=int(crops.local_size), scale=tuple(crops.local_scale),
                blur_prob=blur_local, solarize_prob=0.0)
-      for _ in range(int(config.num_local_crops))]
+      for _ in range(int(crops.num_local))]
   return globals_, locals_
+
+
+def color_spec(input_config) -> ColorSpec:
+  """Photometric settings of `config.input.augment` with the normalization resolved.
+
+  Unset statistics are the dataset's known ones when they have `num_channels` entries,
+  else 0.5.
+  """
+  aug, channels = input_config.augment, int(input_config.num_channels)
+  known = KNOWN_NORMALIZATION.get(input_config.dataset)
+  mean, std = aug.normalize_mean, aug.normalize_std
+  if mean is None:
+    mean = known[0] if known and len(known[0]) == channels else (0.5,) * channels
+  if std is None:
+    std = known[1] if known and len(known[1]) == channels else (0.5,) * channels
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  for name, value in (('normalize_mean', mean), ('normalize_std', std)):
+    if len(value) not in (1, channels):
+      raise ValueError(f'config.input.augment.{name}={value} must have 1 or {channels} '
+                       f'entries for config.input.num_channels={channels}')
+  if min(std) <= 0:
+    raise ValueError(f'config.input.augment.normalize_std={std} must be positive')
+  return ColorSpec(
+      channels=channels, flip=bool(aug.flip), color_jitter_prob=float(aug.color_jitter_prob),
+      brightness=float(aug.brightness), contrast=float(aug.contrast),
+      saturation=float(aug.saturation), hue=float(aug.hue),
+      grayscale_prob=float(aug.grayscale_prob), mean=mean, std=std,
+      resize_method=str(aug.resize_method), resize_antialias=bool(aug.resize_antialias),
+      xla=bool(aug.xla))
 
 
 def fold_seed(seed: tf.Tensor, data) -> tf.Tensor:
@@ -148,6 +195,18 @@ def decode_windows(encoded: tf.Tensor, windows_fn, channels: int):
   region, windows = tf.cond(tf.io.is_jpeg(encoded), from_jpeg, from_other)
   region.set_shape([None, None, channels])
   return region, windows
+
+
+def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """uint8 [h, w, c] -> [h, w, channels]: RGB -> gray (ITU-R 601-2 luma), gray -> RGB."""
+  have = image.shape[-1]
+  if have == channels:
+    return image
+  if (have, channels) == (3, 1):
+    return tf.image.rgb_to_grayscale(image)
+  if (have, channels) == (1, 3):
+    return tf.tile(image, [1, 1, 3])
+  raise ValueError(f'cannot convert {have}-channel images to {channels} channels')
 
 
 def crop_and_resize(image: tf.Tensor, window: tf.Tensor, size: int, method: str,
@@ -338,8 +397,18 @@ _PHOTOMETRIC = tf.function(photometric, autograph=False, reduce_retracing=False)
 # Whole examples.
 
 
+def _region(image, windows_fn, channels: int, encoded: bool, image_channels: Optional[int]):
+  """(decoded region [h', w', channels] uint8, windows [v, 4] relative to it)."""
+  if encoded:
+    region, windows = decode_windows(image, windows_fn, image_channels or channels)
+  else:
+    region, windows = image, windows_fn(tf.shape(image)[:2])
+  return convert_channels(region, channels), windows
+
+
 def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewSpec]],
-              spec: ColorSpec, *, encoded: bool) -> list[tf.Tensor]:
+              spec: ColorSpec, *, encoded: bool,
+              image_channels: Optional[int] = None) -> list[tf.Tensor]:
   """All augmented views of one image, one tensor per group of views.
 
   Args:
@@ -349,8 +418,10 @@ def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewS
     groups: groups of ViewSpecs of one output size each (e.g. global, local).
     spec: photometric settings.
     encoded: whether `image` holds encoded bytes.
+    image_channels: channels to decode encoded bytes to (default spec.channels); 1 and 3
+      are converted to spec.channels (`convert_channels`).
   Returns:
-    Per group, normalized float32 [len(group), size, size, c].
+    Per group, normalized float32 [len(group), size, size, spec.channels].
   """
   views = [v for group in groups for v in group]
   for group in groups:
@@ -365,10 +436,7 @@ def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewS
     return tf.stack([sample_crop_window(s, image_hw, v.scale)
                      for s, v in zip(window_seeds, views)])
 
-  if encoded:
-    region, windows = decode_windows(image, windows_fn, spec.channels)
-  else:
-    region, windows = image, windows_fn(tf.shape(image)[:2])
+  region, windows = _region(image, windows_fn, spec.channels, encoded, image_channels)
   outputs, first = [], 0
   for group in groups:
     size = group[0].size
@@ -384,20 +452,18 @@ def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewS
 
 
 def eval_view(image: tf.Tensor, crop_size: int, resize_size: int, spec: ColorSpec, *,
-              encoded: bool) -> tf.Tensor:
+              encoded: bool, image_channels: Optional[int] = None) -> tf.Tensor:
   """Resize shorter side to resize_size, center crop crop_size, normalize.
 
   Computed as one crop in original pixels followed by one resize (and, for
-  JPEG, a fused decode of that crop only). Returns [crop, crop, c] float32.
+  JPEG, a fused decode of that crop only); channels converted as in `multicrop`.
+  Returns [crop, crop, spec.channels] float32.
   """
 
   def windows_fn(image_hw):
     return center_crop_window(image_hw, crop_size, resize_size)[None]
 
-  if encoded:
-    region, windows = decode_windows(image, windows_fn, spec.channels)
-  else:
-    region, windows = image, windows_fn(tf.shape(image)[:2])
+  region, windows = _region(image, windows_fn, spec.channels, encoded, image_channels)
   x = crop_and_resize(region, windows[0], crop_size, spec.resize_method,
                       spec.resize_antialias)
   x.set_shape([crop_size, crop_size, spec.channels])

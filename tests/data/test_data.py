@@ -6,21 +6,28 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bits_jax.data import pipeline
+from bits_jax import config_defaults
+from bits_jax import data
+from bits_jax.data import augment
 from bits_jax.data import prefetch
 from bits_jax.data import sources
 
 IDX_DIR = '/usr/share/datasets/fashion-mnist'
 
 
-def _config(**overrides) -> ml_collections.ConfigDict:
-  config = pipeline.default_data_config()
-  config.update(dict(batch_size=8, eval_batch_size=4, global_crop_size=16,
-                     local_crop_size=8, num_local_crops=2, shuffle_buffer=64,
-                     data_dir='/nonexistent-tfds-dir'))
-  with config.ignore_type():
-    config.update(overrides)
+def _config(seed=0, **overrides) -> ml_collections.ConfigDict:
+  """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
+  config = config_defaults.base_config()
+  config.seed = seed
+  config.input.update(dict(batch_size=8, eval_batch_size=4, shuffle_buffer=64,
+                           data_dir='/nonexistent-tfds-dir',
+                           crops=dict(global_size=16, local_size=8, num_local=2)))
+  config.input.update(overrides)
   return config
+
+
+def _open(config, split):
+  return sources.get(config.input).open(split)
 
 
 @pytest.fixture(scope='module')
@@ -38,14 +45,15 @@ def _take(iterator, n):
 
 
 def _range_of(config, channels):
-  spec = pipeline.color_spec(pipeline.resolve_config(config), channels)
+  assert config.input.num_channels == channels
+  spec = augment.color_spec(config.input)
   mean, std = np.array(spec.mean), np.array(spec.std)
   return ((0 - mean) / std).min(), ((1 - mean) / std).max()
 
 
 def test_train_shapes_dtypes_ranges(npz_path):
   config = _config(dataset=f'npz:{npz_path}')
-  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  batch = next(data.make_train_iterator(config, process_index=0, process_count=1))
   assert set(batch) == {'global', 'local', 'label'}
   assert batch['global'].shape == (8, 2, 16, 16, 3) and batch['global'].dtype == np.float32
   assert batch['local'].shape == (8, 2, 8, 8, 3) and batch['local'].dtype == np.float32
@@ -58,16 +66,16 @@ def test_train_shapes_dtypes_ranges(npz_path):
 
 
 def test_no_local_key_without_local_crops(npz_path):
-  config = _config(dataset=f'npz:{npz_path}', num_local_crops=0)
-  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  config = _config(dataset=f'npz:{npz_path}', crops=dict(num_local=0))
+  batch = next(data.make_train_iterator(config, process_index=0, process_count=1))
   assert set(batch) == {'global', 'label'}
 
 
 def test_same_seed_same_batches_other_seed_differs(npz_path):
   config = _config(dataset=f'npz:{npz_path}')
-  first = _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 2)
-  again = _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 2)
-  other = _take(pipeline.make_train_iterator(_config(dataset=f'npz:{npz_path}', seed=1),
+  first = _take(data.make_train_iterator(config, process_index=0, process_count=1), 2)
+  again = _take(data.make_train_iterator(config, process_index=0, process_count=1), 2)
+  other = _take(data.make_train_iterator(_config(dataset=f'npz:{npz_path}', seed=1),
                                              process_index=0, process_count=1), 2)
   for a, b, c in zip(first, again, other):
     for key in a:
@@ -77,7 +85,7 @@ def test_same_seed_same_batches_other_seed_differs(npz_path):
 
 def test_views_differ(npz_path):
   config = _config(dataset=f'npz:{npz_path}')
-  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  batch = next(data.make_train_iterator(config, process_index=0, process_count=1))
   g, l = batch['global'], batch['local']
   assert np.abs(g[:, 0] - g[:, 1]).mean() > 0.05
   for i in range(l.shape[1]):
@@ -87,9 +95,9 @@ def test_views_differ(npz_path):
 
 def test_resume_matches_uninterrupted(npz_path):
   config = _config(dataset=f'npz:{npz_path}')
-  uninterrupted = _take(pipeline.make_train_iterator(config, process_index=0,
+  uninterrupted = _take(data.make_train_iterator(config, process_index=0,
                                                      process_count=1), 13)
-  resumed = _take(pipeline.make_train_iterator(config, start_step=7, process_index=0,
+  resumed = _take(data.make_train_iterator(config, start_step=7, process_index=0,
                                                process_count=1), 6)
   for a, b in zip(uninterrupted[7:], resumed):
     for key in a:
@@ -98,7 +106,7 @@ def test_resume_matches_uninterrupted(npz_path):
 
 def test_epochs_cover_train_split_and_reshuffle(npz_path):
   config = _config(dataset=f'npz:{npz_path}', batch_size=12)  # 36 train examples.
-  batches = _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 6)
+  batches = _take(data.make_train_iterator(config, process_index=0, process_count=1), 6)
   epoch0 = np.concatenate([b['label'] for b in batches[:3]])
   epoch1 = np.concatenate([b['label'] for b in batches[3:]])
   assert sorted(epoch0) == list(range(36)) and sorted(epoch1) == list(range(36))
@@ -109,7 +117,7 @@ def test_two_processes_get_disjoint_covering_shards(npz_path):
   config = _config(dataset=f'npz:{npz_path}', batch_size=12)  # 6 per process.
   labels = []
   for process in range(2):
-    it = pipeline.make_train_iterator(config, process_index=process, process_count=2)
+    it = data.make_train_iterator(config, process_index=process, process_count=2)
     labels.append(np.concatenate([b['label'] for b in _take(it, 3)]))
     assert all(len(l) == 18 for l in labels)
   assert not set(labels[0]) & set(labels[1])
@@ -123,10 +131,10 @@ def test_eval_visits_every_example_once_with_padding_masked(tmp_path):
            labels=np.arange(5), test_images=rng.integers(0, 256, (13, 16, 16, 1),
                                                          dtype=np.uint8),
            test_labels=np.arange(100, 113))
-  config = _config(dataset=f'npz:{path}', eval_batch_size=4)
+  config = _config(dataset=f'npz:{path}', eval_batch_size=4, num_channels=1)
   seen, counts = [], []
   for process in range(2):
-    batches = list(pipeline.make_eval_iterator(config, 'test', process_index=process,
+    batches = list(data.make_eval_iterator(config, 'test', process_index=process,
                                                process_count=2))
     counts.append(len(batches))
     for b in batches:
@@ -140,8 +148,8 @@ def test_eval_visits_every_example_once_with_padding_masked(tmp_path):
 
 def test_eval_is_deterministic_center_crop(npz_path):
   config = _config(dataset=f'npz:{npz_path}', eval_crop_size=20, eval_batch_size=8)
-  a = list(pipeline.make_eval_iterator(config, 'train', process_index=0, process_count=1))
-  b = list(pipeline.make_eval_iterator(config, 'train', process_index=0, process_count=1))
+  a = list(data.make_eval_iterator(config, 'train', process_index=0, process_count=1))
+  b = list(data.make_eval_iterator(config, 'train', process_index=0, process_count=1))
   np.testing.assert_array_equal(a[0]['image'], b[0]['image'])
   # 20x24 image, crop 20 with no resize margin (< 64 px): the central 20x20.
   images = np.load(npz_path)['images']
@@ -149,55 +157,56 @@ def test_eval_is_deterministic_center_crop(npz_path):
   np.testing.assert_allclose(a[0]['image'][0], expected, atol=1e-5)
 
 
-@pytest.mark.skipif(not sources.idx_available(IDX_DIR), reason='no Fashion-MNIST IDX files')
+@pytest.mark.skipif(not sources.idx.available(IDX_DIR), reason='no Fashion-MNIST IDX files')
 def test_fashion_mnist_idx_fallback():
-  config = _config(dataset='fashion_mnist', train_split='train[:1%]', num_local_crops=2,
-                   global_crop_size=28, local_crop_size=12)
-  assert sources.source_kind(config) == ('idx', IDX_DIR)
-  info = sources.get_dataset_info(config)
+  config = _config(dataset='fashion_mnist', train_split='train[:1%]', num_channels=1,
+                   crops=dict(num_local=2, global_size=28, local_size=12))
+  source = sources.get(config.input)
+  assert (source.kind, source.arg) == ('idx', IDX_DIR)
+  info = data.get_dataset_info(config)
   assert info.num_classes == 10 and info.image_shape == (28, 28, 1)
   assert info.num_examples == {'train': 60000, 'test': 10000}
-  split = sources.open_split(config, 'train[:1%]')
+  split = _open(config, 'train[:1%]')
   assert split.num_examples == 600 and split.images.dtype == np.uint8
-  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  batch = next(data.make_train_iterator(config, process_index=0, process_count=1))
   assert batch['global'].shape == (8, 2, 28, 28, 1)
   assert batch['local'].shape == (8, 2, 12, 12, 1)
   low, high = _range_of(config, 1)
   assert batch['global'].min() >= low - 1e-5 and batch['global'].max() <= high + 1e-5
-  ev = list(pipeline.make_eval_iterator(config, 'test[:10]', process_index=0,
+  ev = list(data.make_eval_iterator(config, 'test[:10]', process_index=0,
                                         process_count=1))
   assert len(ev) == 3 and sum(b['mask'].sum() for b in ev) == 10
-  raw = sources.open_split(config, 'test[:10]')
+  raw = _open(config, 'test[:10]')
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in ev])[:10], raw.labels)
 
 
 def test_bad_inputs_raise_clear_errors(npz_path, tmp_path):
   with pytest.raises(ValueError, match="unknown dataset 'foo:bar'.*npz:"):
-    sources.open_split(_config(dataset='foo:bar'), 'train')
+    _open(_config(dataset='foo:bar'), 'train')
   with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset_xyz'.*imagefolder:"):
-    sources.get_dataset_info(_config(dataset='no_such_dataset_xyz'))
+    data.get_dataset_info(_config(dataset='no_such_dataset_xyz'))
   with pytest.raises(ValueError, match='no split .valid.*available splits'):
-    sources.open_split(_config(dataset=f'npz:{npz_path}'), 'valid')
+    _open(_config(dataset=f'npz:{npz_path}'), 'valid')
   with pytest.raises(ValueError, match='multiple of the process count 3'):
-    pipeline.make_train_iterator(_config(dataset=f'npz:{npz_path}', batch_size=8),
+    data.make_train_iterator(_config(dataset=f'npz:{npz_path}', batch_size=8),
                                  process_index=0, process_count=3)
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    sources.open_split(_config(dataset=f'npz:{tmp_path}/missing.npz'), 'train')
+    _open(_config(dataset=f'npz:{tmp_path}/missing.npz'), 'train')
   bad = str(tmp_path / 'bad.npz')
   np.savez(bad, images=np.zeros((4, 8, 8), np.float32), labels=np.arange(4))
   with pytest.raises(ValueError, match='uint8'):
-    sources.open_split(_config(dataset=f'npz:{bad}'), 'train')
+    _open(_config(dataset=f'npz:{bad}'), 'train')
   with pytest.raises(ValueError, match="'images'"):
     np.savez(bad, pixels=np.zeros((4, 8, 8), np.uint8))
-    sources.open_split(_config(dataset=f'npz:{bad}'), 'train')
+    _open(_config(dataset=f'npz:{bad}'), 'train')
   with pytest.raises(ValueError, match='cannot parse split'):
-    sources.open_split(_config(dataset=f'npz:{npz_path}'), 'train[::2]')
+    _open(_config(dataset=f'npz:{npz_path}'), 'train[::2]')
 
 
 def test_prefetch_to_mesh_shards_batch_axis(npz_path):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('data',))
   config = _config(dataset=f'npz:{npz_path}', batch_size=16)
-  local = _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
+  local = _take(data.make_train_iterator(config, process_index=0, process_count=1), 3)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   it = prefetch.prefetch_to_mesh(iter(local), sharding, size=2)
   arrays = list(it)

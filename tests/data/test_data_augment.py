@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from bits_jax import config_defaults
 from bits_jax.data import augment
-from bits_jax.data import pipeline
 
 _PLAIN = dict(flip=False, color_jitter_prob=0.0, grayscale_prob=0.0)
 
@@ -28,10 +28,10 @@ def _encode(image, fmt):
 
 
 def _views(n_global=2, n_local=3, blur=(0.0, 0.0, 0.0), solarize=0.0):
-  config = pipeline.default_data_config()
-  config.update(dict(num_global_crops=n_global, num_local_crops=n_local,
-                     global_crop_size=24, local_crop_size=12, blur_probs=blur,
-                     solarize_prob=solarize))
+  config = config_defaults.base_config().input
+  config.update(dict(crops=dict(num_global=n_global, num_local=n_local, global_size=24,
+                                local_size=12),
+                     augment=dict(blur_probs=blur, solarize_prob=solarize)))
   return augment.view_specs(config)
 
 
@@ -44,9 +44,8 @@ def _draws(i):
 
 
 def test_view_specs_follow_dino_recipe():
-  config = pipeline.default_data_config()
-  config.update(dict(num_global_crops=3, num_local_crops=2, global_crop_size=224,
-                     local_crop_size=96))
+  config = config_defaults.base_config().input
+  config.crops.update(dict(num_global=3, num_local=2, global_size=224, local_size=96))
   globals_, locals_ = augment.view_specs(config)
   assert [v.blur_prob for v in globals_] == [1.0, 0.1, 0.1]
   assert [v.solarize_prob for v in globals_] == [0.0, 0.2, 0.2]

@@ -9,17 +9,22 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from bits_jax.data import pipeline
+from bits_jax import config_defaults
+from bits_jax import data
 from bits_jax.data import sources
 
 
 def _config(**overrides):
-  config = pipeline.default_data_config()
-  config.update(dict(batch_size=4, eval_batch_size=4, global_crop_size=16,
-                     local_crop_size=8, num_local_crops=1, shuffle_buffer=16))
-  with config.ignore_type():
-    config.update(overrides)
+  """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
+  config = config_defaults.base_config()
+  config.input.update(dict(batch_size=4, eval_batch_size=4, shuffle_buffer=16,
+                           crops=dict(global_size=16, local_size=8, num_local=1)))
+  config.input.update(overrides)
   return config
+
+
+def _open(config, split):
+  return sources.get(config.input).open(split)
 
 
 def _write_folder(root, n_per_class=6, corrupt=False):
@@ -44,18 +49,18 @@ def _write_folder(root, n_per_class=6, corrupt=False):
 def test_imagefolder_labels_splits_and_batches(tmp_path):
   _write_folder(str(tmp_path))
   config = _config(dataset=f'imagefolder:{tmp_path}')
-  info = sources.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   assert info.num_classes == 2 and info.image_shape == (None, None, 3)
   assert info.num_examples == {'train': 10, 'test': 2}  # Every 10th file held out.
-  train = sources.open_split(config, 'train')
+  train = _open(config, 'train')
   assert list(train.labels) == [0] * 5 + [1] * 5
-  batches = [next(it) for it in [pipeline.make_train_iterator(
+  batches = [next(it) for it in [data.make_train_iterator(
       config, process_index=0, process_count=1)] for _ in range(5)]
   assert batches[0]['global'].shape == (4, 2, 16, 16, 3)
   assert batches[0]['local'].shape == (4, 1, 8, 8, 3)
   labels = np.concatenate([b['label'] for b in batches])
   assert sorted(labels[:10]) == [0] * 5 + [1] * 5
-  ev = list(pipeline.make_eval_iterator(config, 'test', process_index=0, process_count=1))
+  ev = list(data.make_eval_iterator(config, 'test', process_index=0, process_count=1))
   assert len(ev) == 1 and list(ev[0]['mask']) == [True, True, False, False]
 
 
@@ -63,15 +68,15 @@ def test_imagefolder_split_subfolders(tmp_path):
   _write_folder(str(tmp_path / 'train'))
   _write_folder(str(tmp_path / 'val'), n_per_class=2)
   config = _config(dataset=f'imagefolder:{tmp_path}')
-  assert sources.get_dataset_info(config).num_examples == {'train': 12, 'val': 4}
+  assert data.get_dataset_info(config).num_examples == {'train': 12, 'val': 4}
   with pytest.raises(ValueError, match="no split 'test'.*'train', 'val'"):
-    sources.open_split(config, 'test')
+    _open(config, 'test')
 
 
 def test_imagefolder_corrupt_file_error_names_path(tmp_path):
   broken = _write_folder(str(tmp_path), corrupt=True)
   config = _config(dataset=f'imagefolder:{tmp_path}')
-  it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  it = data.make_train_iterator(config, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=f'corrupt image {broken}.*skip_corrupt_images'):
     for _ in range(6):  # Two epochs of 11 train files.
       next(it)
@@ -80,10 +85,10 @@ def test_imagefolder_corrupt_file_error_names_path(tmp_path):
 def test_imagefolder_skip_corrupt_counts(tmp_path):
   broken = _write_folder(str(tmp_path), corrupt=True)
   config = _config(dataset=f'imagefolder:{tmp_path}', skip_corrupt_images=True)
-  split = sources.open_split(config, 'train')
+  split = _open(config, 'train')
   assert split.skipped == (broken,) and split.num_examples == 10
-  assert sources.count_corrupt_images(config, 'train') == 1
-  it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  assert sources.get(config.input).count_corrupt('train') == 1
+  it = data.make_train_iterator(config, process_index=0, process_count=1)
   labels = np.concatenate([next(it)['label'] for _ in range(5)])
   assert sorted(labels[:10]) == [0] * 5 + [1] * 5
 
@@ -119,25 +124,25 @@ def tfds_dir(tmp_path_factory):
 
 def test_tfds_prepares_and_reports_info(tfds_dir):
   config = _config(dataset='bits_tiny_images', data_dir=tfds_dir)
-  info = sources.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   assert info.source == 'tfds' and info.num_classes == 50
   assert info.num_examples == {'train': 50, 'test': 13}
   assert info.image_shape == (20, 20, 3)
   with pytest.raises(ValueError, match="no split 'valid'.*'test', 'train'"):
-    sources.open_split(config, 'valid')
+    _open(config, 'valid')
 
 
 def test_tfds_train_resume_across_unaligned_epochs(tfds_dir):
   # 2 processes x b=3 over 25-example shards: batches straddle epoch ends.
   config = _config(dataset='bits_tiny_images', data_dir=tfds_dir, batch_size=6)
-  full = pipeline.make_train_iterator(config, process_index=1, process_count=2)
+  full = data.make_train_iterator(config, process_index=1, process_count=2)
   uninterrupted = [next(full) for _ in range(12)]  # 36 = 25 + 11 examples.
   labels = np.concatenate([b['label'] for b in uninterrupted])
   assert len(set(labels[:25])) == 25 and set(labels[25:]) <= set(labels[:25])
   assert not np.array_equal(labels[25:], labels[:11])  # Reshuffled per epoch.
   # Step 7 straddles the epoch end; step 9 starts 2 records into epoch 1.
   for start in (7, 9):
-    resumed = pipeline.make_train_iterator(config, start_step=start, process_index=1,
+    resumed = data.make_train_iterator(config, start_step=start, process_index=1,
                                            process_count=2)
     for a in uninterrupted[start:start + 3]:
       b = next(resumed)
@@ -147,12 +152,12 @@ def test_tfds_train_resume_across_unaligned_epochs(tfds_dir):
 
 def test_tfds_batches_larger_than_an_epoch(tfds_dir):
   config = _config(dataset='bits_tiny_images', data_dir=tfds_dir, batch_size=64,
-                   num_local_crops=0)  # b = 32 > 25 examples per process and epoch.
-  full = pipeline.make_train_iterator(config, process_index=0, process_count=2)
+                   crops=dict(num_local=0))  # b = 32 > 25 examples per process and epoch.
+  full = data.make_train_iterator(config, process_index=0, process_count=2)
   first, second = next(full), next(full)
   assert len(set(first['label'][:25])) == 25
   assert set(first['label'][25:]) <= set(first['label'][:25])
-  resumed = next(pipeline.make_train_iterator(config, start_step=1, process_index=0,
+  resumed = next(data.make_train_iterator(config, start_step=1, process_index=0,
                                               process_count=2))
   for key in second:
     np.testing.assert_array_equal(second[key], resumed[key])
@@ -162,7 +167,7 @@ def test_tfds_processes_disjoint_and_covering(tfds_dir):
   config = _config(dataset='bits_tiny_images', data_dir=tfds_dir, batch_size=10)
   shards = []
   for process in range(2):
-    it = pipeline.make_train_iterator(config, process_index=process, process_count=2)
+    it = data.make_train_iterator(config, process_index=process, process_count=2)
     shards.append(set(np.concatenate([next(it)['label'] for _ in range(5)])))
   assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(50))
 
@@ -171,7 +176,7 @@ def test_tfds_eval_every_example_once(tfds_dir):
   config = _config(dataset='bits_tiny_images', data_dir=tfds_dir, eval_batch_size=4)
   seen, counts = [], []
   for process in range(2):
-    batches = list(pipeline.make_eval_iterator(config, 'test', process_index=process,
+    batches = list(data.make_eval_iterator(config, 'test', process_index=process,
                                                process_count=2))
     counts.append(len(batches))
     seen.extend(np.concatenate([b['label'][b['mask']] for b in batches]))
