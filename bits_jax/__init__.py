@@ -1,4 +1,5 @@
 """BITS: self-supervised learning as discrete communication, in JAX/Flax."""
+
 from importlib import metadata as _metadata
 
 try:

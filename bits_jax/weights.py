@@ -13,6 +13,7 @@ From a train-state checkpoint the EMA teacher's params are used (the model DINO-
 evaluate); `which='student'` selects the student. `adapt_params` (from
 `bits_jax.models.adapt`) fits loaded params to a model of another input shape.
 """
+
 import json
 import os
 import re
@@ -38,8 +39,7 @@ def absolute(path: epath.PathLike) -> epath.Path:
 
 
 def _step_dirs(path: epath.Path) -> list[int]:
-  return sorted(int(p.name) for p in path.iterdir()
-                if re.fullmatch(r"\d+", p.name) and p.is_dir())
+  return sorted(int(p.name) for p in path.iterdir() if re.fullmatch(r"\d+", p.name) and p.is_dir())
 
 
 def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, Optional[int]]:
@@ -48,11 +48,14 @@ def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, Optional[int]]
   if not p.exists():
     raise FileNotFoundError(
         f"Weights path {os.fspath(path)!r} does not exist: give a run workdir, a "
-        f"checkpoints/ directory, a checkpoint step directory or a converted params "
-        f"directory.")
+        "checkpoints/ directory, a checkpoint step directory or a converted params "
+        "directory."
+    )
   if not p.is_dir():
-    raise ValueError(f"Weights path {os.fspath(path)!r} is a file: convert .pth / "
-                     f".safetensors files first with `python -m bits_jax.tools.convert`.")
+    raise ValueError(
+        f"Weights path {os.fspath(path)!r} is a file: convert .pth / "
+        ".safetensors files first with `python -m bits_jax.tools.convert`."
+    )
   if (p / "checkpoints").is_dir():
     p = p / "checkpoints"
   steps = _step_dirs(p)
@@ -60,8 +63,9 @@ def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, Optional[int]]
     for step in reversed(steps):
       if (p / str(step) / "default").is_dir():
         return p / str(step) / "default", step
-    raise FileNotFoundError(f"No complete checkpoint under {p} (step directories {steps} "
-                            f"have no 'default/' item).")
+    raise FileNotFoundError(
+        f"No complete checkpoint under {p} (step directories {steps} have no 'default/' item)."
+    )
   if (p / "default").is_dir():
     p = p / "default"
   step = int(p.parent.name) if re.fullmatch(r"\d+", p.parent.name) else None
@@ -79,16 +83,20 @@ def load_params(path: epath.PathLike, which: str = "teacher") -> tuple[PyTree, O
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(directory)
   if "teacher_params" in tree:  # a TrainState checkpoint
-    params_key, stats_key = {"teacher": ("teacher_params", "teacher_batch_stats"),
-                             "student": ("params", "batch_stats")}[which]
+    params_key, stats_key = {
+        "teacher": ("teacher_params", "teacher_batch_stats"),
+        "student": ("params", "batch_stats"),
+    }[which]
     params = dict(tree[params_key])
     if tree.get(stats_key):
       params["batch_stats"] = tree[stats_key]
   elif "backbone" in tree:  # a params directory (converted weights)
     params = {k: v for k, v in tree.items() if k in _PARAMS_KEYS and v}
   else:
-    raise ValueError(f"{directory} holds neither a train state nor a params dict with a "
-                     f"'backbone' entry (keys: {sorted(tree)}).")
+    raise ValueError(
+        f"{directory} holds neither a train state nor a params dict with a "
+        f"'backbone' entry (keys: {sorted(tree)})."
+    )
   return jax.tree_util.tree_map(np.asarray, params), step
 
 
@@ -99,16 +107,18 @@ def read_meta(path: epath.PathLike) -> dict:
   return json.loads(meta_file.read_text()) if meta_file.exists() else {}
 
 
-def save_params(directory: epath.PathLike, params: Mapping[str, Any],
-                meta: Optional[Mapping[str, Any]] = None) -> epath.Path:
+def save_params(
+    directory: epath.PathLike, params: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = None
+) -> epath.Path:
   """Writes a params directory: `params` {'backbone', 'head'?, 'batch_stats'?} (+ meta).
 
   An existing directory is replaced. Returns its absolute path.
   """
   unknown = sorted(set(params) - set(_PARAMS_KEYS))
   if "backbone" not in params or unknown:
-    raise ValueError(f"params need a 'backbone' entry and only {_PARAMS_KEYS} (got "
-                     f"{sorted(params)}).")
+    raise ValueError(
+        f"params need a 'backbone' entry and only {_PARAMS_KEYS} (got {sorted(params)})."
+    )
   directory = absolute(directory)
   tree = {k: v for k, v in params.items() if v}
   with ocp.StandardCheckpointer() as checkpointer:

@@ -1,4 +1,5 @@
 """Packaging: every imported distribution declared, one version, license and citation."""
+
 import ast
 import configparser
 import importlib.metadata
@@ -22,8 +23,11 @@ def _setup_cfg() -> configparser.ConfigParser:
 
 def _names(block: str) -> set[str]:
   """Normalized distribution names of a requirements block."""
-  return {_normalize(requirements.Requirement(line).name)
-          for line in block.splitlines() if line.strip() and not line.strip().startswith("#")}
+  return {
+      _normalize(requirements.Requirement(line).name)
+      for line in block.splitlines()
+      if line.strip() and not line.strip().startswith("#")
+  }
 
 
 def _normalize(name: str) -> str:
@@ -39,8 +43,9 @@ def _imports(path: pathlib.Path) -> list[tuple[str, bool]]:
       found.extend((alias.name.split(".")[0], not in_function) for alias in node.names)
     elif isinstance(node, ast.ImportFrom) and node.level == 0:
       found.append((node.module.split(".")[0], not in_function))
-    in_function = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                   ast.Lambda))
+    in_function = in_function or isinstance(
+        node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+    )
     for child in ast.iter_child_nodes(node):
       visit(child, in_function)
 
@@ -61,12 +66,16 @@ def test_every_imported_distribution_is_declared():
       dists = {_normalize(d) for d in distributions.get(module, [module])}
       where = path.relative_to(REPO)
       if at_import and not dists & required:
-        problems.append(f"{where} imports {module} ({sorted(dists)}) at module level: add it "
-                        f"to install_requires in setup.cfg, or import it inside the function "
-                        f"that needs it and list it in an extra.")
+        problems.append(
+            f"{where} imports {module} ({sorted(dists)}) at module level: add it "
+            "to install_requires in setup.cfg, or import it inside the function "
+            "that needs it and list it in an extra."
+        )
       elif not dists & (required | optional):
-        problems.append(f"{where} imports {module} ({sorted(dists)}): declare it in "
-                        f"setup.cfg (install_requires or an extra).")
+        problems.append(
+            f"{where} imports {module} ({sorted(dists)}): declare it in "
+            "setup.cfg (install_requires or an extra)."
+        )
   assert not problems, "\n".join(problems)
 
 
@@ -81,8 +90,9 @@ def test_one_version_for_package_metadata_and_citation():
   version = _setup_cfg()["metadata"]["version"]
   assert bits_jax.__version__ in (version, importlib.metadata.version("bits_jax"))
   citation = (REPO / "CITATION.cff").read_text()
-  assert re.search(rf"^version: {re.escape(version)}$", citation, re.M), (
-      f"CITATION.cff's version differs from setup.cfg's {version}")
+  assert re.search(
+      rf"^version: {re.escape(version)}$", citation, re.M
+  ), f"CITATION.cff's version differs from setup.cfg's {version}"
   assert "arXiv:2602.09764" in citation
 
 

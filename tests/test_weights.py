@@ -1,4 +1,5 @@
 """Resolving and loading weights: params directories, train checkpoints, relative paths."""
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -9,8 +10,10 @@ from bits_jax import weights
 
 def _tree(seed, with_stats=False):
   rng = np.random.RandomState(seed)
-  tree = {"backbone": {"dense": {"kernel": rng.randn(3, 4).astype(np.float32)}},
-          "head": {"out": {"bias": rng.randn(4).astype(np.float32)}}}
+  tree = {
+      "backbone": {"dense": {"kernel": rng.randn(3, 4).astype(np.float32)}},
+      "head": {"out": {"bias": rng.randn(4).astype(np.float32)}},
+  }
   if with_stats:
     tree["batch_stats"] = {"backbone": {"bn": {"mean": rng.randn(4).astype(np.float32)}}}
   return tree
@@ -42,9 +45,13 @@ def test_params_directory_round_trip_with_a_relative_path(tmp_path, monkeypatch)
 def test_train_checkpoint_latest_complete_step_teacher_or_student(tmp_path):
   run = tmp_path / "run"
   student, teacher = _tree(1, with_stats=True), _tree(2, with_stats=True)
-  state = {"step": np.int32(0), "params": {k: student[k] for k in ("backbone", "head")},
-           "teacher_params": {k: teacher[k] for k in ("backbone", "head")},
-           "batch_stats": student["batch_stats"], "teacher_batch_stats": teacher["batch_stats"]}
+  state = {
+      "step": np.int32(0),
+      "params": {k: student[k] for k in ("backbone", "head")},
+      "teacher_params": {k: teacher[k] for k in ("backbone", "head")},
+      "batch_stats": student["batch_stats"],
+      "teacher_batch_stats": teacher["batch_stats"],
+  }
   with ocp.StandardCheckpointer() as checkpointer:
     for step in (2, 4):
       checkpointer.save(run / "checkpoints" / str(step) / "default", state)

@@ -2,6 +2,7 @@
 
 Kept as aliases until every caller imports those modules directly.
 """
+
 from bits_jax import weights
 
 resolve_checkpoint = weights.resolve_checkpoint

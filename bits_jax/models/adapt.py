@@ -7,6 +7,7 @@ Where the change is well defined:
   - ViT position-embedding grid: bilinear resize to the target grid (`vit.resize_pos_embed`).
 Any other shape mismatch is an error naming the parameter.
 """
+
 from typing import Any
 
 import jax
@@ -22,8 +23,12 @@ def _adapt_leaf(name: str, loaded: np.ndarray, target) -> np.ndarray:
   loaded = np.asarray(loaded)
   if loaded.shape == tuple(target.shape):
     return loaded.astype(target.dtype)
-  if (name.endswith("patch_embed/kernel") and loaded.ndim == 4 and
-      loaded.shape[:2] == tuple(target.shape[:2]) and loaded.shape[3] == target.shape[3]):
+  if (
+      name.endswith("patch_embed/kernel")
+      and loaded.ndim == 4
+      and loaded.shape[:2] == tuple(target.shape[:2])
+      and loaded.shape[3] == target.shape[3]
+  ):
     c_in, c_out = loaded.shape[2], target.shape[2]
     if c_out == 1:
       return loaded.sum(axis=2, keepdims=True).astype(target.dtype)
@@ -33,14 +38,18 @@ def _adapt_leaf(name: str, loaded: np.ndarray, target) -> np.ndarray:
     side = int(round(target.shape[1] ** 0.5))
     resized = vit.resize_pos_embed(jnp.asarray(loaded), (side, side))
     return np.asarray(resized).reshape(target.shape).astype(target.dtype)
-  raise ValueError(f"Pretrained parameter {name} has shape {loaded.shape}, the model "
-                   f"expects {tuple(target.shape)}: use the same architecture "
-                   f"(config.model / patch_size / bits) as the pretrained weights.")
+  raise ValueError(
+      f"Pretrained parameter {name} has shape {loaded.shape}, the model "
+      f"expects {tuple(target.shape)}: use the same architecture "
+      "(config.model / patch_size / bits) as the pretrained weights."
+  )
 
 
 def _by_name(tree: PyTree) -> dict:
-  return {jax.tree_util.keystr(k, simple=True, separator="/"): v
-          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      jax.tree_util.keystr(k, simple=True, separator="/"): v
+      for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def adapt_params(loaded: PyTree, target: PyTree) -> PyTree:
@@ -52,7 +61,9 @@ def adapt_params(loaded: PyTree, target: PyTree) -> PyTree:
   flat_target, flat_loaded = _by_name(target), _by_name(loaded)
   missing = sorted(set(flat_target) - set(flat_loaded))
   if missing:
-    raise ValueError(f"Pretrained weights lack {len(missing)} parameters of the model, "
-                     f"e.g. {missing[:3]}: check config.model against the checkpoint.")
+    raise ValueError(
+        f"Pretrained weights lack {len(missing)} parameters of the model, "
+        f"e.g. {missing[:3]}: check config.model against the checkpoint."
+    )
   leaves = [_adapt_leaf(name, flat_loaded[name], leaf) for name, leaf in flat_target.items()]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)

@@ -19,6 +19,7 @@ Layout facts the mapping relies on:
   - Classifier weights (`head.*`, `fc.*`) have no counterpart in our backbones: import lists
     them as ignored, export writes none.
 """
+
 import re
 from typing import Any, Mapping
 
@@ -81,21 +82,25 @@ def clean_state_dict(state_dict: Mapping[str, Any], key: str | None = None) -> d
       state_dict = state_dict[key]
     else:
       prefix = f"{key}."
-      selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+      selected = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
       if not selected:
-        raise KeyError(f"--key={key!r} not in the checkpoint (top-level keys: "
-                       f"{sorted(_top_level(state_dict))[:10]}).")
+        raise KeyError(
+            f"--key={key!r} not in the checkpoint (top-level keys: "
+            f"{sorted(_top_level(state_dict))[:10]})."
+        )
       state_dict = selected
   elif {"teacher", "student"} <= _top_level(state_dict):
-    raise ValueError("This is a DINO training checkpoint: choose the network with "
-                     "--key=teacher or --key=student.")
+    raise ValueError(
+        "This is a DINO training checkpoint: choose the network with "
+        "--key=teacher or --key=student."
+    )
   elif "state_dict" in state_dict or "model" in state_dict:
     state_dict = state_dict.get("state_dict", state_dict.get("model"))
   out = {}
   for name, value in state_dict.items():
     for prefix in _STRIP_PREFIXES:
       while name.startswith(prefix):
-        name = name[len(prefix):]
+        name = name[len(prefix) :]
     out[name] = value
   return out
 
@@ -104,6 +109,7 @@ def clean_state_dict(state_dict: Mapping[str, Any], key: str | None = None) -> d
 
 
 def vit_depth(state_dict: Mapping[str, Any]) -> int:
+  """Number of transformer blocks (`blocks.N.*` keys) of a timm/DINO ViT state_dict."""
   blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
   if not blocks:
     raise ValueError("No 'blocks.N.*' keys: not a timm/DINO ViT state_dict.")
@@ -119,8 +125,10 @@ def vit_from_torch(state_dict: Mapping[str, Any], num_heads: int) -> tuple[dict,
   head_dim = width // num_heads
   pos = _f32(sd["pos_embed"])
   params = {
-      "patch_embed": {"kernel": _conv_in(sd["patch_embed.proj.weight"]),
-                      "bias": _f32(sd["patch_embed.proj.bias"])},
+      "patch_embed": {
+          "kernel": _conv_in(sd["patch_embed.proj.weight"]),
+          "bias": _f32(sd["patch_embed.proj.bias"]),
+      },
       "pos_embed": pos[:, 1:],
       "cls_token": _f32(sd["cls_token"]) + pos[:, :1],
       "norm": _norm_in(sd, "norm"),
@@ -129,12 +137,15 @@ def vit_from_torch(state_dict: Mapping[str, Any], num_heads: int) -> tuple[dict,
     t = f"blocks.{i}"
     qkv_w = _f32(sd[f"{t}.attn.qkv.weight"]).reshape(3, num_heads, head_dim, width)
     qkv_b = _f32(sd[f"{t}.attn.qkv.bias"]).reshape(3, num_heads, head_dim)
-    attn = {name: {"kernel": np.ascontiguousarray(qkv_w[j].transpose(2, 0, 1)),
-                   "bias": qkv_b[j]}
-            for j, name in enumerate(("query", "key", "value"))}
+    attn = {
+        name: {"kernel": np.ascontiguousarray(qkv_w[j].transpose(2, 0, 1)), "bias": qkv_b[j]}
+        for j, name in enumerate(("query", "key", "value"))
+    }
     proj_w = _f32(sd[f"{t}.attn.proj.weight"])  # [D, D]: [out, (heads, head_dim)]
-    attn["out"] = {"kernel": np.ascontiguousarray(proj_w.T.reshape(num_heads, head_dim, width)),
-                   "bias": _f32(sd[f"{t}.attn.proj.bias"])}
+    attn["out"] = {
+        "kernel": np.ascontiguousarray(proj_w.T.reshape(num_heads, head_dim, width)),
+        "bias": _f32(sd[f"{t}.attn.proj.bias"]),
+    }
     params[f"block{i}"] = {
         "norm1": _norm_in(sd, f"{t}.norm1"),
         "attn": attn,
@@ -144,9 +155,11 @@ def vit_from_torch(state_dict: Mapping[str, Any], num_heads: int) -> tuple[dict,
   ignored = sorted(set(sd) - set(vit_to_torch(params)))
   unexpected = [k for k in ignored if not _CLASSIFIER.match(k)]
   if unexpected:
-    raise ValueError(f"ViT state_dict has keys our ViT has no place for: {unexpected[:5]} "
-                     f"(LayerScale, registers, q/k norms or a distillation token are not "
-                     f"supported).")
+    raise ValueError(
+        f"ViT state_dict has keys our ViT has no place for: {unexpected[:5]} "
+        "(LayerScale, registers, q/k norms or a distillation token are not "
+        "supported)."
+    )
   return params, ignored
 
 
@@ -155,8 +168,7 @@ def vit_to_torch(params: Mapping[str, Any]) -> dict:
   out = {}
   cls = np.asarray(params["cls_token"])
   out["cls_token"] = cls
-  out["pos_embed"] = np.concatenate([np.zeros_like(cls), np.asarray(params["pos_embed"])],
-                                    axis=1)
+  out["pos_embed"] = np.concatenate([np.zeros_like(cls), np.asarray(params["pos_embed"])], axis=1)
   out["patch_embed.proj.weight"] = _conv_out(params["patch_embed"]["kernel"])
   out["patch_embed.proj.bias"] = np.asarray(params["patch_embed"]["bias"])
   depth = len([k for k in params if re.fullmatch(r"block\d+", k)])
@@ -166,12 +178,18 @@ def vit_to_torch(params: Mapping[str, Any]) -> dict:
     attn = b["attn"]
     width, num_heads, head_dim = np.asarray(attn["query"]["kernel"]).shape
     out[f"{t}.attn.qkv.weight"] = np.concatenate(
-        [np.asarray(attn[n]["kernel"]).transpose(1, 2, 0).reshape(width, width)
-         for n in ("query", "key", "value")], axis=0)
+        [
+            np.asarray(attn[n]["kernel"]).transpose(1, 2, 0).reshape(width, width)
+            for n in ("query", "key", "value")
+        ],
+        axis=0,
+    )
     out[f"{t}.attn.qkv.bias"] = np.concatenate(
-        [np.asarray(attn[n]["bias"]).reshape(width) for n in ("query", "key", "value")])
+        [np.asarray(attn[n]["bias"]).reshape(width) for n in ("query", "key", "value")]
+    )
     out[f"{t}.attn.proj.weight"] = np.ascontiguousarray(
-        np.asarray(attn["out"]["kernel"]).reshape(num_heads * head_dim, width).T)
+        np.asarray(attn["out"]["kernel"]).reshape(num_heads * head_dim, width).T
+    )
     out[f"{t}.attn.proj.bias"] = np.asarray(attn["out"]["bias"])
     _norm_out(b["norm2"], f"{t}.norm2", out)
     _dense_out(b["mlp"]["fc1"], f"{t}.mlp.fc1", out)
@@ -264,13 +282,19 @@ def resnet_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -
 def resnet_arch(state_dict: Mapping[str, Any]) -> str:
   """'resnet18' or 'resnet50', from the block structure of a torchvision state_dict."""
   bottleneck = any(k.startswith("layer1.0.conv3.") for k in state_dict)
-  counts = [len({m.group(1) for k in state_dict if (m := re.match(rf"layer{i}\.(\d+)\.", k))})
-            for i in range(1, 5)]
+  counts = [
+      len({m.group(1) for k in state_dict if (m := re.match(rf"layer{i}\.(\d+)\.", k))})
+      for i in range(1, 5)
+  ]
+  if not any(counts):
+    raise ValueError("No 'layerN.M.*' keys: not a torchvision ResNet state_dict.")
   for name, (block, stages) in resnet_lib.RESNET_SIZES.items():
     if (block == "bottleneck") == bottleneck and tuple(stages) == tuple(counts):
       return name
-  raise ValueError(f"ResNet with blocks {counts} ({'bottleneck' if bottleneck else 'basic'}) "
-                   f"is not one of {RESNET_ARCHS}.")
+  raise ValueError(
+      f"ResNet with blocks {counts} ({'bottleneck' if bottleneck else 'basic'}) "
+      f"is not one of {RESNET_ARCHS}."
+  )
 
 
 # ------------------------------------------------------------------------- dispatchers
@@ -287,12 +311,17 @@ def from_torch(state_dict: Mapping[str, Any], arch: str) -> tuple[dict, dict]:
     width, _, num_heads = VIT_ARCHS[arch]
     params, ignored = vit_from_torch(state_dict, num_heads)
     if params["cls_token"].shape[-1] != width:
-      raise ValueError(f"--arch={arch} has width {width}, the weights have "
-                       f"{params['cls_token'].shape[-1]}.")
+      raise ValueError(
+          f"--arch={arch} has width {width}, the weights have {params['cls_token'].shape[-1]}."
+      )
     kh, _, channels, _ = params["patch_embed"]["kernel"].shape
     grid = int(round(params["pos_embed"].shape[1] ** 0.5))
-    meta = {"model": arch, "patch_size": int(kh), "global_crop_size": int(grid * kh),
-            "num_channels": int(channels)}
+    meta = {
+        "model": arch,
+        "patch_size": int(kh),
+        "global_crop_size": int(grid * kh),
+        "num_channels": int(channels),
+    }
     return {"params": params, "batch_stats": {}}, dict(meta, arch=arch, ignored_keys=ignored)
   if arch in RESNET_ARCHS:
     found = resnet_arch(state_dict)
@@ -300,10 +329,13 @@ def from_torch(state_dict: Mapping[str, Any], arch: str) -> tuple[dict, dict]:
       raise ValueError(f"--arch={arch}, but the state_dict is a {found}.")
     params, stats, ignored = resnet_from_torch(state_dict)
     kh, _, channels, width = params["conv1"]["kernel"].shape
-    meta = {"model": arch, "resnet_width": int(width), "resnet_small_stem": bool(kh == 3),
-            "num_channels": int(channels)}
-    return ({"params": params, "batch_stats": stats},
-            dict(meta, arch=arch, ignored_keys=ignored))
+    meta = {
+        "model": arch,
+        "resnet_width": int(width),
+        "resnet_small_stem": bool(kh == 3),
+        "num_channels": int(channels),
+    }
+    return ({"params": params, "batch_stats": stats}, dict(meta, arch=arch, ignored_keys=ignored))
   raise ValueError(f"Unknown --arch={arch!r}: use one of {ARCHS}.")
 
 

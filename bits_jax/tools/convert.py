@@ -21,6 +21,7 @@ only, plus `argparse.Namespace` (DINO stores its arguments in checkpoints). A fi
 any other object is refused, so a downloaded checkpoint cannot run code. Paths may be any
 `etils.epath` path (`gs://...`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -45,9 +47,17 @@ SOURCES = ("torch", "safetensors", "flax")
 SAFE_GLOBALS = (argparse.Namespace,)
 _TORCH_SUFFIXES = (".pth", ".pt")
 # numpy dtypes of safetensors' type names, for files numpy's backend cannot read (bfloat16).
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                       "U8": np.uint8, "BOOL": np.bool_}
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class UnsafeCheckpointError(ValueError):
@@ -58,8 +68,10 @@ def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("Reading or writing .pth files needs PyTorch (the CPU build is enough): "
-                      "pip install 'bits_jax[torch]'. safetensors files need no torch.") from e
+    raise ImportError(
+        "Reading or writing .pth files needs PyTorch (the CPU build is enough): "
+        "pip install 'bits_jax[torch]'. safetensors files need no torch."
+    ) from e
   return torch
 
 
@@ -99,38 +111,43 @@ def read_torch(path: epath.PathLike, key: Optional[str] = None) -> dict[str, np.
         f"Refused to load {path}: it holds Python objects other than tensors, plain "
         f"containers and {[c.__module__ + '.' + c.__name__ for c in SAFE_GLOBALS]}, and "
         f"rebuilding them could run code ({reason}). If the file comes from a source you "
-        f"trust, load it in PyTorch yourself, save its state_dict with "
-        f"safetensors.torch.save_file(state_dict, 'weights.safetensors') and convert that "
-        f"with --from=safetensors.") from e
+        "trust, load it in PyTorch yourself, save its state_dict with "
+        "safetensors.torch.save_file(state_dict, 'weights.safetensors') and convert that "
+        "with --from=safetensors."
+    ) from e
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict: save "
-                     f"model.state_dict() instead of the model.")
+    raise ValueError(
+        f"{path} holds a {type(obj).__name__}, not a state_dict: save "
+        "model.state_dict() instead of the model."
+    )
   state = torch_mapping.clean_state_dict(obj, key)
   return {name: _tensor_to_numpy(torch, value) for name, value in state.items()}
 
 
 def write_torch(state_dict: Mapping[str, np.ndarray], path: epath.PathLike) -> None:
+  """A `torch.save`d state_dict of torch tensors (needs torch)."""
   torch = _import_torch()
   buffer = io.BytesIO()
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
-             buffer)
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, buffer)
   _write_bytes(path, buffer.getvalue())
 
 
 def _safetensors_dtypes(data: bytes) -> set[str]:
   """The dtype names in a safetensors header (8-byte little-endian length, then JSON)."""
   (length,) = struct.unpack("<Q", data[:8])
-  header = json.loads(data[8:8 + length])
+  header = json.loads(data[8 : 8 + length])
   return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
 
 
 def _decode_safetensors(data: bytes) -> dict[str, np.ndarray]:
   import safetensors  # pylint: disable=g-import-not-at-top
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   if "BF16" not in _safetensors_dtypes(data):
     return safetensors.numpy.load(data)
   # numpy has no bfloat16 (what numpy's backend lacks); JAX's bfloat16 is a numpy dtype.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   dtypes = dict(_SAFETENSORS_DTYPES, BF16=jnp.bfloat16)
   out = {}
   for name, tensor in safetensors.deserialize(data):
@@ -145,13 +162,16 @@ def read_safetensors(path: epath.PathLike, key: Optional[str] = None) -> dict[st
   return torch_mapping.clean_state_dict(_decode_safetensors(epath.Path(path).read_bytes()), key)
 
 
-def write_safetensors(state_dict: Mapping[str, np.ndarray], path: epath.PathLike,
-                      metadata: Optional[Mapping[str, str]] = None) -> None:
+def write_safetensors(
+    state_dict: Mapping[str, np.ndarray],
+    path: epath.PathLike,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> None:
   """A `.safetensors` file with `metadata` (and `format: pt`, which Hugging Face expects)."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
-  _write_bytes(path, safetensors.numpy.save(tensors, metadata={"format": "pt",
-                                                               **(metadata or {})}))
+  _write_bytes(path, safetensors.numpy.save(tensors, metadata={"format": "pt", **(metadata or {})}))
 
 
 def _write_bytes(path: epath.PathLike, data: bytes) -> None:
@@ -170,19 +190,27 @@ def output_format(path: epath.PathLike) -> str:
 
 def config_overrides(meta: Mapping[str, Any]) -> list[str]:
   """The command-line config overrides that build the model of converted weights."""
-  keys = {"model": "model.name", "patch_size": "model.patch_size",
-          "global_crop_size": "input.crops.global_size", "resnet_width": "model.width",
-          "resnet_small_stem": "model.small_stem", "num_channels": "input.num_channels"}
-  return [f"--config.{keys[k]}={meta[k]}" for k in keys if k in meta]
+  keys = {
+      "model": "model.name",
+      "patch_size": "model.patch_size",
+      "global_crop_size": "input.crops.global_size",
+      "resnet_width": "model.width",
+      "resnet_small_stem": "model.small_stem",
+      "num_channels": "input.num_channels",
+  }
+  return [f"--config.{name}={meta[k]}" for k, name in keys.items() if k in meta]
 
 
-def _read_variables(source: str, path: str, arch: str, key: Optional[str],
-                    which: str) -> tuple[dict, dict]:
+def _read_variables(
+    source: str, path: str, arch: str, key: Optional[str], which: str
+) -> tuple[dict, dict]:
   """({'params', 'batch_stats'} of the backbone, meta) from any input."""
   if source == "flax":
     loaded, _ = weights.load_params(path, which)
-    variables = {"params": loaded["backbone"],
-                 "batch_stats": loaded.get("batch_stats", {}).get("backbone", {})}
+    variables = {
+        "params": loaded["backbone"],
+        "batch_stats": loaded.get("batch_stats", {}).get("backbone", {}),
+    }
     # Through the torch layout and back: checks --arch and describes the model.
     _, meta = torch_mapping.from_torch(torch_mapping.to_torch(variables, arch), arch)
     return variables, dict(meta, ignored_keys=[])
@@ -195,14 +223,19 @@ def _read_variables(source: str, path: str, arch: str, key: Optional[str],
   return torch_mapping.from_torch(state_dict, arch)
 
 
-def convert(source: str, input_path: str, output_path: str, arch: str,
-            patch: Optional[int] = None, key: Optional[str] = None,
-            which: str = "teacher") -> dict:
+def convert(
+    source: str,
+    input_path: str,
+    output_path: str,
+    arch: str,
+    patch: Optional[int] = None,
+    key: Optional[str] = None,
+    which: str = "teacher",
+) -> dict:
   """Reads `input_path` (`source` format), writes `output_path`; returns the meta."""
   variables, meta = _read_variables(source, input_path, arch, key, which)
   if patch is not None and meta.get("patch_size") not in (None, patch):
-    raise ValueError(f"--patch={patch}, but the weights have patch size "
-                     f"{meta['patch_size']}.")
+    raise ValueError(f"--patch={patch}, but the weights have patch size {meta['patch_size']}.")
   kind = output_format(output_path)
   if kind == "flax":
     params = {"backbone": variables["params"]}
@@ -220,32 +253,53 @@ def convert(source: str, input_path: str, output_path: str, arch: str,
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
-  define = dict(flag_values=flag_values)
-  flags.DEFINE_enum("from", None, SOURCES, "Input format: torch (.pth), safetensors, or "
-                    "flax (a run workdir, checkpoint or params directory).", **define)
+  define = {"flag_values": flag_values}
+  flags.DEFINE_enum(
+      "from",
+      None,
+      SOURCES,
+      "Input format: torch (.pth), safetensors, or "
+      "flax (a run workdir, checkpoint or params directory).",
+      **define,
+  )
   flags.DEFINE_string("in", None, "Input file or directory.", **define)
-  flags.DEFINE_string("out", None, "Output: a .safetensors or .pth file, or a params "
-                      "directory.", **define)
+  flags.DEFINE_string(
+      "out", None, "Output: a .safetensors or .pth file, or a params directory.", **define
+  )
   flags.DEFINE_enum("arch", None, torch_mapping.ARCHS, "Backbone architecture.", **define)
   flags.DEFINE_integer("patch", None, "ViT patch size, checked against the weights.", **define)
-  flags.DEFINE_string("key", None, "Network inside a training checkpoint, e.g. 'teacher' "
-                      "for DINO's checkpoint.pth.", **define)
-  flags.DEFINE_enum("which", "teacher", ["teacher", "student"],
-                    "With --from=flax on a training checkpoint: the network to export.",
-                    **define)
+  flags.DEFINE_string(
+      "key",
+      None,
+      "Network inside a training checkpoint, e.g. 'teacher' for DINO's checkpoint.pth.",
+      **define,
+  )
+  flags.DEFINE_enum(
+      "which",
+      "teacher",
+      ["teacher", "student"],
+      "With --from=flax on a training checkpoint: the network to export.",
+      **define,
+  )
   flags.mark_flags_as_required(["from", "in", "out", "arch"], flag_values=flag_values)
 
 
 def _run(fv: flags.FlagValues) -> int:
   out = fv["out"].value
-  meta = convert(fv["from"].value, fv["in"].value, out, fv["arch"].value, fv["patch"].value,
-                 fv["key"].value, fv["which"].value)
+  meta = convert(
+      fv["from"].value,
+      fv["in"].value,
+      out,
+      fv["arch"].value,
+      fv["patch"].value,
+      fv["key"].value,
+      fv["which"].value,
+  )
   print(f"Wrote {out} ({output_format(out)}, {meta['arch']}) from {fv['in'].value}.")
   if output_format(out) == "flax":
     print("Matching model: " + " ".join(config_overrides(meta)))
   else:
-    print("timm / torchvision layout without the classifier: "
-          "load_state_dict(..., strict=False).")
+    print("timm / torchvision layout without the classifier: load_state_dict(..., strict=False).")
   if meta.get("ignored_keys"):
     print(f"Ignored (no counterpart in the backbone): {', '.join(meta['ignored_keys'])}")
   return 0
@@ -260,8 +314,11 @@ def cli(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
+  """The absl entry point: errors are one line on stderr and exit status 1."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with --verbosity=0
+    logging.set_verbosity(logging.WARNING)
   try:
     return _run(flags.FLAGS)
   except (ValueError, KeyError, FileNotFoundError, ImportError) as e:

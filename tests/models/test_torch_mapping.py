@@ -1,4 +1,5 @@
 """PyTorch <-> Flax mapping: same outputs as timm/torchvision-layout torch models."""
+
 import jax
 import numpy as np
 import pytest
@@ -44,8 +45,13 @@ def torch_resnet():
 
 def _flax_vit(meta):
   width, depth, heads = vit.VIT_SIZES["small"]
-  return vit.ViT(width=width, depth=depth, num_heads=heads, patch_size=meta["patch_size"],
-                 image_size=meta["global_crop_size"])
+  return vit.ViT(
+      width=width,
+      depth=depth,
+      num_heads=heads,
+      patch_size=meta["patch_size"],
+      image_size=meta["global_crop_size"],
+  )
 
 
 def test_vit_small_matches_torch_cls_and_patch_tokens(torch_vit):
@@ -55,11 +61,11 @@ def test_vit_small_matches_torch_cls_and_patch_tokens(torch_vit):
   images = np.random.RandomState(0).randn(2, 3, 224, 224).astype(np.float32)
   with torch.no_grad():
     ref = torch_vit.forward_features(torch.from_numpy(images)).numpy()
-  out = jax.jit(_flax_vit(meta).apply)({"params": variables["params"]},
-                                       images.transpose(0, 2, 3, 1))
+  out = jax.jit(_flax_vit(meta).apply)(
+      {"params": variables["params"]}, images.transpose(0, 2, 3, 1)
+  )
   np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref[:, 0]).max(), 1e-4)
-  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref[:, 1:]).max(),
-                               1e-4)
+  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref[:, 1:]).max(), 1e-4)
 
 
 def test_vit_round_trip_to_torch(torch_vit):
@@ -72,19 +78,22 @@ def test_vit_round_trip_to_torch(torch_vit):
     if key not in ("cls_token", "pos_embed"):
       np.testing.assert_array_equal(value, original[key], err_msg=key)
   # The CLS position embedding is folded into cls_token and written back as zero.
-  np.testing.assert_allclose(exported["cls_token"],
-                             original["cls_token"] + original["pos_embed"][:, :1], atol=1e-7)
+  np.testing.assert_allclose(
+      exported["cls_token"], original["cls_token"] + original["pos_embed"][:, :1], atol=1e-7
+  )
   np.testing.assert_array_equal(exported["pos_embed"][:, 0], 0.0)
   np.testing.assert_array_equal(exported["pos_embed"][:, 1:], original["pos_embed"][:, 1:])
   # The exported weights load into the torch model and compute the same function.
   reloaded = torch_reference.vit_small_patch16_224().eval()
   missing, unexpected = reloaded.load_state_dict(
-      {k: torch.from_numpy(v) for k, v in exported.items()}, strict=False)
+      {k: torch.from_numpy(v) for k, v in exported.items()}, strict=False
+  )
   assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
   x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
   with torch.no_grad():
-    np.testing.assert_allclose(reloaded.forward_features(x).numpy(),
-                               torch_vit.forward_features(x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        reloaded.forward_features(x).numpy(), torch_vit.forward_features(x).numpy(), atol=1e-5
+    )
 
 
 def test_resnet50_matches_torch_eval_mode(torch_resnet):
@@ -96,14 +105,13 @@ def test_resnet50_matches_torch_eval_mode(torch_resnet):
     ref_map = torch_resnet.forward_features(torch.from_numpy(images)).numpy()  # [B, C, h, w]
   model = resnet.ResNet(*resnet.RESNET_SIZES["resnet50"])
   out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, images.transpose(0, 2, 3, 1))
+      variables, images.transpose(0, 2, 3, 1)
+  )
   b, c, h, w = ref_map.shape
   ref_tokens = ref_map.transpose(0, 2, 3, 1).reshape(b, h * w, c)
   assert np.abs(ref_tokens).max() > 0.1  # the comparison is not between near-zero maps
-  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref_tokens).max(),
-                               1e-4)
-  np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref_map.mean((2, 3))).max(),
-                               1e-4)
+  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref_tokens).max(), 1e-4)
+  np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref_map.mean((2, 3))).max(), 1e-4)
 
 
 def test_resnet50_round_trip_to_torch(torch_resnet):
@@ -126,8 +134,9 @@ def test_wrong_arch_is_a_clear_error(torch_resnet):
 def test_vit_base_heads_layout_matches_torch():
   """ViT-B/16's 12 heads of 64 (2 blocks, 64x64 images, to stay fast)."""
   torch.manual_seed(4)
-  model = torch_reference.VisionTransformer(img_size=64, embed_dim=768, depth=2,
-                                            num_heads=12).eval()
+  model = torch_reference.VisionTransformer(
+      img_size=64, embed_dim=768, depth=2, num_heads=12
+  ).eval()
   variables, meta = torch_mapping.from_torch(_state_dict_np(model), "vit_base")
   assert meta["patch_size"] == 16 and meta["global_crop_size"] == 64
   images = np.random.RandomState(5).randn(2, 3, 64, 64).astype(np.float32)
@@ -136,7 +145,6 @@ def test_vit_base_heads_layout_matches_torch():
   flax_model = vit.ViT(width=768, depth=2, num_heads=12, patch_size=16, image_size=64)
   out = flax_model.apply({"params": variables["params"]}, images.transpose(0, 2, 3, 1))
   np.testing.assert_array_less(np.abs(np.asarray(out["cls"]) - ref[:, 0]).max(), 1e-4)
-  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref[:, 1:]).max(),
-                               1e-4)
+  np.testing.assert_array_less(np.abs(np.asarray(out["patch_tokens"]) - ref[:, 1:]).max(), 1e-4)
   with pytest.raises(ValueError, match="width 384"):
     torch_mapping.from_torch(_state_dict_np(model), "vit_small")

@@ -1,4 +1,5 @@
 """The converter on .pth files: CLI import/export, DINO checkpoints, refused pickles."""
+
 import argparse
 import json
 import os
@@ -45,29 +46,42 @@ def test_cli_import_and_export(torch_vit, tmp_path):
   torch.save({"teacher": sd, "student": sd, "epoch": 3}, pth)
   out = str(tmp_path / "converted")
   with pytest.raises(ValueError, match="--key=teacher"):
-    convert.cli(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=16",
-                 f"--out={out}"])
+    convert.cli(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=16", f"--out={out}"])
   with pytest.raises(ValueError, match="patch size 16"):
-    convert.cli(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=8",
-                 f"--out={out}", "--key=teacher"])
-  assert convert.cli(["--from=torch", f"--in={pth}", "--arch=vit_small", "--patch=16",
-                      f"--out={out}", "--key=teacher"]) == 0
-  with open(os.path.join(out, weights.META_FILE)) as f:
-    meta = json.load(f)
+    convert.cli([
+        "--from=torch",
+        f"--in={pth}",
+        "--arch=vit_small",
+        "--patch=8",
+        f"--out={out}",
+        "--key=teacher",
+    ])
+  assert (
+      convert.cli([
+          "--from=torch",
+          f"--in={pth}",
+          "--arch=vit_small",
+          "--patch=16",
+          f"--out={out}",
+          "--key=teacher",
+      ])
+      == 0
+  )
+  meta = json.loads((tmp_path / "converted" / weights.META_FILE).read_text())
   assert meta["model"] == "vit_small" and meta["patch_size"] == 16
   assert weights.read_meta(out) == meta
   loaded, step = weights.load_params(out)
   assert step is None and set(loaded) == {"backbone"}
   expected, _ = torch_mapping.from_torch(_state_dict_np(torch_vit), "vit_small")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["backbone"],
-                         expected["params"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["backbone"], expected["params"])
 
   back = str(tmp_path / "export.pth")
-  assert convert.cli(["--from=flax", f"--in={out}", "--arch=vit_small",
-                      f"--out={back}"]) == 0
+  assert convert.cli(["--from=flax", f"--in={out}", "--arch=vit_small", f"--out={back}"]) == 0
   exported = torch.load(back)
-  np.testing.assert_array_equal(exported["blocks.3.attn.qkv.weight"].numpy(),
-                                torch_vit.state_dict()["blocks.3.attn.qkv.weight"].numpy())
+  np.testing.assert_array_equal(
+      exported["blocks.3.attn.qkv.weight"].numpy(),
+      torch_vit.state_dict()["blocks.3.attn.qkv.weight"].numpy(),
+  )
 
 
 def test_dino_checkpoint_with_args_namespace_loads_weights_only(tmp_path):
@@ -77,14 +91,28 @@ def test_dino_checkpoint_with_args_namespace_loads_weights_only(tmp_path):
   sd = {f"module.backbone.{k}": v for k, v in model.state_dict().items()}
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
   path = tmp_path / "checkpoint.pth"
-  torch.save({"teacher": sd, "student": sd, "epoch": 7, "optimizer": optimizer.state_dict(),
-              "args": argparse.Namespace(arch="vit_tiny", patch_size=16, lr=5e-4,
-                                         local_crops_scale=(0.05, 0.4), data_path="/data"),
-              "dino_loss": {"center": torch.zeros(1, 65536)}}, path)
+  torch.save(
+      {
+          "teacher": sd,
+          "student": sd,
+          "epoch": 7,
+          "optimizer": optimizer.state_dict(),
+          "args": argparse.Namespace(
+              arch="vit_tiny",
+              patch_size=16,
+              lr=5e-4,
+              local_crops_scale=(0.05, 0.4),
+              data_path="/data",
+          ),
+          "dino_loss": {"center": torch.zeros(1, 65536)},
+      },
+      path,
+  )
   state_dict = convert.read_torch(path, key="teacher")
   assert set(state_dict) == set(model.state_dict())
-  np.testing.assert_array_equal(state_dict["blocks.0.mlp.fc1.weight"],
-                                model.state_dict()["blocks.0.mlp.fc1.weight"].numpy())
+  np.testing.assert_array_equal(
+      state_dict["blocks.0.mlp.fc1.weight"], model.state_dict()["blocks.0.mlp.fc1.weight"].numpy()
+  )
   assert all(isinstance(v, np.ndarray) for v in state_dict.values())
 
 
@@ -95,8 +123,7 @@ def test_pickle_payload_is_refused_and_not_run(tmp_path):
   with pytest.raises(convert.UnsafeCheckpointError, match="Refused to load .*system"):
     convert.read_torch(path)
   with pytest.raises(ValueError, match="--from=safetensors"):
-    convert.cli(["--from=torch", f"--in={path}", "--arch=vit_tiny",
-                 f"--out={tmp_path / 'out'}"])
+    convert.cli(["--from=torch", f"--in={path}", "--arch=vit_tiny", f"--out={tmp_path / 'out'}"])
   assert not marker.exists()
   assert not (tmp_path / "out").exists()
   # The payload is live: an unrestricted load runs it (what the converter must never do).
@@ -107,17 +134,31 @@ def test_pickle_payload_is_refused_and_not_run(tmp_path):
 def test_cli_entry_point_reports_errors_without_traceback(tmp_path):
   missing = tmp_path / "missing.pth"
   proc = subprocess.run(
-      [sys.executable, "-m", "bits_jax.tools.convert", "--from=torch", f"--in={missing}",
-       "--arch=vit_tiny", f"--out={tmp_path / 'out'}"],
-      capture_output=True, text=True, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      [
+          sys.executable,
+          "-m",
+          "bits_jax.tools.convert",
+          "--from=torch",
+          f"--in={missing}",
+          "--arch=vit_tiny",
+          f"--out={tmp_path / 'out'}",
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 1, proc.stderr
   assert "convert: " in proc.stderr and "Traceback" not in proc.stderr
   assert "missing.pth" in proc.stderr
 
 
 def test_core_package_does_not_import_torch():
-  code = ("import sys; import bits_jax.tools.convert, bits_jax.models.torch_mapping, "
-          "bits_jax.weights, bits_jax.train; "
-          "assert 'torch' not in sys.modules, 'torch imported'")
-  subprocess.run([sys.executable, "-c", code], check=True,
-                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  code = (
+      "import sys; import bits_jax.tools.convert, bits_jax.models.torch_mapping, "
+      "bits_jax.weights, bits_jax.train; "
+      "assert 'torch' not in sys.modules, 'torch imported'"
+  )
+  subprocess.run(
+      [sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu")
+  )

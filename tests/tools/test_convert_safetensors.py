@@ -1,4 +1,5 @@
 """The converter on safetensors files, with `import torch` made impossible."""
+
 import json
 import os
 import struct
@@ -36,7 +37,7 @@ def _header(path) -> dict:
   """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
   data = epath.Path(path).read_bytes()
   (length,) = struct.unpack("<Q", data[:8])
-  return json.loads(data[8:8 + length])
+  return json.loads(data[8 : 8 + length])
 
 
 def test_round_trip_through_safetensors_without_torch(vit_tiny_params, tmp_path):
@@ -50,19 +51,31 @@ def test_round_trip_through_safetensors_without_torch(vit_tiny_params, tmp_path)
   assert "blocks.1.norm1.weight" not in header
 
   back = str(tmp_path / "back")
-  assert convert.cli(["--from=safetensors", f"--in={file}", "--arch=vit_tiny", "--patch=16",
-                      f"--out={back}"]) == 0
+  assert (
+      convert.cli(
+          ["--from=safetensors", f"--in={file}", "--arch=vit_tiny", "--patch=16", f"--out={back}"]
+      )
+      == 0
+  )
   loaded, _ = weights.load_params(back)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["backbone"], vit_tiny_params)
   meta = weights.read_meta(back)
-  assert (meta["model"], meta["patch_size"], meta["global_crop_size"],
-          meta["num_channels"]) == ("vit_tiny", 16, 32, 3)
+  assert (meta["model"], meta["patch_size"], meta["global_crop_size"], meta["num_channels"]) == (
+      "vit_tiny",
+      16,
+      32,
+      3,
+  )
   assert convert.config_overrides(meta) == [
-      "--config.model.name=vit_tiny", "--config.model.patch_size=16",
-      "--config.input.crops.global_size=32", "--config.input.num_channels=3"]
+      "--config.model.name=vit_tiny",
+      "--config.model.patch_size=16",
+      "--config.input.crops.global_size=32",
+      "--config.input.num_channels=3",
+  ]
   with pytest.raises(ImportError, match="needs PyTorch"):
-    convert.cli(["--from=safetensors", f"--in={file}", "--arch=vit_tiny",
-                 f"--out={tmp_path / 'x.pth'}"])
+    convert.cli(
+        ["--from=safetensors", f"--in={file}", "--arch=vit_tiny", f"--out={tmp_path / 'x.pth'}"]
+    )
 
 
 def _bfloat16_safetensors(arrays) -> bytes:
@@ -70,8 +83,11 @@ def _bfloat16_safetensors(arrays) -> bytes:
   header, blobs, offset = {}, [], 0
   for name, value in arrays.items():
     blob = np.ascontiguousarray(value).astype(ml_dtypes.bfloat16).tobytes()
-    header[name] = {"dtype": "BF16", "shape": list(value.shape),
-                    "data_offsets": [offset, offset + len(blob)]}
+    header[name] = {
+        "dtype": "BF16",
+        "shape": list(value.shape),
+        "data_offsets": [offset, offset + len(blob)],
+    }
     blobs.append(blob)
     offset += len(blob)
   text = json.dumps(header).encode()
@@ -83,16 +99,19 @@ def test_bfloat16_dino_file_needs_key(vit_tiny_params, tmp_path):
   """A flat teacher./student. file in bfloat16 (numpy's backend alone cannot read it)."""
   state = torch_mapping.to_torch({"params": vit_tiny_params}, "vit_tiny")
   path = tmp_path / "dino.safetensors"
-  path.write_bytes(_bfloat16_safetensors(
-      {f"{net}.{name}": value for net in ("teacher", "student") for name, value in state.items()}))
+  path.write_bytes(
+      _bfloat16_safetensors({
+          f"{net}.{name}": value for net in ("teacher", "student") for name, value in state.items()
+      })
+  )
   with pytest.raises(ValueError, match="--key=teacher"):
     convert.read_safetensors(path)
   with pytest.raises(KeyError, match="'student', 'teacher'"):
     convert.read_safetensors(path, key="ema")
-  variables, _ = torch_mapping.from_torch(convert.read_safetensors(path, key="teacher"),
-                                          "vit_tiny")
+  variables, _ = torch_mapping.from_torch(convert.read_safetensors(path, key="teacher"), "vit_tiny")
   rounded = jax.tree_util.tree_map(
-      lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), vit_tiny_params)
+      lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), vit_tiny_params
+  )
   jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"], rounded)
 
 
@@ -102,14 +121,13 @@ def _redirect_gs(root):
   def redirect(original, path, *args, **kwargs):
     path = os.fspath(path)
     if path.startswith("gs://"):
-      path = os.path.join(root, path[len("gs://"):])
+      path = os.path.join(root, path[len("gs://") :])
     return original(path, *args, **kwargs)
 
   return redirect
 
 
-def test_safetensors_and_resolution_on_an_object_store_path(vit_tiny_params, tmp_path,
-                                                           monkeypatch):
+def test_safetensors_and_resolution_on_an_object_store_path(vit_tiny_params, tmp_path, monkeypatch):
   # With TensorFlow installed epath sends gs:// to tf.io.gfile, past mock_epath's backend.
   monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
   fns = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "stat", "glob", "remove")

@@ -1,4 +1,5 @@
 """scripts/run_tpu.sh and scripts/slurm_requeue.sh against stand-in gcloud / srun / scontrol."""
+
 import os
 import pathlib
 import signal
@@ -19,7 +20,9 @@ if [[ "$4" == scp ]]; then cp "$5" "$STUB_DIR/archive.tar.gz"; fi
 """
 _SRUN = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$STUB_DIR/srun_args"
-sleep "${STUB_SLEEP:-0}"
+if [[ -n "${STUB_WAIT:-}" ]]; then  # until the test creates this file
+  while [[ ! -e "$STUB_WAIT" ]]; do sleep 0.05; done
+fi
 exit "$STUB_STATUS"
 """
 _SCONTROL = """#!/usr/bin/env bash
@@ -33,8 +36,12 @@ def _stubs(tmp_path, **scripts):
   for name, text in scripts.items():
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
-  return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_DIR=str(tmp_path),
-              STUB_LOG=str(tmp_path / "gcloud.log"))
+  return dict(
+      os.environ,
+      PATH=f"{bin_dir}:{os.environ['PATH']}",
+      STUB_DIR=str(tmp_path),
+      STUB_LOG=str(tmp_path / "gcloud.log"),
+  )
 
 
 def _gcloud_calls(tmp_path) -> list[list[str]]:
@@ -61,29 +68,35 @@ def _run_remote(call, env, home, program) -> list[str]:
   stub = home / "bits_venv" / "bin" / program
   stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$HOME/args"\n')
   stub.chmod(0o755)
-  command = call[-1][len("--command="):]
+  command = call[-1][len("--command=") :]
   subprocess.run(["bash", "-c", command], check=True, env=dict(env, HOME=str(home)))
   return (home / "args").read_text().splitlines()
 
 
 def test_run_tpu_prepares_data_on_worker_0_then_trains_on_all(tmp_path):
   env = _stubs(tmp_path, gcloud=_GCLOUD)
-  env.update(TPU="bits-v4", ZONE="us-central2-b", WORKDIR="gs://b/runs/x",
-             DATA_DIR="gs://b/tfds")
-  subprocess.run(["bash", str(RUN_TPU), "run", "--config.total_steps=10",
-                  "--config.name=it's two words"], check=True, env=env)
+  env.update(TPU="bits-v4", ZONE="us-central2-b", WORKDIR="gs://b/runs/x", DATA_DIR="gs://b/tfds")
+  subprocess.run(
+      ["bash", str(RUN_TPU), "run", "--config.total_steps=10", "--config.name=it's two words"],
+      check=True,
+      env=env,
+  )
   data, train = _gcloud_calls(tmp_path)
   assert data[:5] == train[:5] == ["compute", "tpus", "tpu-vm", "ssh", "bits-v4"]
   assert "--worker=0" in data and "--zone=us-central2-b" in data
   assert "--worker=all" in train
   home = tmp_path / "home"
-  assert _run_remote(data, env, home, "tfds") == [
-      "build", "imagenet2012", "--data_dir=gs://b/tfds"]
+  assert _run_remote(data, env, home, "tfds") == ["build", "imagenet2012", "--data_dir=gs://b/tfds"]
   # The training command reaches every worker with its arguments intact.
   assert _run_remote(train, env, home, "python") == [
-      "-m", "bits_jax.main", "--config=configs/imagenet_vitb16.py:ep100",
-      "--workdir=gs://b/runs/x", "--config.input.data_dir=gs://b/tfds",
-      "--config.total_steps=10", "--config.name=it's two words"]
+      "-m",
+      "bits_jax.main",
+      "--config=configs/imagenet_vitb16.py:ep100",
+      "--workdir=gs://b/runs/x",
+      "--config.input.data_dir=gs://b/tfds",
+      "--config.total_steps=10",
+      "--config.name=it's two words",
+  ]
   assert (home / "bits_jax_train.log").exists()
 
 
@@ -127,12 +140,13 @@ def test_run_tpu_worker_setup_installs_python_venv_only_where_missing(tmp_path, 
   (home / "bits_jax").mkdir(parents=True)
   (home / "bits_jax" / "stale.py").write_text("")  # from an older copy: must go
   (tmp_path / "archive.tar.gz").rename(home / "bits_jax.tar.gz")
-  command = _gcloud_calls(tmp_path)[1][-1][len("--command="):]
+  command = _gcloud_calls(tmp_path)[1][-1][len("--command=") :]
   subprocess.run(["bash", "-c", command], check=True, env=dict(env, HOME=str(home)))
   log = (tmp_path / "worker.log").read_text().splitlines()
   apt = [line for line in log if line.startswith("sudo") and "apt-get install" in line]
-  assert [line.endswith("apt-get install -y -qq python3.11 python3.11-venv")
-          for line in apt] == ([True] if venv_missing else [])
+  assert [line.endswith("apt-get install -y -qq python3.11 python3.11-venv") for line in apt] == (
+      [True] if venv_missing else []
+  )
   assert f"python3.11 -m venv {home}/bits_venv" in log
   assert f"pip install -q -e {home}/bits_jax[tpu]" in log
   assert (home / "bits_jax" / "setup.cfg").exists()
@@ -142,28 +156,48 @@ def test_run_tpu_worker_setup_installs_python_venv_only_where_missing(tmp_path, 
 def test_run_tpu_refuses_a_host_local_workdir_and_missing_settings(tmp_path):
   env = _stubs(tmp_path, gcloud=_GCLOUD)
   env.update(TPU="t", ZONE="z", WORKDIR="/tmp/run", DATA_DIR="gs://b/tfds")
-  proc = subprocess.run(["bash", str(RUN_TPU), "run"], env=env, capture_output=True,
-                        text=True, check=False)
+  proc = subprocess.run(
+      ["bash", str(RUN_TPU), "run"], env=env, capture_output=True, text=True, check=False
+  )
   assert proc.returncode == 2 and "gs://BUCKET" in proc.stderr
   env.pop("TPU")
-  proc = subprocess.run(["bash", str(RUN_TPU), "ssh", "ls"], env=env, capture_output=True,
-                        text=True, check=False)
+  proc = subprocess.run(
+      ["bash", str(RUN_TPU), "ssh", "ls"], env=env, capture_output=True, text=True, check=False
+  )
   assert proc.returncode == 2 and "set TPU" in proc.stderr
   assert not (tmp_path / "gcloud.log").exists()
 
 
-@pytest.mark.parametrize("status,requeued,message", [
-    (0, False, "run complete"), (75, True, "requeueing"), (78, False, "config error"),
-    (73, False, "workdir or disk"), (65, False, "non-finite"), (1, False, "unexpected")])
+@pytest.mark.parametrize(
+    "status,requeued,message",
+    [
+        (0, False, "run complete"),
+        (75, True, "requeueing"),
+        (78, False, "config error"),
+        (73, False, "workdir or disk"),
+        (65, False, "non-finite"),
+        (1, False, "unexpected"),
+    ],
+)
 def test_slurm_requeues_only_when_preempted(tmp_path, status, requeued, message):
   env = _stubs(tmp_path, srun=_SRUN, scontrol=_SCONTROL)
   env.update(STUB_STATUS=str(status), SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(tmp_path))
-  proc = subprocess.run(["bash", str(SLURM), "--config=c.py", "--workdir=/w"], env=env,
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+      ["bash", str(SLURM), "--config=c.py", "--workdir=/w"],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
   assert proc.returncode == status
   assert message in proc.stdout + proc.stderr
   assert (tmp_path / "srun_args").read_text().split() == [
-      "python", "-m", "bits_jax.main", "--config=c.py", "--workdir=/w"]
+      "python",
+      "-m",
+      "bits_jax.main",
+      "--config=c.py",
+      "--workdir=/w",
+  ]
   calls = tmp_path / "scontrol_calls"
   if requeued:
     assert calls.read_text() == "requeue 4242\n"
@@ -174,19 +208,30 @@ def test_slurm_requeues_only_when_preempted(tmp_path, status, requeued, message)
 
 def test_slurm_stops_requeueing_after_max_and_survives_sigterm(tmp_path):
   env = _stubs(tmp_path, srun=_SRUN, scontrol=_SCONTROL)
-  env.update(STUB_STATUS="75", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path),
-             SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
-  proc = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True,
-                        check=False)
+  env.update(
+      STUB_STATUS="75",
+      SLURM_JOB_ID="7",
+      SLURM_SUBMIT_DIR=str(tmp_path),
+      SLURM_RESTART_COUNT="3",
+      MAX_REQUEUES="3",
+  )
+  proc = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True, check=False)
   assert proc.returncode == 75 and "MAX_REQUEUES=3" in proc.stderr
   assert not (tmp_path / "scontrol_calls").exists()
 
   # SIGTERM to the batch script while the tasks save: it waits for them, then requeues.
-  env.update(SLURM_RESTART_COUNT="0", STUB_SLEEP="1.5")
-  proc = subprocess.Popen(["bash", str(SLURM)], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
-  stdout, _ = proc.communicate(timeout=30)
+  release = tmp_path / "release"
+  (tmp_path / "srun_args").unlink()  # from the run above
+  env.update(SLURM_RESTART_COUNT="0", STUB_WAIT=str(release))
+  with subprocess.Popen(["bash", str(SLURM)], env=env, stdout=subprocess.PIPE, text=True) as proc:
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun_args").exists():  # srun started: the trap is set
+      assert time.monotonic() < deadline, "srun stand-in never started"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert proc.poll() is None, "the batch script died on SIGTERM before its tasks"
+    release.touch()
+    stdout, _ = proc.communicate(timeout=30)
   assert proc.returncode == 75 and "SIGTERM received" in stdout
   assert (tmp_path / "scontrol_calls").read_text() == "requeue 7\n"
