@@ -1,6 +1,6 @@
 """`npz:/path/file.npz`: images and labels in one numpy archive.
 
-Arrays: `images` [N, H, W(, C)] uint8 with C in (1, 3), `labels` [N] int, optionally `ids`
+Arrays: `images` [N, H, W(, C)] uint8, `labels` [N] int, optionally `ids`
 [N] (str or int), and optionally `test_images` / `test_labels` / `test_ids`. Without the test
 arrays the last 10% of the examples (in file order) form split 'test' and the first 90% form
 'train'. Without `ids`, an example's id is its index in its array.
@@ -24,9 +24,9 @@ def _checked(images: np.ndarray, labels: np.ndarray, where: str):
   """images [n, h, w, c] uint8, labels [n] int64 after checking what the file holds."""
   if images.ndim == 3:
     images = images[..., None]
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"{where}: images must be [N, H, W] or [N, H, W, C] with C in (1, 3), "
-                     f"got shape {images.shape}")
+  if images.ndim != 4:
+    raise ValueError(f"{where}: images must be [N, H, W] or [N, H, W, C], got shape "
+                     f"{images.shape}")
   if images.dtype != np.uint8:
     raise ValueError(f"{where}: images must be uint8 in [0, 255], got {images.dtype}")
   if labels.ndim != 1 or len(labels) != len(images):
