@@ -137,3 +137,80 @@ def log_plots(writer: Any, step: int, paths: Sequence[str],
             for p in paths}
   if images:
     writer.write_images(step, images)
+
+
+def _variant_length(name: str) -> int:
+  return int(name[len("random"):] if name.startswith("random") else name)
+
+
+def plot_map_vs_bits(results: Mapping[str, float], path: str) -> str:
+  """mAP@ALL against code length: symmetric / asymmetric, first-L / random-L bits, with the
+  continuous features' 'map_all' as a horizontal line when present."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for kind, label in (("codes", "Hamming"), ("asym", "asymmetric")):
+    for random, style in ((False, "-o"), (True, "--s")):
+      points = sorted(
+          (_variant_length(key.split("/")[1]), value) for key, value in results.items()
+          if key.startswith(kind + "/") and key.endswith("/map_all")
+          and key.split("/")[1].startswith("random") == random)
+      if points:
+        ax.plot(*zip(*points), style, label=f"{label}, {'random' if random else 'first'} L")
+  if "map_all" in results:
+    ax.axhline(results["map_all"], color="k", ls=":", label="continuous features")
+  ax.set_xscale("log", base=2)
+  ax.set(xlabel="code length L (bits)", ylabel="mAP@ALL", title="Retrieval vs code length")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def plot_explained_variance(cumulative, path: str, thresholds=(0.9, 0.99)) -> str:
+  """Cumulative explained variance [D] against the number of principal directions."""
+  cumulative = np.asarray(cumulative)
+  dims = np.arange(1, len(cumulative) + 1)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(dims, cumulative, color="tab:blue")
+  for t in thresholds:
+    ax.axhline(t, color="k", ls=":", lw=1)
+  ax.set_xscale("log")
+  ax.set(xlabel="principal directions", ylabel="cumulative explained variance",
+         ylim=(0, 1.01), title="Feature covariance spectrum")
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def plot_embedding_3d(points, labels, path: str, title: str = "t-SNE of the codes") -> str:
+  """3-D scatter of `points: [n, 3]` coloured by integer `labels: [n]`."""
+  points = np.asarray(points)
+  fig = plt.figure(figsize=(6, 5))
+  ax = fig.add_subplot(projection="3d")
+  ax.scatter(points[:, 0], points[:, 1], points[:, 2], c=np.asarray(labels), cmap="tab20",
+             s=4, depthshade=False)
+  ax.set(title=title)
+  return _save(fig, path)
+
+
+def plot_image_grid(rows: Sequence[Sequence[Optional[np.ndarray]]], row_names: Sequence[str],
+                    column_names: Sequence[str], path: str, title: str = "") -> str:
+  """A grid of uint8 images [H, W, C] (None: an empty tile), one named row each."""
+  n_rows, n_cols = len(rows), max(len(r) for r in rows)
+  fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 0.6, 1.3 * n_rows + 0.4),
+                           squeeze=False)
+  for i, row in enumerate(rows):
+    for j in range(n_cols):
+      ax = axes[i, j]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      image = row[j] if j < len(row) else None
+      if image is not None:
+        image = np.asarray(image)
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
+                  vmin=0, vmax=255)
+      else:
+        ax.set_facecolor("0.9")
+      if i == 0 and j < len(column_names):
+        ax.set_title(column_names[j], fontsize=7)
+    axes[i, 0].set_ylabel(row_names[i], fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return _save(fig, path)

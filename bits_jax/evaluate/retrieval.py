@@ -1,11 +1,21 @@
-"""Retrieval with the teacher's binary message: packed codes and Hamming search.
+"""Retrieval: the paper's mAP@ALL protocol, and Hamming search with packed binary codes.
+
+The paper's protocol (`feature_retrieval`, `code_retrieval`, the 'retrieval' evaluator): every
+query of the query set ranks the whole database; AP@ALL, AP@k and precision@k with ties counted
+at their expectation over orders (definitions in ranking.py). Continuous features rank by cosine
+similarity; codes by symmetric Hamming distance (histograms, no sort) or by the asymmetric
+distance of query probabilities to database bits, for the full code and sub-sampled codes.
+
+The older top-k helpers (`hamming_retrieval`, `cosine_retrieval`, `hamming_topk`) break ties by
+database index instead, and their map@R follows the DeepHash convention (averaged over the
+relevant items within the top R).
 
 Bit j of a code lives in word j // 32 at bit position j % 32 (LSB first);
 codes are padded with zero bits, which XOR to zero and so never change a
 distance. Hamming distances are XOR + popcount on uint32 words: no unpacked
 float matmul.
 
-Ranking follows the standard hashing protocol: every query ranks the whole
+Ranking (older helpers) follows the standard hashing protocol: every query ranks the whole
 database by distance, ties broken by database index (lower first). Relevant
 means sharing the class label (or, for multi-hot labels [n, c], sharing at
 least one class). AP@R is averaged over the relevant items within the top R
@@ -14,11 +24,17 @@ the full database.
 """
 import functools
 import math
+import os
 from typing import Optional, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bits_jax.evaluate import common
+from bits_jax.evaluate import ranking
+from bits_jax.evaluate import split_file
 
 _WORD_BITS = 32
 # Elements of one [queries, database] block: bounds the memory of a sort.
@@ -339,3 +355,327 @@ def _as_words(codes, name: str) -> jax.Array:
     raise TypeError(f"{name} has dtype {codes.dtype}: pass bool bits "
                     "(binarize(logits)) or uint32 words (pack_bits).")
   return pack_bits(codes)
+
+
+# ------------------------------------------------------------------ the paper's protocol
+
+def _rows(mask, n: int, name: str) -> np.ndarray:
+  if mask is None:
+    return np.arange(n)
+  mask = np.asarray(mask, bool)
+  if mask.shape != (n,):
+    raise ValueError(f"{name} must be [{n}] bool, got shape {mask.shape}.")
+  return np.flatnonzero(mask)
+
+
+class _Sets:
+  """Queries and database after masks: labels prepared, self rows remapped.
+
+  Attributes: q_rows, db_rows (kept rows of the inputs), q_labels, db_labels, multi,
+  q_self ([nq] database position of each query's own row, -1: none, or None), self_rel,
+  max_k (the largest valid cut-off).
+  """
+
+  def __init__(self, query_labels, db_labels, query_mask, db_mask, query_self):
+    query_labels, db_labels = np.asarray(query_labels), np.asarray(db_labels)
+    nq, ndb = query_labels.shape[0], db_labels.shape[0]
+    self.q_rows = _rows(query_mask, nq, "query_mask")
+    self.db_rows = _rows(db_mask, ndb, "db_mask")
+    if not len(self.q_rows) or not len(self.db_rows):
+      raise ValueError(f"{len(self.q_rows)} queries and {len(self.db_rows)} database rows "
+                       "are left after the masks: both must be non-empty.")
+    if query_labels.ndim != db_labels.ndim or query_labels.shape[1:] != db_labels.shape[1:]:
+      raise ValueError(f"query labels {query_labels.shape} and database labels "
+                       f"{db_labels.shape} must both be class ids [n] or multi-hot with the "
+                       "same classes.")
+    self.q_labels, self.multi = ranking.prepare_labels(query_labels[self.q_rows],
+                                                       "query_labels")
+    self.db_labels, _ = ranking.prepare_labels(db_labels[self.db_rows], "db_labels")
+    self.q_self = self.self_rel = None
+    self.max_k = len(self.db_rows)
+    if query_self is not None:
+      query_self = np.asarray(query_self, np.int64)
+      if query_self.shape != (nq,):
+        raise ValueError(f"query_self must be [{nq}] database rows, got {query_self.shape}.")
+      position = np.full(ndb + 1, -1, np.int64)  # position[-1] = -1 for "none".
+      position[self.db_rows] = np.arange(len(self.db_rows))
+      self.q_self = position[query_self[self.q_rows]].astype(np.int32)
+      self.self_rel = ranking.self_relevant(self.q_labels, self.multi)
+      if (self.q_self >= 0).any():
+        self.max_k -= 1
+
+  def check_ks(self, ks) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 or k > self.max_k for k in ks):
+      raise ValueError(f"cut-offs {ks} must lie in [1, {self.max_k}] (the database rows each "
+                       "query ranks): drop the larger ones.")
+    return ks
+
+  def info(self) -> dict[str, float]:
+    return {"num_queries": float(len(self.q_rows)), "num_database": float(len(self.db_rows))}
+
+
+def _finite(x: np.ndarray, name: str) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  if x.ndim != 2:
+    raise ValueError(f"{name} must be [n, d], got shape {x.shape}.")
+  if not np.isfinite(x).all():
+    raise ValueError(f"{name} has non-finite values: the model produced NaN/inf features.")
+  return x
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+  norm = np.sqrt(np.sum(np.square(x, dtype=np.float32), axis=1, keepdims=True))
+  return x / np.maximum(norm, 1e-12)
+
+
+def feature_retrieval(query_feats, query_labels, db_feats, db_labels, *,
+                      ks: Sequence[int] = (1, 10, 100), query_mask=None, db_mask=None,
+                      query_self=None, mesh=None,
+                      max_elements: int = ranking.DEFAULT_MAX_ELEMENTS) -> dict[str, float]:
+  """mAP@ALL, mAP@k and precision@k of cosine-similarity rankings, over all queries.
+
+  Args:
+    query_feats: [nq, d] continuous features (e.g. backbone CLS).
+    query_labels: [nq] int class ids or [nq, C] multi-hot (relevant: a class in common).
+    db_feats: [ndb, d]; db_labels: [ndb] or [ndb, C].
+    ks: cut-offs for mAP@k (normalised by min(R, k)) and precision@k.
+    query_mask, db_mask: optional bool; False rows (padding) are dropped.
+    query_self: optional [nq] int, each query's own row in the database (-1: none), left out
+      of its ranking (queries drawn from the database).
+    mesh: queries are split over all its devices, the database replicated on each.
+    max_elements: bound on queries x database per device and block.
+
+  Returns:
+    {'map_all', 'map@k', 'precision@k', 'queries_without_relevant', 'num_queries',
+     'num_database'}: floats.
+  """
+  sets = _Sets(query_labels, db_labels, query_mask, db_mask, query_self)
+  ks = sets.check_ks(ks)
+  q = _l2_normalize(_finite(query_feats, "query_feats")[sets.q_rows])
+  db = _l2_normalize(_finite(db_feats, "db_feats")[sets.db_rows])
+  if q.shape[1] != db.shape[1]:
+    raise ValueError(f"feature dims differ: queries {q.shape}, database {db.shape}.")
+  sums = ranking.scored_sums(q, sets.q_labels, db, sets.db_labels, ks=ks,
+                             query_self=sets.q_self, mesh=mesh, max_elements=max_elements)
+  return {**ranking.summarize(sums, ks), **sets.info()}
+
+
+def subsample_bits(num_bits: int, length: int, *, mode: str = "first",
+                   seed: int = 0) -> np.ndarray:
+  """Indices [length] of the bits kept: the first `length`, or a sorted random subset."""
+  if not 1 <= length <= num_bits:
+    raise ValueError(f"code length {length} must lie in [1, {num_bits}] (the code's bits).")
+  if mode == "first":
+    return np.arange(length)
+  if mode == "random":
+    return np.sort(np.random.default_rng(seed).choice(num_bits, length, replace=False))
+  raise ValueError(f"unknown sub-sampling mode {mode!r}: use 'first' or 'random'.")
+
+
+def _code_variants(num_bits: int, code_lengths, random_subsets: bool,
+                   seed: int) -> list[tuple[str, np.ndarray]]:
+  """[(name, bit indices)]: '256' for the first 256 bits, 'random128' for a random subset."""
+  variants = []
+  for i, length in enumerate(dict.fromkeys(int(x) for x in code_lengths)):
+    if length > num_bits:
+      logging.info("retrieval: skipping code length %d > the %d bits of the code.", length,
+                   num_bits)
+      continue
+    variants.append((str(length), subsample_bits(num_bits, length)))
+    if random_subsets and length < num_bits:
+      variants.append((f"random{length}",
+                       subsample_bits(num_bits, length, mode="random", seed=seed + i)))
+  if not variants:
+    raise ValueError(f"no code length in {tuple(code_lengths)} fits the {num_bits}-bit code.")
+  return variants
+
+
+def _asymmetric_vectors(probs, bits, subsets):
+  """Vectors whose dot products are scaled asymmetric scores, one query block per subset.
+
+  score_v(q, x) = -s sum_{k in v} |p_k - b_k| = s (2 p_v . b_v - sum p_v - |b_v|), with s a
+  power of two (exact scaling) that brings scores into [-1, 0]. Database rows are
+  [b (B), 1, |b_v| for each subset v]; query rows for subset v are
+  [2 s p masked to v, -s sum p_v, -s at the column of |b_v|].
+
+  Returns:
+    (queries [V, nq, B + 1 + V], database [ndb, B + 1 + V]) float32.
+  """
+  probs, bits = np.asarray(probs, np.float32), np.asarray(bits, bool)
+  nq, n_bits = probs.shape
+  scale = np.float32(2.0 ** -math.ceil(math.log2(max(n_bits, 2))))
+  n_v = len(subsets)
+  database = np.zeros((bits.shape[0], n_bits + 1 + n_v), np.float32)
+  database[:, :n_bits] = bits
+  database[:, n_bits] = 1
+  queries = np.zeros((n_v, nq, n_bits + 1 + n_v), np.float32)
+  for v, idx in enumerate(subsets):
+    database[:, n_bits + 1 + v] = bits[:, idx].sum(axis=1)
+    queries[v][:, idx] = 2 * scale * probs[:, idx]
+    queries[v][:, n_bits] = -scale * probs[:, idx].sum(axis=1, dtype=np.float32)
+    queries[v][:, n_bits + 1 + v] = -scale
+  return queries, database
+
+
+def asymmetric_distance(query_probs, db_bits) -> np.ndarray:
+  """sum_k |p_k - b_k|: [nq, B] probabilities vs [ndb, B] bits -> [nq, ndb] float32.
+
+  For bits b in {0, 1} this equals the expected Hamming distance between b and a code drawn
+  bit by bit from Bernoulli(p) (p (1 - b) + (1 - p) b = |p - b|). Computed as the ranking
+  kernel computes it: one float32 dot product.
+  """
+  probs = np.asarray(query_probs, np.float32)
+  queries, database = _asymmetric_vectors(probs, db_bits, [np.arange(probs.shape[1])])
+  scale = 2.0 ** -math.ceil(math.log2(max(probs.shape[1], 2)))
+  scores = jnp.matmul(queries[0], database.T, precision=jax.lax.Precision.HIGHEST)
+  return np.asarray(-scores / scale)
+
+
+def code_retrieval(query_logits, query_labels, db_logits, db_labels, *,
+                   ks: Sequence[int] = (1, 10, 100),
+                   code_lengths: Sequence[int] = (256, 128, 64, 32),
+                   random_subsets: bool = True, asymmetric: bool = True, seed: int = 0,
+                   query_mask=None, db_mask=None, query_self=None, mesh=None,
+                   max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
+                   query_block: int = 256, db_block: int = 16384) -> dict[str, float]:
+  """mAP@ALL / mAP@k / precision@k with binary codes, for several code lengths in one pass.
+
+  Codes are logits > 0. Symmetric: Hamming distance between query and database codes (all
+  variants from one scan of the database, histograms, no sort). Asymmetric: sum_k |p_k - b_k|
+  between query probabilities p = sigmoid(logits) and database bits (the expected Hamming
+  distance; one sort per variant). Variants: the first L bits for each L in `code_lengths`
+  (lengths above the code's bits are skipped) and, with `random_subsets`, a random L-bit
+  subset (seed + position of L in code_lengths) for each L below the full length.
+
+  Args:
+    query_logits: [nq, B]; db_logits: [ndb, B]; labels, ks, masks, query_self, mesh,
+      max_elements: as in feature_retrieval.
+    query_block, db_block: Hamming-kernel block sizes (queries per device, database rows).
+
+  Returns:
+    {'codes/{v}/map_all', 'codes/{v}/map@k', 'codes/{v}/precision@k',
+     'codes/{v}/queries_without_relevant', 'asym/{v}/...' (if asymmetric), 'codes/num_bits',
+     'num_queries', 'num_database'} for each variant name v ('256', 'random128', ...).
+  """
+  sets = _Sets(query_labels, db_labels, query_mask, db_mask, query_self)
+  ks = sets.check_ks(ks)
+  q_logits = _finite(query_logits, "query_logits")[sets.q_rows]
+  db_bits = _finite(db_logits, "db_logits")[sets.db_rows] > 0
+  if q_logits.shape[1] != db_bits.shape[1]:
+    raise ValueError(f"code lengths differ: queries {q_logits.shape}, database "
+                     f"{db_bits.shape}.")
+  n_bits = q_logits.shape[1]
+  variants = _code_variants(n_bits, code_lengths, random_subsets, seed)
+  q_bits = q_logits > 0
+
+  # Packed words: the full code, then each variant that is not a whole-word prefix of it.
+  q_words, db_words = [ranking.pack_rows(q_bits)], [ranking.pack_rows(db_bits)]
+  layout, offset = [], q_words[0].shape[1]
+  for _, idx in variants:
+    length = len(idx)
+    if length % ranking.WORD_BITS == 0 and np.array_equal(idx, np.arange(length)):
+      layout.append((0, length // ranking.WORD_BITS, length))
+      continue
+    q_words.append(ranking.pack_rows(q_bits[:, idx]))
+    db_words.append(ranking.pack_rows(db_bits[:, idx]))
+    layout.append((offset, q_words[-1].shape[1], length))
+    offset += q_words[-1].shape[1]
+  hists = ranking.hamming_histograms(
+      np.concatenate(q_words, 1), sets.q_labels, np.concatenate(db_words, 1), sets.db_labels,
+      variants=layout, query_self=sets.q_self, self_rel=sets.self_rel, mesh=mesh,
+      query_block=query_block, db_block=db_block)
+  out = {"codes/num_bits": float(n_bits), **sets.info()}
+  for (name, _), hist in zip(variants, hists):
+    out.update(ranking.summarize(ranking.histogram_sums(hist, ks), ks, f"codes/{name}/"))
+
+  if asymmetric:
+    probs = 1.0 / (1.0 + np.exp(-q_logits.astype(np.float64)))
+    queries, database = _asymmetric_vectors(probs, db_bits, [idx for _, idx in variants])
+    n_v, nq = queries.shape[:2]
+    q_self = None if sets.q_self is None else np.tile(sets.q_self, n_v)
+    sums = ranking.scored_sums(queries.reshape(n_v * nq, -1), np.concatenate(
+        [sets.q_labels] * n_v), database, sets.db_labels, ks=ks, query_self=q_self,
+                               mesh=mesh, max_elements=max_elements)
+    for v, (name, _) in enumerate(variants):
+      out.update(ranking.summarize(sums[v * nq:(v + 1) * nq], ks, f"asym/{name}/"))
+  return out
+
+
+# -------------------------------------------------------------------------- the evaluator
+
+def _split_rows(feats: dict, ids_file: Optional[str], split: str) -> np.ndarray:
+  """Rows of a split to use: the valid rows, or those named in a split file."""
+  valid = np.asarray(feats["mask"], bool)
+  if ids_file is None:
+    return np.flatnonzero(valid)
+  if "id" not in feats:
+    raise ValueError(f"a split file ({ids_file}) needs image ids, but the features of split "
+                     f"{split!r} have no 'id': extract features with ids.")
+  rows = np.flatnonzero(valid)
+  return rows[split_file.select_by_ids(np.asarray(feats["id"])[rows],
+                                       split_file.read_split_file(ids_file))]
+
+
+@common.register("retrieval")
+def run(ctx, *, query_split: str = "test", database_split: str = "train",
+        features: str = "cls", ks: Sequence[int] = (1, 10, 100), codes: bool = True,
+        code_lengths: Sequence[int] = (256, 128, 64, 32), asymmetric: bool = True,
+        random_subsets: bool = True, seed: int = 0, query_ids_file: Optional[str] = None,
+        database_ids_file: Optional[str] = None,
+        max_elements: int = ranking.DEFAULT_MAX_ELEMENTS) -> dict[str, float]:
+  """The paper's retrieval protocol on ctx's features: every query against the database.
+
+  Queries are the valid rows of `query_split` (or those listed in `query_ids_file`), the
+  database those of `database_split` (or `database_ids_file`); when both come from the same
+  split, a query's own row is left out of its ranking. Cut-offs above the database size are
+  dropped. Codes (logits > 0) are evaluated when the weights have a head and `codes` is set.
+
+  Returns:
+    {'map_all', 'map@k', 'precision@k', 'queries_without_relevant', 'num_queries',
+     'num_database', 'codes/{v}/...', 'asym/{v}/...'} (see feature_retrieval and
+    code_retrieval).
+  """
+  mesh = getattr(ctx, "mesh", None)
+  q_feats = ctx.features(query_split)
+  db_feats = ctx.features(database_split)
+  q_rows = _split_rows(q_feats, query_ids_file, query_split)
+  db_rows = _split_rows(db_feats, database_ids_file, database_split)
+  query_self = None
+  n_ranked = len(db_rows)
+  if query_split == database_split:
+    position = np.full(len(db_feats["mask"]), -1, np.int64)
+    position[db_rows] = np.arange(len(db_rows))
+    query_self = position[q_rows]
+    n_ranked -= int((query_self >= 0).any())
+  kept = tuple(int(k) for k in ks if int(k) <= n_ranked)
+  if len(kept) < len(ks):
+    logging.info("retrieval: dropping cut-offs %s above the %d ranked database rows.",
+                 sorted(set(ks) - set(kept)), n_ranked)
+  if features not in q_feats:
+    raise ValueError(f"features {features!r} are not extracted: use one of "
+                     f"{sorted(k for k in q_feats if k not in ('label', 'mask', 'id'))}.")
+  results = feature_retrieval(
+      q_feats[features][q_rows], q_feats["label"][q_rows], db_feats[features][db_rows],
+      db_feats["label"][db_rows], ks=kept, query_self=query_self, mesh=mesh,
+      max_elements=max_elements)
+  curves = {features: results}
+  if codes and "logits" in q_feats and "logits" in db_feats:
+    results.update(code_retrieval(
+        q_feats["logits"][q_rows], q_feats["label"][q_rows], db_feats["logits"][db_rows],
+        db_feats["label"][db_rows], ks=kept, code_lengths=code_lengths,
+        random_subsets=random_subsets, asymmetric=asymmetric, seed=seed,
+        query_self=query_self, mesh=mesh, max_elements=max_elements))
+    full = str(int(results["codes/num_bits"]))
+    curves[f"hamming {full} bits"] = {k[len(f"codes/{full}/"):]: v for k, v in results.items()
+                                      if k.startswith(f"codes/{full}/")}
+  if ctx.out_dir is not None:
+    from bits_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+    os.makedirs(ctx.out_dir, exist_ok=True)
+    if kept:
+      ctx.add_plot(plots.plot_precision_curve(
+          curves, os.path.join(ctx.out_dir, "retrieval_precision.png")))
+    if "codes/num_bits" in results:
+      ctx.add_plot(plots.plot_map_vs_bits(
+          results, os.path.join(ctx.out_dir, "retrieval_map_vs_bits.png")))
+  return results
