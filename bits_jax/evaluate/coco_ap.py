@@ -4,6 +4,7 @@ Every annotated category becomes one "object" category (crowd regions stay crowd
 COCOeval ignores detections on them), and detections are scored against it with the
 standard COCOeval (IoU 0.50:0.95, area 'all', 100 detections per image).
 """
+
 import contextlib
 import copy
 import io
@@ -18,8 +19,9 @@ def _pycocotools():
   try:
     from pycocotools import coco, cocoeval, mask  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("COCO AP needs pycocotools: pip install pycocotools (the 'eval' "
-                      "extra of bits_jax).") from e
+    raise ImportError(
+        "COCO AP needs pycocotools: pip install pycocotools (the 'eval' extra of bits_jax)."
+    ) from e
   return coco, cocoeval, mask
 
 
@@ -35,8 +37,11 @@ def agnostic_ground_truth(dataset: dict[str, Any], image_ids: Optional[Sequence[
       ann["category_id"] = AGNOSTIC_CATEGORY
       anns.append(ann)
   gt = coco_lib.COCO()
-  gt.dataset = {"images": images, "annotations": anns,
-                "categories": [{"id": AGNOSTIC_CATEGORY, "name": "object"}]}
+  gt.dataset = {
+      "images": images,
+      "annotations": anns,
+      "categories": [{"id": AGNOSTIC_CATEGORY, "name": "object"}],
+  }
   with contextlib.redirect_stdout(io.StringIO()):
     gt.createIndex()
   return gt
@@ -53,8 +58,9 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
 def mask_box(rle: dict[str, Any]) -> list[float]:
   """[x, y, w, h] of an RLE mask (pycocotools' toBbox)."""
   _, _, mask_lib = _pycocotools()
-  rle = dict(rle, counts=rle["counts"].encode("ascii") if isinstance(rle["counts"], str)
-             else rle["counts"])
+  rle = dict(
+      rle, counts=rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
+  )
   return [float(v) for v in mask_lib.toBbox(rle)]
 
 
@@ -73,8 +79,9 @@ def _evaluate(gt, detections: list[dict[str, Any]], iou_type: str) -> dict[str, 
   return {name: max(float(ev.stats[i]), 0.0) for i, name in enumerate(("AP", "AP50", "AP75"))}
 
 
-def class_agnostic_ap(gt, detections: Sequence[dict[str, Any]],
-                      iou_types: Sequence[str] = ("bbox", "segm")) -> dict[str, float]:
+def class_agnostic_ap(
+    gt, detections: Sequence[dict[str, Any]], iou_types: Sequence[str] = ("bbox", "segm")
+) -> dict[str, float]:
   """AP, AP50, AP75 (fractions) of detections against a class-agnostic COCO.
 
   Args:
@@ -89,7 +96,14 @@ def class_agnostic_ap(gt, detections: Sequence[dict[str, Any]],
   out = {}
   for iou_type in iou_types:
     field, prefix = {"bbox": ("bbox", "box"), "segm": ("segmentation", "mask")}[iou_type]
-    dets = [{"image_id": int(d["image_id"]), "category_id": AGNOSTIC_CATEGORY,
-             "score": float(d["score"]), field: d[field]} for d in detections]
+    dets = [
+        {
+            "image_id": int(d["image_id"]),
+            "category_id": AGNOSTIC_CATEGORY,
+            "score": float(d["score"]),
+            field: d[field],
+        }
+        for d in detections
+    ]
     out.update({f"{prefix}/{k}": v for k, v in _evaluate(gt, dets, iou_type).items()})
   return out

@@ -8,6 +8,7 @@ ceil(0.008 * image diagonal) pixels. Semi-supervised scores skip the first frame
 the last frame; each object's J and F are means over the remaining frames, and the dataset's
 J, F means are over all objects of all sequences; J&F = (J + F) / 2.
 """
+
 import math
 
 import numpy as np
@@ -76,6 +77,14 @@ def boundary_f(pred, gt, tolerance: float = BOUNDARY_TOLERANCE) -> float:
     return 1.0
   if n_pred == 0 or n_gt == 0:
     return 0.0  # precision or recall is 0, the other 1 (the toolkit's convention)
+  # Every boundary pixel lies in this crop, so distances inside it are exact.
+  rows, cols = np.nonzero(pred_b | gt_b)
+  margin = int(radius) + 1
+  crop = (
+      slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
+      slice(max(cols.min() - margin, 0), cols.max() + margin + 1),
+  )
+  pred_b, gt_b = pred_b[crop], gt_b[crop]
   precision = np.count_nonzero(pred_b & _dilate_disk(gt_b, radius)) / n_pred
   recall = np.count_nonzero(gt_b & _dilate_disk(pred_b, radius)) / n_gt
   if precision + recall == 0:

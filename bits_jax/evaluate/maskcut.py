@@ -15,10 +15,11 @@ optional CRF refinement is not applied.
 
 Scores are class-agnostic COCO AP, AP50, AP75 of boxes and masks (coco_ap).
 """
+
 import functools
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from absl import logging
 from flax import traverse_util
@@ -32,9 +33,11 @@ from bits_jax.evaluate import common
 
 # What ../shared/PAPER.md states: Tab. 6 reports MaskCut unsupervised detection and
 # segmentation on COCO val2017 as AP50 / AP75 / AP, but the fact sheet gives no numbers.
-paper_reference = {"table": "Tab. 6 (MaskCut, COCO val2017, class-agnostic)",
-                   "metrics": "box and mask AP50 / AP75 / AP",
-                   "values": "not stated in PAPER.md"}
+paper_reference = {
+    "table": "Tab. 6 (MaskCut, COCO val2017, class-agnostic)",
+    "metrics": "box and mask AP50 / AP75 / AP",
+    "values": "not stated in PAPER.md",
+}
 
 EPS = 1e-5
 _COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180)]
@@ -53,23 +56,29 @@ def apply_with_last_keys(model, variables, images, **kwargs):
   """
   depth = getattr(model, "depth", None)
   if depth is None:
-    raise ValueError(f"last-block keys need a ViT backbone; {type(model).__name__} has none "
-                     "(MaskCut runs on ViT checkpoints only).")
+    raise ValueError(
+        f"last-block keys need a ViT backbone; {type(model).__name__} has none "
+        "(MaskCut runs on ViT checkpoints only)."
+    )
   target = (f"block{depth - 1}", "attn", "key")
 
   def wanted(module, method_name):
     return method_name == "__call__" and tuple(module.path[-3:]) == target
 
-  out, state = model.apply(variables, images, capture_intermediates=wanted,
-                           mutable=["intermediates"], **kwargs)
-  found = [v for k, v in traverse_util.flatten_dict(state["intermediates"]).items()
-           if tuple(k[-4:]) == target + ("__call__",)]
+  out, state = model.apply(
+      variables, images, capture_intermediates=wanted, mutable=["intermediates"], **kwargs
+  )
+  found = [
+      v
+      for k, v in traverse_util.flatten_dict(state["intermediates"]).items()
+      if tuple(k[-4:]) == target + ("__call__",)
+  ]
   if len(found) != 1:
     raise ValueError(f"found {len(found)} captures of {'/'.join(target)}: is this a ViT?")
   keys = found[0][0]  # [n, tokens, heads, head_dim]
   n, h, w = images.shape[0], images.shape[1], images.shape[2]
   p = model.patch_size
-  keys = keys[:, -(h // p) * (w // p):]  # drop the CLS token
+  keys = keys[:, -(h // p) * (w // p) :]  # drop the CLS token
   return out, keys.reshape(n, keys.shape[1], -1).astype(jnp.float32)
 
 
@@ -121,8 +130,14 @@ def _iou(a, b):
   return jnp.where(union > 0, jnp.sum(a & b) / jnp.maximum(union, 1), 0.0)
 
 
-def maskcut_masks(feats: jax.Array, *, grid: tuple[int, int], tau: float = 0.15,
-                  max_masks: int = 3, eps: float = EPS) -> jax.Array:
+def maskcut_masks(
+    feats: jax.Array,
+    *,
+    grid: tuple[int, int],
+    tau: float = 0.15,
+    max_masks: int = 3,
+    eps: float = EPS,
+) -> jax.Array:
   """MaskCut masks of one image on the patch grid.
 
   Args:
@@ -139,8 +154,7 @@ def maskcut_masks(feats: jax.Array, *, grid: tuple[int, int], tau: float = 0.15,
   taken = jnp.zeros((h, w), bool)
   masks = []
   for i in range(max_masks):
-    y = second_smallest_eigenvector(affinity(jnp.where(painted[:, None], 0.0, feats), tau,
-                                             eps))
+    y = second_smallest_eigenvector(affinity(jnp.where(painted[:, None], 0.0, feats), tau, eps))
     fg = y > jnp.mean(y)
     corners = fg.reshape(h, w)[jnp.array([0, 0, -1, -1]), jnp.array([0, -1, 0, -1])].sum()
     flip = (corners >= 3) | ~fg[jnp.argmax(jnp.abs(y))]
@@ -168,11 +182,13 @@ def batch_masks(feats, *, grid, tau=0.15, max_masks=3):
 def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
   """(uint8 [size, size, 3] resized with Lanczos as MaskCut does, original (H, W))."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"image {path} not found: check images_dir and the "
-                            "annotations' file_name entries.")
+    raise FileNotFoundError(
+        f"image {path} not found: check images_dir and the annotations' file_name entries."
+    )
   with Image.open(path) as image:
     image = image.convert("RGB")
-    return np.asarray(image.resize((size, size), Image.LANCZOS)), (image.height, image.width)
+    resized = image.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(resized), (image.height, image.width)
 
 
 def upsample_mask(mask: np.ndarray, size: tuple[int, int], square: int) -> np.ndarray:
@@ -180,12 +196,13 @@ def upsample_mask(mask: np.ndarray, size: tuple[int, int], square: int) -> np.nd
   size, threshold at one half (CutLER's resize of its pseudo-masks)."""
   patch = square // mask.shape[0]
   big = np.repeat(np.repeat(mask.astype(np.uint8) * 255, patch, 0), patch, 1)
-  resized = np.asarray(Image.fromarray(big).resize((size[1], size[0]), Image.BICUBIC))
+  resized = np.asarray(Image.fromarray(big).resize((size[1], size[0]), Image.Resampling.BICUBIC))
   return resized > 127
 
 
-def detections_from_masks(masks: np.ndarray, image_id: int, size: tuple[int, int],
-                          square: int) -> list[dict[str, Any]]:
+def detections_from_masks(
+    masks: np.ndarray, image_id: int, size: tuple[int, int], square: int
+) -> list[dict[str, Any]]:
   """COCO detections (bbox, RLE segmentation, score) of one image's grid masks [k, h, w]."""
   out = []
   k = len(masks)
@@ -196,8 +213,13 @@ def detections_from_masks(masks: np.ndarray, image_id: int, size: tuple[int, int
     if not full.any():
       continue
     rle = coco_ap.encode_mask(full)
-    out.append({"image_id": int(image_id), "score": (k - i) / k, "segmentation": rle,
-                "bbox": coco_ap.mask_box(rle), "mask": full})
+    out.append({
+        "image_id": int(image_id),
+        "score": (k - i) / k,
+        "segmentation": rle,
+        "bbox": coco_ap.mask_box(rle),
+        "mask": full,
+    })
   return out
 
 
@@ -215,9 +237,18 @@ def _save_example(path: str, image: np.ndarray, detections: list[dict[str, Any]]
 
 
 @common.register("maskcut")
-def run(ctx, *, images_dir: str, annotations: str, tau: float = 0.15, max_masks: int = 3,
-        image_size: int = 480, max_images: Optional[int] = None, batch_size: int = 8,
-        save_examples: int = 4) -> dict:
+def run(
+    ctx,
+    *,
+    images_dir: str,
+    annotations: str,
+    tau: float = 0.15,
+    max_masks: int = 3,
+    image_size: int = 480,
+    max_images: Optional[int] = None,
+    batch_size: int = 8,
+    save_examples: int = 4,
+) -> dict:
   """MaskCut on a COCO-style directory: class-agnostic box and mask AP, AP50, AP75.
 
   Args:
@@ -234,12 +265,15 @@ def run(ctx, *, images_dir: str, annotations: str, tau: float = 0.15, max_masks:
      'masks_per_image'} (fractions).
   """
   if image_size % ctx.patch_size:
-    raise ValueError(f"image_size={image_size} is not a multiple of the patch size "
-                     f"{ctx.patch_size}.")
+    raise ValueError(
+        f"image_size={image_size} is not a multiple of the patch size {ctx.patch_size}."
+    )
   if not os.path.isfile(annotations):
-    raise FileNotFoundError(f"annotations {annotations} not found: give the COCO instances "
-                            "json (annotations/instances_val2017.json).")
-  with open(annotations) as f:
+    raise FileNotFoundError(
+        f"annotations {annotations} not found: give the COCO instances "
+        "json (annotations/instances_val2017.json)."
+    )
+  with open(annotations, encoding="utf-8") as f:
     dataset = json.load(f)
   images = sorted(dataset["images"], key=lambda im: im["id"])
   if max_images:
@@ -252,21 +286,25 @@ def run(ctx, *, images_dir: str, annotations: str, tau: float = 0.15, max_masks:
 
   detections = []
   for start in range(0, len(images), batch_size):
-    infos = images[start:start + batch_size]
-    loaded = [read_image(os.path.join(images_dir, info["file_name"]), image_size)
-              for info in infos]
+    infos = images[start : start + batch_size]
+    loaded = [read_image(os.path.join(images_dir, info["file_name"]), image_size) for info in infos]
     pixels = np.stack([im for im, _ in loaded])
     pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(infos), 0)])
     keys = ctx.predict(ctx.normalize(pixels), outputs=("last_keys",))["last_keys"]
     if keys.shape[:2] != (batch_size, grid[0] * grid[1]):
-      raise ValueError(f"last_keys is {keys.shape}, expected [{batch_size}, "
-                       f"{grid[0] * grid[1]}, D] for {image_size}px images.")
-    masks = np.asarray(batch_masks(jnp.asarray(keys), grid=grid, tau=float(tau),
-                                    max_masks=int(max_masks)))
+      raise ValueError(
+          f"last_keys is {keys.shape}, expected [{batch_size}, "
+          f"{grid[0] * grid[1]}, D] for {image_size}px images."
+      )
+    masks = np.asarray(
+        batch_masks(jnp.asarray(keys), grid=grid, tau=float(tau), max_masks=int(max_masks))
+    )
     for j, (info, (_, size)) in enumerate(zip(infos, loaded)):
       if (size[0], size[1]) != (info.get("height", size[0]), info.get("width", size[1])):
-        raise ValueError(f"image {info['file_name']} is {size[0]}x{size[1]} but "
-                         f"{annotations} says {info['height']}x{info['width']}.")
+        raise ValueError(
+            f"image {info['file_name']} is {size[0]}x{size[1]} but "
+            f"{annotations} says {info['height']}x{info['width']}."
+        )
       dets = detections_from_masks(masks[j], info["id"], size, image_size)
       index = start + j
       if plot_dir is not None and index < save_examples:
@@ -275,8 +313,9 @@ def run(ctx, *, images_dir: str, annotations: str, tau: float = 0.15, max_masks:
           _save_example(path, np.asarray(image.convert("RGB")), dets)
         ctx.add_plot(path)
       detections.extend({k: v for k, v in d.items() if k != "mask"} for d in dets)
-    logging.log_every_n_seconds(logging.INFO, "maskcut: %d / %d images", 60,
-                                start + len(infos), len(images))
+    logging.log_every_n_seconds(
+        logging.INFO, "maskcut: %d / %d images", 60, start + len(infos), len(images)
+    )
 
   gt = coco_ap.agnostic_ground_truth(dataset, [im["id"] for im in images])
   results = coco_ap.class_agnostic_ap(gt, detections)

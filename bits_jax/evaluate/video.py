@@ -16,6 +16,7 @@ Data: a directory in DAVIS layout, `JPEGImages/480p/<seq>/*.jpg`, `Annotations/4
 *.png` (palette PNGs of object ids, one per frame) and `ImageSets/2017/<split>.txt`. Frames
 are read one batch at a time; only the n + 1 context frames' features stay in memory.
 """
+
 import functools
 import math
 import os
@@ -32,41 +33,68 @@ from bits_jax.evaluate import davis_metrics
 
 # What ../shared/PAPER.md states (Tab. 7, BITS-fixed, ViT-B/16, ImageNet-1k, 100 epochs),
 # as a fraction like our metrics (the paper prints 62.78).
-paper_reference = {"table": "Tab. 7 (DAVIS-2017 val, DINO label propagation)",
-                   "method": "BITS-fixed", "JF_mean": 0.6278}
+paper_reference = {
+    "table": "Tab. 7 (DAVIS-2017 val, DINO label propagation)",
+    "method": "BITS-fixed",
+    "JF_mean": 0.6278,
+}
 
 VOID_LABEL = 255  # DAVIS "void"; the toolkit scores it as background
-_PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                     [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
-                     [210, 245, 60], [250, 190, 190]], np.uint8)
+_PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 190],
+    ],
+    np.uint8,
+)
 
 
 # ----------------------------------------------------------------------------- geometry
 
 
-def frame_size(height: int, width: int, *, patch_size: int, short_side: Optional[int] = None,
-               round_to: int = 64) -> tuple[int, int]:
+def frame_size(
+    height: int,
+    width: int,
+    *,
+    patch_size: int,
+    short_side: Optional[int] = None,
+    round_to: int = 64,
+) -> tuple[int, int]:
   """(th, tw) the network sees: short side -> short_side, long side scaled and rounded down
   to a multiple of `round_to` (DINO: short side 480, multiple 64; a square frame counts as
   landscape)."""
   short = short_side or min(height, width)
   if short % patch_size or round_to % patch_size:
-    raise ValueError(f"resize={short} and round_to={round_to} must be multiples of the patch "
-                     f"size {patch_size}: pick a short side such as 480.")
+    raise ValueError(
+        f"resize={short} and round_to={round_to} must be multiples of the patch "
+        f"size {patch_size}: pick a short side such as 480."
+    )
   if height > width:
     th, tw = int(short * height / width) // round_to * round_to, short
   else:
     th, tw = short, int(short * width / height) // round_to * round_to
   if th < patch_size or tw < patch_size:
-    raise ValueError(f"frame {height}x{width} resized to {th}x{tw}: the long side rounded to "
-                     f"a multiple of round_to={round_to} is empty; lower round_to.")
+    raise ValueError(
+        f"frame {height}x{width} resized to {th}x{tw}: the long side rounded to "
+        f"a multiple of round_to={round_to} is empty; lower round_to."
+    )
   return th, tw
 
 
 def nearest_index(size_in: int, size_out: int) -> np.ndarray:
   """Source index of each output pixel of a nearest resize (pixel centres, as PIL)."""
-  return np.minimum(((np.arange(size_out) + 0.5) * size_in / size_out).astype(np.int64),
-                    size_in - 1)
+  return np.minimum(
+      ((np.arange(size_out) + 0.5) * size_in / size_out).astype(np.int64), size_in - 1
+  )
 
 
 def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -114,8 +142,18 @@ def _window(grid: tuple[int, int], radius: int, queries: jax.Array) -> jax.Array
   return (d_row <= radius) & (d_col <= radius)
 
 
-def propagate_labels(target, feats, labels, valid, *, grid: tuple[int, int], topk: int,
-                     neighborhood: int, temperature: float, block: int = 1024) -> jax.Array:
+def propagate_labels(
+    target,
+    feats,
+    labels,
+    valid,
+    *,
+    grid: tuple[int, int],
+    topk: int,
+    neighborhood: int,
+    temperature: float,
+    block: int = 1024,
+) -> jax.Array:
   """Soft labels of the target frame from the context frames.
 
   Args:
@@ -138,8 +176,8 @@ def propagate_labels(target, feats, labels, valid, *, grid: tuple[int, int], top
   num_labels = labels.shape[-1]
   src = feats.reshape(m * n, dim)
   src_labels = labels.reshape(m * n, num_labels)
-  block = min(block, n)
   n_blocks = math.ceil(n / block)
+  block = math.ceil(n / n_blocks)  # equal blocks, little padding
   index = jnp.minimum(jnp.arange(n_blocks * block), n - 1).reshape(n_blocks, block)
 
   def one_block(queries):
@@ -149,7 +187,8 @@ def propagate_labels(target, feats, labels, valid, *, grid: tuple[int, int], top
     if neighborhood > 0:
       keep = keep & _window(grid, neighborhood, queries)[:, None, :]
     aff = jnp.where(keep, aff, 0.0).reshape(block, m * n)
-    kth = jax.lax.top_k(aff, topk)[0][:, -1:]
+    # min over all k values: slicing out only the k-th lets XLA:CPU rewrite top_k to a sort.
+    kth = jax.lax.top_k(aff, topk)[0].min(axis=-1, keepdims=True)
     weights = jnp.where(aff >= kth, aff, 0.0)
     weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
     return jnp.matmul(weights, src_labels, precision=jax.lax.Precision.HIGHEST)
@@ -165,8 +204,9 @@ def upsample_argmax(labels, *, grid: tuple[int, int], size: tuple[int, int], row
   label whose maximum is 0 is left as is), arg-max, then nearest resampling by the index
   arrays `rows`, `cols` (into `size`).
   """
-  up = jax.image.resize(labels.reshape(grid[0], grid[1], -1), (size[0], size[1],
-                                                               labels.shape[-1]), "bilinear")
+  up = jax.image.resize(
+      labels.reshape(grid[0], grid[1], -1), (size[0], size[1], labels.shape[-1]), "bilinear"
+  )
   lo, hi = up.min(axis=(0, 1)), up.max(axis=(0, 1))
   scaled = (up - lo) / jnp.where(hi > lo, hi - lo, 1.0)
   up = jnp.where(hi > 0, jnp.where(hi > lo, scaled, 0.0), up)
@@ -179,15 +219,39 @@ def _l2_normalize(x):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "size", "topk", "neighborhood",
-                                             "temperature", "store"),
-                   donate_argnums=(0, 1, 2))
-def _step(feats, labels, valid, target, slot, rows, cols, *, grid, size, topk, neighborhood,
-          temperature, store):
+@functools.partial(
+    jax.jit,
+    static_argnames=("grid", "size", "topk", "neighborhood", "temperature", "store"),
+    donate_argnums=(0, 1, 2),
+)
+def _step(
+    feats,
+    labels,
+    valid,
+    target,
+    slot,
+    rows,
+    cols,
+    *,
+    grid,
+    size,
+    topk,
+    neighborhood,
+    temperature,
+    store,
+):
   """One frame: propagate, store it in context slot `slot`, and segment it."""
   target = _l2_normalize(target)
-  soft = propagate_labels(target, feats, labels, valid, grid=grid, topk=topk,
-                          neighborhood=neighborhood, temperature=temperature)
+  soft = propagate_labels(
+      target,
+      feats,
+      labels,
+      valid,
+      grid=grid,
+      topk=topk,
+      neighborhood=neighborhood,
+      temperature=temperature,
+  )
   if store:
     feats = feats.at[slot].set(target)
     labels = labels.at[slot].set(soft)
@@ -210,11 +274,20 @@ def _batches(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarra
     yield batch
 
 
-def segment_video(frames: Iterable[np.ndarray], first_mask: np.ndarray,
-                  features_fn: FeatureFn, *, patch_size: int, n_last_frames: int = 7,
-                  topk: int = 5, neighborhood: int = 12, temperature: float = 0.1,
-                  resize: Optional[int] = None, round_to: int = 64,
-                  batch_frames: int = 4) -> Iterator[np.ndarray]:
+def segment_video(
+    frames: Iterable[np.ndarray],
+    first_mask: np.ndarray,
+    features_fn: FeatureFn,
+    *,
+    patch_size: int,
+    n_last_frames: int = 7,
+    topk: int = 5,
+    neighborhood: int = 12,
+    temperature: float = 0.1,
+    resize: Optional[int] = None,
+    round_to: int = 64,
+    batch_frames: int = 4,
+) -> Iterator[np.ndarray]:
   """Propagates the first frame's labels through a video.
 
   Args:
@@ -230,12 +303,13 @@ def segment_video(frames: Iterable[np.ndarray], first_mask: np.ndarray,
     [H, W] int32 predicted object ids of frames 1, 2, ... (not the first).
   """
   if topk < 1 or n_last_frames < 0 or temperature <= 0:
-    raise ValueError(f"need topk >= 1, n_last_frames >= 0, temperature > 0; got {topk}, "
-                     f"{n_last_frames}, {temperature}.")
+    raise ValueError(
+        f"need topk >= 1, n_last_frames >= 0, temperature > 0; got {topk}, "
+        f"{n_last_frames}, {temperature}."
+    )
   first_mask = np.asarray(first_mask)
   height, width = first_mask.shape
-  size = frame_size(height, width, patch_size=patch_size, short_side=resize,
-                    round_to=round_to)
+  size = frame_size(height, width, patch_size=patch_size, short_side=resize, round_to=round_to)
   grid = (size[0] // patch_size, size[1] // patch_size)
   num_labels = int(first_mask.max()) + 1
   num_labels_padded = 4 * math.ceil(num_labels / 4)  # fewer compilations across sequences
@@ -248,15 +322,19 @@ def segment_video(frames: Iterable[np.ndarray], first_mask: np.ndarray,
     resized = []
     for frame in batch:
       if frame.shape[:2] != (height, width):
-        raise ValueError(f"frame {t + len(resized)} is {frame.shape[:2]}, the first mask "
-                         f"{(height, width)}: all frames must match the annotation size.")
+        raise ValueError(
+            f"frame {t + len(resized)} is {frame.shape[:2]}, the first mask "
+            f"{(height, width)}: all frames must match the annotation size."
+        )
       resized.append(resize_bilinear(frame, size))
     padded = np.stack(resized + [resized[-1]] * (batch_frames - len(resized)))
     tokens = np.asarray(features_fn(padded))
     if tokens.ndim != 3 or tokens.shape[:2] != (batch_frames, grid[0] * grid[1]):
-      raise ValueError(f"features_fn returned {tokens.shape} for frames {padded.shape}: "
-                       f"expected [{batch_frames}, {grid[0] * grid[1]}, D] patch tokens of "
-                       f"stride {patch_size}.")
+      raise ValueError(
+          f"features_fn returned {tokens.shape} for frames {padded.shape}: "
+          f"expected [{batch_frames}, {grid[0] * grid[1]}, D] patch tokens of "
+          f"stride {patch_size}."
+      )
     for i in range(len(batch)):
       if t == 0:
         first = _l2_normalize(jnp.asarray(tokens[0]))
@@ -267,9 +345,20 @@ def segment_video(frames: Iterable[np.ndarray], first_mask: np.ndarray,
       else:
         slot = 1 + (t - 1) % n_last_frames if n_last_frames else 0
         feats, labels, valid, seg = _step(
-            feats, labels, valid, jnp.asarray(tokens[i]), jnp.int32(slot), rows, cols,
-            grid=grid, size=size, topk=int(topk), neighborhood=int(neighborhood),
-            temperature=float(temperature), store=n_last_frames > 0)
+            feats,
+            labels,
+            valid,
+            jnp.asarray(tokens[i]),
+            jnp.int32(slot),
+            rows,
+            cols,
+            grid=grid,
+            size=size,
+            topk=int(topk),
+            neighborhood=int(neighborhood),
+            temperature=float(temperature),
+            store=n_last_frames > 0,
+        )
         yield np.asarray(seg)
       t += 1
 
@@ -281,27 +370,36 @@ def _imageset(data_dir: str, split: str) -> str:
   return os.path.join(data_dir, "ImageSets", "2017", f"{split}.txt")
 
 
-def list_sequences(data_dir: str, split: str = "val", sequences: Optional[Sequence[str]] = None,
-                   resolution: str = "480p") -> list[str]:
+def list_sequences(
+    data_dir: str,
+    split: str = "val",
+    sequences: Optional[Sequence[str]] = None,
+    resolution: str = "480p",
+) -> list[str]:
   """Sequence names: `sequences` (each must have a frame directory) or the split's list."""
   frames_root = os.path.join(data_dir, "JPEGImages", resolution)
   if sequences is None:
     path = _imageset(data_dir, split)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"DAVIS split list {path} not found: point data_dir at the "
-                              f"DAVIS-2017 root (with ImageSets/2017/{split}.txt).")
-    with open(path) as f:
+      raise FileNotFoundError(
+          f"DAVIS split list {path} not found: point data_dir at the "
+          f"DAVIS-2017 root (with ImageSets/2017/{split}.txt)."
+      )
+    with open(path, encoding="utf-8") as f:
       sequences = [line.strip() for line in f if line.strip()]
   sequences = list(sequences)
   for name in sequences:
     if not os.path.isdir(os.path.join(frames_root, name)):
-      raise ValueError(f"unknown sequence {name!r}: {os.path.join(frames_root, name)} does not "
-                       f"exist (names are listed in {_imageset(data_dir, split)}).")
+      raise ValueError(
+          f"unknown sequence {name!r}: {os.path.join(frames_root, name)} does not "
+          f"exist (names are listed in {_imageset(data_dir, split)})."
+      )
   return sequences
 
 
-def sequence_files(data_dir: str, name: str,
-                   resolution: str = "480p") -> tuple[list[str], list[str]]:
+def sequence_files(
+    data_dir: str, name: str, resolution: str = "480p"
+) -> tuple[list[str], list[str]]:
   """(frame paths, annotation paths) of a sequence, sorted; every frame needs an annotation."""
   frame_dir = os.path.join(data_dir, "JPEGImages", resolution, name)
   frames = sorted(f for f in os.listdir(frame_dir) if f.lower().endswith(".jpg"))
@@ -311,8 +409,10 @@ def sequence_files(data_dir: str, name: str,
   annotations = [os.path.join(ann_dir, os.path.splitext(f)[0] + ".png") for f in frames]
   for path in annotations:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"missing annotation {path} for frame "
-                              f"{os.path.join(frame_dir, os.path.basename(path)[:-4])}.jpg.")
+      raise FileNotFoundError(
+          f"missing annotation {path} for frame "
+          f"{os.path.join(frame_dir, os.path.basename(path)[:-4])}.jpg."
+      )
   return [os.path.join(frame_dir, f) for f in frames], annotations
 
 
@@ -326,8 +426,10 @@ def read_annotation(path: str) -> np.ndarray:
   """[H, W] int32 object ids of a palette (or grayscale) PNG; void (255) -> background."""
   with Image.open(path) as image:
     if image.mode not in ("P", "L"):
-      raise ValueError(f"annotation {path} has mode {image.mode}: DAVIS annotations are "
-                       "palette PNGs whose indices are object ids.")
+      raise ValueError(
+          f"annotation {path} has mode {image.mode}: DAVIS annotations are "
+          "palette PNGs whose indices are object ids."
+      )
     ids = np.asarray(image).astype(np.int32)
   return np.where(ids == VOID_LABEL, 0, ids)
 
@@ -335,14 +437,22 @@ def read_annotation(path: str) -> np.ndarray:
 def overlay(frame: np.ndarray, seg: np.ndarray, alpha: float = 0.5) -> np.ndarray:
   """uint8 [H, W, 3] frame with object ids [H, W] painted over it."""
   colors = _PALETTE[np.asarray(seg) % len(_PALETTE)].astype(np.float32)
-  out = np.where(np.asarray(seg)[..., None] > 0,
-                 (1 - alpha) * frame.astype(np.float32) + alpha * colors, frame)
+  out = np.where(
+      np.asarray(seg)[..., None] > 0, (1 - alpha) * frame.astype(np.float32) + alpha * colors, frame
+  )
   return out.astype(np.uint8)
 
 
-def evaluate_sequence(data_dir: str, name: str, features_fn: FeatureFn, *, patch_size: int,
-                      resolution: str = "480p", example_path: Optional[str] = None,
-                      **propagation) -> tuple[np.ndarray, np.ndarray]:
+def evaluate_sequence(
+    data_dir: str,
+    name: str,
+    features_fn: FeatureFn,
+    *,
+    patch_size: int,
+    resolution: str = "480p",
+    example_path: Optional[str] = None,
+    **propagation,
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-object (J, F) means [K] of one sequence (first and last frame not scored)."""
   frame_paths, ann_paths = sequence_files(data_dir, name, resolution)
   first_mask = read_annotation(ann_paths[0])
@@ -353,37 +463,56 @@ def evaluate_sequence(data_dir: str, name: str, features_fn: FeatureFn, *, patch
   n = len(frame_paths)
 
   def frames():  # the last frame is not scored, so it is not propagated either
-    for path in frame_paths[:n - 1]:
+    for path in frame_paths[: n - 1]:
       frame = read_frame(path)
       if frame.shape[:2] != first_mask.shape:
-        raise ValueError(f"frame {path} is {frame.shape[0]}x{frame.shape[1]} but the first "
-                         f"annotation {ann_paths[0]} is {first_mask.shape[0]}x"
-                         f"{first_mask.shape[1]}: frames and masks must have one size.")
+        raise ValueError(
+            f"frame {path} is {frame.shape[0]}x{frame.shape[1]} but the first "
+            f"annotation {ann_paths[0]} is {first_mask.shape[0]}x"
+            f"{first_mask.shape[1]}: frames and masks must have one size."
+        )
       yield frame
 
   j_frames, f_frames = [], []
   example_index = n // 2
-  for t, seg in enumerate(segment_video(frames(), first_mask, features_fn,
-                                        patch_size=patch_size, **propagation), start=1):
+  for t, seg in enumerate(
+      segment_video(frames(), first_mask, features_fn, patch_size=patch_size, **propagation),
+      start=1,
+  ):
     gt = read_annotation(ann_paths[t])
     if gt.shape != seg.shape:
-      raise ValueError(f"annotation {ann_paths[t]} is {gt.shape[0]}x{gt.shape[1]} but frame "
-                       f"{frame_paths[t]} is {seg.shape[0]}x{seg.shape[1]}.")
+      raise ValueError(
+          f"annotation {ann_paths[t]} is {gt.shape[0]}x{gt.shape[1]} but frame "
+          f"{frame_paths[t]} is {seg.shape[0]}x{seg.shape[1]}."
+      )
     j, f = davis_metrics.frame_scores(seg, gt, num_objects)
     j_frames.append(j)
     f_frames.append(f)
     if example_path and t == example_index:
       Image.fromarray(overlay(read_frame(frame_paths[t]), seg)).save(example_path)
-  return davis_metrics.sequence_means(np.reshape(j_frames, (-1, num_objects)),
-                                      np.reshape(f_frames, (-1, num_objects)))
+  return davis_metrics.sequence_means(
+      np.reshape(j_frames, (-1, num_objects)), np.reshape(f_frames, (-1, num_objects))
+  )
 
 
 @common.register("davis")
-def run(ctx, *, data_dir: str, sequences: Optional[Sequence[str]] = None,
-        n_last_frames: int = 7, topk: int = 5, neighborhood: int = 12,
-        temperature: float = 0.1, resize: Optional[int] = None, round_to: int = 64,
-        split: str = "val", resolution: str = "480p", batch_frames: int = 4,
-        max_sequences: Optional[int] = None, save_examples: int = 2) -> dict:
+def run(
+    ctx,
+    *,
+    data_dir: str,
+    sequences: Optional[Sequence[str]] = None,
+    n_last_frames: int = 7,
+    topk: int = 5,
+    neighborhood: int = 12,
+    temperature: float = 0.1,
+    resize: Optional[int] = None,
+    round_to: int = 64,
+    split: str = "val",
+    resolution: str = "480p",
+    batch_frames: int = 4,
+    max_sequences: Optional[int] = None,
+    save_examples: int = 2,
+) -> dict:
   """DAVIS-2017 J, F and J&F means (fractions) over a split's sequences.
 
   Returns:
@@ -406,14 +535,23 @@ def run(ctx, *, data_dir: str, sequences: Optional[Sequence[str]] = None,
     if plot_dir is not None and i < save_examples:
       example = os.path.join(plot_dir, f"davis_{name}.png")
     per_sequence[name] = evaluate_sequence(
-        data_dir, name, features_fn, patch_size=ctx.patch_size, resolution=resolution,
-        example_path=example, n_last_frames=n_last_frames, topk=topk,
-        neighborhood=neighborhood, temperature=temperature, resize=resize, round_to=round_to,
-        batch_frames=batch_frames)
+        data_dir,
+        name,
+        features_fn,
+        patch_size=ctx.patch_size,
+        resolution=resolution,
+        example_path=example,
+        n_last_frames=n_last_frames,
+        topk=topk,
+        neighborhood=neighborhood,
+        temperature=temperature,
+        resize=resize,
+        round_to=round_to,
+        batch_frames=batch_frames,
+    )
     if example is not None and os.path.isfile(example):
       ctx.add_plot(example)
-    logging.info("davis %s: J&F %.4f", name,
-                 float(np.nanmean(np.add(*per_sequence[name]) / 2)))
+    logging.info("davis %s: J&F %.4f", name, float(np.nanmean(np.add(*per_sequence[name]) / 2)))
   results = davis_metrics.summarize(per_sequence)
   results["num_sequences"] = len(names)
   return results

@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.maskcut and coco_ap (MaskCut, class-agnostic COCO AP)."""
+
 import json
 import os
 
@@ -23,21 +24,26 @@ _PATCH = 4
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_last_block_keys_match_layernorm_then_key_projection(remat):
-  model = vit.ViT(width=16, depth=2, num_heads=2, patch_size=_PATCH, image_size=16,
-                  remat=remat)
+  model = vit.ViT(width=16, depth=2, num_heads=2, patch_size=_PATCH, image_size=16, remat=remat)
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(1), images)
   got = jax.jit(lambda v, x: maskcut.last_block_keys(model, v, x))(variables, images)
   assert got.shape == (2, 2 * 3, 16)
-  np.testing.assert_allclose(got, jax.jit(_manual_keys)(variables["params"], images),
-                             atol=2e-5)
+  np.testing.assert_allclose(got, jax.jit(_manual_keys)(variables["params"], images), atol=2e-5)
 
 
 def _manual_keys(params, images):
   """Embedding, block0, then block1's norm1 (LayerNorm) and key projection; CLS dropped."""
-  x = jax.lax.conv_general_dilated(
-      images, params["patch_embed"]["kernel"], (_PATCH, _PATCH), "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["patch_embed"]["bias"]
+  x = (
+      jax.lax.conv_general_dilated(
+          images,
+          params["patch_embed"]["kernel"],
+          (_PATCH, _PATCH),
+          "VALID",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      + params["patch_embed"]["bias"]
+  )
   x = x.reshape(2, 6, 16) + vit.resize_pos_embed(params["pos_embed"], (2, 3))
   x = jnp.concatenate([jnp.broadcast_to(params["cls_token"], (2, 1, 16)), x], axis=1)
   x = vit.EncoderBlock(num_heads=2).apply({"params": params["block0"]}, x)
@@ -53,6 +59,7 @@ def _manual_keys(params, images):
 def test_last_block_keys_needs_a_vit():
   class NotAViT:
     pass
+
   with pytest.raises(ValueError, match="ViT"):
     maskcut.last_block_keys(NotAViT(), {}, jnp.zeros((1, 8, 8, 3)))
 
@@ -96,7 +103,7 @@ def _object_features(grid, objects, rng, noise=0.03):
 
 def _box_mask(grid, box):
   mask = np.zeros(grid, bool)
-  mask[box[0]:box[1], box[2]:box[3]] = True
+  mask[box[0] : box[1], box[2] : box[3]] = True
   return mask
 
 
@@ -104,10 +111,13 @@ def _iou(a, b):
   return (a & b).sum() / max((a | b).sum(), 1)
 
 
-@pytest.mark.parametrize("objects", [
-    [(3, 8, 4, 10)],
-    [(2, 6, 2, 7), (7, 11, 6, 10)],
-])
+@pytest.mark.parametrize(
+    "objects",
+    [
+        [(3, 8, 4, 10)],
+        [(2, 6, 2, 7), (7, 11, 6, 10)],
+    ],
+)
 def test_maskcut_recovers_the_objects(objects):
   grid = (12, 12)
   feats = _object_features(grid, objects, np.random.default_rng(0))
@@ -136,23 +146,32 @@ def _coco(boxes_per_image, size=(40, 50)):
   """Instances json with rectangle objects (polygon segmentations)."""
   images, anns = [], []
   for image_id, boxes in enumerate(boxes_per_image, start=1):
-    images.append({"id": image_id, "file_name": f"{image_id:06d}.png", "height": size[0],
-                   "width": size[1]})
+    images.append(
+        {"id": image_id, "file_name": f"{image_id:06d}.png", "height": size[0], "width": size[1]}
+    )
     for x, y, w, h in boxes:
-      anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 7 + len(anns),
-                   "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
-                   "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
-  return {"images": images, "annotations": anns, "categories": [
-      {"id": 7 + i, "name": f"c{i}"} for i in range(len(anns))]}
+      anns.append({
+          "id": len(anns) + 1,
+          "image_id": image_id,
+          "category_id": 7 + len(anns),
+          "bbox": [x, y, w, h],
+          "area": w * h,
+          "iscrowd": 0,
+          "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+      })
+  return {
+      "images": images,
+      "annotations": anns,
+      "categories": [{"id": 7 + i, "name": f"c{i}"} for i in range(len(anns))],
+  }
 
 
 def _detection(image_id, box, size=(40, 50), score=1.0):
   x, y, w, h = box
   mask = np.zeros(size, bool)
-  mask[y:y + h, x:x + w] = True
+  mask[y : y + h, x : x + w] = True
   rle = coco_ap.encode_mask(mask)
-  return {"image_id": image_id, "score": score, "bbox": coco_ap.mask_box(rle),
-          "segmentation": rle}
+  return {"image_id": image_id, "score": score, "bbox": coco_ap.mask_box(rle), "segmentation": rle}
 
 
 def test_mask_box_is_the_rectangle():
@@ -225,12 +244,13 @@ def _write_coco(root):
   for info, boxes in zip(data["images"], _OBJECT_BOXES):
     image = np.zeros((48, 64, 3), np.float32) + (40, 150, 40)
     for k, (x, y, w, h) in enumerate(boxes):
-      image[y:y + h, x:x + w] = (210, 40, 40) if k == 0 else (40, 40, 210)
+      image[y : y + h, x : x + w] = (210, 40, 40) if k == 0 else (40, 40, 210)
     image += rng.uniform(-20, 20, size=image.shape)
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-        os.path.join(root, "val", info["file_name"]))
+        os.path.join(root, "val", info["file_name"])
+    )
   path = os.path.join(root, "instances.json")
-  with open(path, "w") as f:
+  with open(path, "w", encoding="utf-8") as f:
     json.dump(data, f)
   return path
 
@@ -238,8 +258,14 @@ def _write_coco(root):
 def test_run_detects_the_objects(tmp_path):
   annotations = _write_coco(str(tmp_path))
   ctx = _Ctx(out_dir=str(tmp_path / "out"))
-  got = maskcut.run(ctx, images_dir=str(tmp_path / "val"), annotations=annotations,
-                    image_size=32, batch_size=4, save_examples=1)
+  got = maskcut.run(
+      ctx,
+      images_dir=str(tmp_path / "val"),
+      annotations=annotations,
+      image_size=32,
+      batch_size=4,
+      save_examples=1,
+  )
   for key in ("box/AP50", "box/AP75", "mask/AP50", "mask/AP75"):
     assert got[key] == pytest.approx(1.0), got
   assert got["num_images"] == 2 and 1 <= got["masks_per_image"] <= 3
@@ -251,5 +277,4 @@ def test_missing_image_is_named(tmp_path):
   missing = os.path.join(str(tmp_path), "val", "000002.png")
   os.remove(missing)
   with pytest.raises(FileNotFoundError, match=missing):
-    maskcut.run(_Ctx(), images_dir=str(tmp_path / "val"), annotations=annotations,
-                image_size=32)
+    maskcut.run(_Ctx(), images_dir=str(tmp_path / "val"), annotations=annotations, image_size=32)

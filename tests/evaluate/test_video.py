@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.video and davis_metrics (DAVIS label propagation, J and F)."""
+
 import itertools
 import math
 import os
@@ -21,8 +22,8 @@ def _synthetic_video(seed=0):
   frames, masks = [], []
   for t in range(_FRAMES):
     mask = np.zeros((_H, _W), np.uint8)
-    mask[8:20, 4 + 4 * t:16 + 4 * t] = 1
-    mask[4 + 2 * t:12 + 2 * t, 44:52] = 2
+    mask[8:20, 4 + 4 * t : 16 + 4 * t] = 1
+    mask[4 + 2 * t : 12 + 2 * t, 44:52] = 2
     colors = np.array([[40, 150, 40], [210, 40, 40], [40, 40, 210]], np.float32)
     frame = colors[mask] + rng.uniform(-25, 25, size=(_H, _W, 3))
     frames.append(np.clip(frame, 0, 255).astype(np.uint8))
@@ -36,13 +37,14 @@ def _write_davis(root, name="square", frames=None, masks=None):
     os.makedirs(os.path.join(root, sub, "480p", name), exist_ok=True)
   for t, (frame, mask) in enumerate(zip(frames, masks)):
     # PNG frames saved under .jpg names keep the test lossless; PIL reads them by content.
-    Image.fromarray(frame).save(os.path.join(root, "JPEGImages", "480p", name, f"{t:05d}.jpg"),
-                                format="PNG")
+    Image.fromarray(frame).save(
+        os.path.join(root, "JPEGImages", "480p", name, f"{t:05d}.jpg"), format="PNG"
+    )
     ann = Image.fromarray(mask, mode="L").convert("P")
     ann.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (3 * 253))
     ann.save(os.path.join(root, "Annotations", "480p", name, f"{t:05d}.png"))
   os.makedirs(os.path.join(root, "ImageSets", "2017"), exist_ok=True)
-  with open(os.path.join(root, "ImageSets", "2017", "val.txt"), "w") as f:
+  with open(os.path.join(root, "ImageSets", "2017", "val.txt"), "w", encoding="utf-8") as f:
     f.write(name + "\n")
   return root
 
@@ -118,8 +120,9 @@ def test_propagate_labels_matches_the_reference(radius):
   feats = unit(rng.normal(size=(m, 12, dim))).astype(np.float32)
   labels = rng.dirichlet(np.ones(num_labels), size=(m, 12)).astype(np.float32)
   valid = np.array([True, True, False])
-  got = video.propagate_labels(target, feats, labels, valid, grid=grid, topk=3,
-                               neighborhood=radius, temperature=0.1, block=5)
+  got = video.propagate_labels(
+      target, feats, labels, valid, grid=grid, topk=3, neighborhood=radius, temperature=0.1, block=5
+  )
   want = _reference_propagation(target, feats, labels, valid, grid, 3, radius, 0.1)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
@@ -147,8 +150,9 @@ def _reference_bmap(seg):
     elif x == w - 1:
       out[y, x] = seg[y, x] != val(y + 1, x)
     else:
-      out[y, x] = (seg[y, x] != seg[y, x + 1] or seg[y, x] != seg[y + 1, x]
-                   or seg[y, x] != seg[y + 1, x + 1])
+      out[y, x] = (
+          seg[y, x] != seg[y, x + 1] or seg[y, x] != seg[y + 1, x] or seg[y, x] != seg[y + 1, x + 1]
+      )
   return out
 
 
@@ -157,8 +161,9 @@ def _reference_f(pred, gt, radius):
 
   def matched(a, b):  # pixels of a with a pixel of b within the disk
     pts = np.argwhere(b)
-    return sum(any((y - py) ** 2 + (x - px) ** 2 <= radius ** 2 for py, px in pts)
-               for y, x in np.argwhere(a))
+    return sum(
+        any((y - py) ** 2 + (x - px) ** 2 <= radius**2 for py, px in pts) for y, x in np.argwhere(a)
+    )
 
   if not bp.any() and not bg.any():
     return 1.0
@@ -196,7 +201,8 @@ def test_j_and_f_match_the_reference(tolerance):
     j_want = 1.0 if union == 0 else (pred & gt).sum() / union
     assert davis_metrics.region_iou(pred, gt) == pytest.approx(j_want)
     assert davis_metrics.boundary_f(pred, gt, tolerance) == pytest.approx(
-        _reference_f(pred, gt, radius)), (pred.sum(), gt.sum())
+        _reference_f(pred, gt, radius)
+    ), (pred.sum(), gt.sum())
 
 
 def test_frame_scores_and_summary():
@@ -208,8 +214,9 @@ def test_frame_scores_and_summary():
   j, f = davis_metrics.frame_scores(empty.astype(int), pred, num_objects=2)
   np.testing.assert_allclose(j, 0.0)
   np.testing.assert_allclose(f, 0.0)
-  got = davis_metrics.summarize({"x": (np.array([1.0, 0.5]), np.array([0.5, 0.0])),
-                                 "y": (np.array([0.0]), np.array([1.0]))})
+  got = davis_metrics.summarize(
+      {"x": (np.array([1.0, 0.5]), np.array([0.5, 0.0])), "y": (np.array([0.0]), np.array([1.0]))}
+  )
   assert got["J_mean"] == pytest.approx(0.5) and got["F_mean"] == pytest.approx(0.5)
   assert got["seq/x/JF"] == pytest.approx(0.5) and got["seq/y/JF"] == pytest.approx(0.5)
 
