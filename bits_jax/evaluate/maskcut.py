@@ -240,8 +240,8 @@ def _save_example(path: str, image: np.ndarray, detections: list[dict[str, Any]]
 def run(
     ctx,
     *,
-    images_dir: str,
-    annotations: str,
+    images_dir: Optional[str] = None,
+    annotations: Optional[str] = None,
     tau: float = 0.15,
     max_masks: int = 3,
     image_size: int = 480,
@@ -264,6 +264,11 @@ def run(
     {'box/AP', 'box/AP50', 'box/AP75', 'mask/AP', 'mask/AP50', 'mask/AP75', 'num_images',
      'masks_per_image'} (fractions).
   """
+  if not images_dir or not annotations:
+    raise ValueError(
+        "the maskcut evaluator needs images_dir=<COCO val2017/> and "
+        "annotations=<annotations/instances_val2017.json>."
+    )
   if image_size % ctx.patch_size:
     raise ValueError(
         f"image_size={image_size} is not a multiple of the patch size {ctx.patch_size}."

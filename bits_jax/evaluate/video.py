@@ -499,7 +499,7 @@ def evaluate_sequence(
 def run(
     ctx,
     *,
-    data_dir: str,
+    data_dir: Optional[str] = None,
     sequences: Optional[Sequence[str]] = None,
     n_last_frames: int = 7,
     topk: int = 5,
@@ -518,6 +518,11 @@ def run(
   Returns:
     {'J_mean', 'F_mean', 'JF_mean', 'num_sequences', 'seq/<name>/JF'}.
   """
+  if not data_dir:
+    raise ValueError(
+        "the davis evaluator needs data_dir=<DAVIS-2017 root> (with JPEGImages/, "
+        "Annotations/ and ImageSets/2017/)."
+    )
   names = list_sequences(data_dir, split, sequences, resolution)
   if max_sequences:
     names = names[:max_sequences]

@@ -278,3 +278,5 @@ def test_missing_image_is_named(tmp_path):
   os.remove(missing)
   with pytest.raises(FileNotFoundError, match=missing):
     maskcut.run(_Ctx(), images_dir=str(tmp_path / "val"), annotations=annotations, image_size=32)
+  with pytest.raises(ValueError, match="needs images_dir"):
+    maskcut.run(_Ctx(), annotations=annotations)

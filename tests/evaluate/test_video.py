@@ -248,3 +248,5 @@ def test_unknown_sequence_is_named(tmp_path):
   os.remove(os.path.join(root, "ImageSets", "2017", "val.txt"))
   with pytest.raises(FileNotFoundError, match="val.txt"):
     video.run(_Ctx(), data_dir=root)
+  with pytest.raises(ValueError, match="needs data_dir"):
+    video.run(_Ctx())
