@@ -1,5 +1,6 @@
 """Tests for bits_jax.evaluate.maskcut and coco_ap (MaskCut, class-agnostic COCO AP)."""
 
+import importlib.util
 import json
 import os
 
@@ -14,7 +15,10 @@ from bits_jax.evaluate import coco_ap
 from bits_jax.evaluate import maskcut
 from bits_jax.models import vit
 
-pytest.importorskip("pycocotools")
+needs_coco = pytest.mark.skipif(
+    importlib.util.find_spec("pycocotools") is None,
+    reason="COCO AP needs pycocotools (pip install pycocotools)",
+)
 
 _PATCH = 4
 
@@ -174,10 +178,12 @@ def _detection(image_id, box, size=(40, 50), score=1.0):
   return {"image_id": image_id, "score": score, "bbox": coco_ap.mask_box(rle), "segmentation": rle}
 
 
+@needs_coco
 def test_mask_box_is_the_rectangle():
   assert _detection(1, (5, 3, 10, 7))["bbox"] == [5.0, 3.0, 10.0, 7.0]
 
 
+@needs_coco
 def test_perfect_detections_score_one():
   boxes = [[(2, 3, 20, 15), (30, 20, 12, 14)], [(10, 10, 25, 20)]]
   gt = coco_ap.agnostic_ground_truth(_coco(boxes))
@@ -187,6 +193,7 @@ def test_perfect_detections_score_one():
     assert got[key] == pytest.approx(1.0), got
 
 
+@needs_coco
 def test_partial_detections_match_coco_interpolation():
   # One of two objects found exactly: precision 1 up to recall 0.5 -> 51 of 101 points.
   gt = coco_ap.agnostic_ground_truth(_coco([[(2, 3, 20, 15), (30, 20, 12, 14)]]))
@@ -201,6 +208,7 @@ def test_partial_detections_match_coco_interpolation():
   assert got["mask/AP"] == pytest.approx(0.3)
 
 
+@needs_coco
 def test_ground_truth_keeps_only_the_evaluated_images():
   gt = coco_ap.agnostic_ground_truth(_coco([[(2, 3, 20, 15)], [(10, 10, 25, 20)]]), [1])
   assert gt.getImgIds() == [1] and len(gt.getAnnIds()) == 1
@@ -255,6 +263,7 @@ def _write_coco(root):
   return path
 
 
+@needs_coco
 def test_run_detects_the_objects(tmp_path):
   annotations = _write_coco(str(tmp_path))
   ctx = _Ctx(out_dir=str(tmp_path / "out"))
