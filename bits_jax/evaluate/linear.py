@@ -1,6 +1,8 @@
-"""Linear probe on frozen, cached features with a learning-rate sweep.
+"""Linear and MLP probes on frozen, cached features with a learning-rate sweep.
 
-All learning rates of the grid are trained at once (vmapped over a leading
+The MLP probe is Linear(d, hidden) -> GELU -> Linear(hidden, classes), first layer
+truncated-normal with std sqrt(2 / d), last layer and biases zero; the linear probe is one
+zero-initialised Linear(d, classes). All learning rates of the grid are trained at once (vmapped over a leading
 model axis) on the same minibatches; the best one on a held-out part of the
 training features is retrained on all of them and scored on the test set.
 The optimizer is built with peak learning rate 1 and its updates are scaled
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from bits_jax.evaluate import common
 
 _EVAL_CHUNK = 8192
 
@@ -29,34 +33,53 @@ def _make_optimizer(name: str, total_steps: int, weight_decay: float,
   raise ValueError(f"unknown optimizer '{name}': use 'sgd' or 'adamw'.")
 
 
+def _init_params(key, m: int, d: int, num_classes: int, hidden_dim: int):
+  """Parameters of m identical heads (linear when hidden_dim == 0)."""
+  if not hidden_dim:
+    return {"w": jnp.zeros((m, d, num_classes), jnp.float32),
+            "b": jnp.zeros((m, num_classes), jnp.float32)}
+  w1 = jax.random.truncated_normal(key, -2.0, 2.0, (d, hidden_dim)) * jnp.sqrt(2.0 / d)
+  return {"w1": jnp.broadcast_to(w1, (m, d, hidden_dim)),
+          "b1": jnp.zeros((m, hidden_dim), jnp.float32),
+          "w2": jnp.zeros((m, hidden_dim, num_classes), jnp.float32),
+          "b2": jnp.zeros((m, num_classes), jnp.float32)}
+
+
+def _head(p, x):
+  """Logits of one head: x [n, d] -> [n, C]."""
+  if "w" in p:
+    return x @ p["w"] + p["b"]
+  return jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
 @functools.partial(jax.jit, static_argnames=(
     "num_classes", "epochs", "batch_size", "optimizer", "weight_decay",
-    "momentum"))
+    "momentum", "hidden_dim"))
 def _train(feats, labels, lrs, key, *, num_classes, epochs, batch_size,
-           optimizer, weight_decay, momentum):
-  """Trains one linear head per learning rate.
+           optimizer, weight_decay, momentum, hidden_dim=0):
+  """Trains one head per learning rate.
 
   Args:
     feats: [n, d] (already standardized if wanted).
     labels: [n] int32.
     lrs: [m] peak learning rates.
-    key: PRNG key for the per-epoch shuffles.
+    key: PRNG key for the initialisation and the per-epoch shuffles.
+    hidden_dim: 0 for a linear head, else the MLP's hidden width.
 
   Returns:
-    params {'w': [m, d, C], 'b': [m, C]}.
+    params {'w': [m, d, C], 'b': [m, C]} (linear) or {'w1', 'b1', 'w2', 'b2'} (MLP).
   """
   n, d = feats.shape
   m = lrs.shape[0]
   steps_per_epoch = n // batch_size
   tx = _make_optimizer(optimizer, epochs * steps_per_epoch, weight_decay,
                        momentum)
-  params = {"w": jnp.zeros((m, d, num_classes), jnp.float32),
-            "b": jnp.zeros((m, num_classes), jnp.float32)}
+  key, init_key = jax.random.split(key)
+  params = _init_params(init_key, m, d, num_classes, hidden_dim)
   opt_state = jax.vmap(tx.init)(params)
 
   def loss_fn(p, x, y):
-    logits = x @ p["w"] + p["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(_head(p, x), y).mean()
 
   def update_one(p, state, lr, x, y):
     grads = jax.grad(loss_fn)(p, x, y)
@@ -86,8 +109,7 @@ def _train(feats, labels, lrs, key, *, num_classes, epochs, batch_size,
 @jax.jit
 def _correct_counts(params, feats, labels, valid):
   """[m, 2] counts of correct top-1 / top-5 predictions for each model."""
-  logits = jnp.einsum("nd,mdc->mnc", feats.astype(jnp.float32), params["w"])
-  logits = logits + params["b"][:, None, :]
+  logits = jax.vmap(_head, in_axes=(0, None))(params, feats.astype(jnp.float32))
   top1 = jnp.argmax(logits, -1) == labels[None]
   k = min(5, logits.shape[-1])
   _, top_idx = jax.lax.top_k(logits, k)
@@ -128,8 +150,9 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
                  weight_decay: float = 0.0, val_fraction: float = 0.1,
                  standardize: bool = True, retrain_on_full: bool = True,
                  train_mask=None, test_mask=None,
-                 seed: int = 0) -> dict[str, float]:
-  """Trains a linear classifier on frozen features and scores it on test.
+                 seed: int = 0, hidden_dim: int = 0) -> dict[str, float]:
+  """Trains a linear (or, with hidden_dim > 0, MLP) classifier on frozen features and
+  scores it on test.
 
   Args:
     train_feats: [n, d] features (e.g. CLS, or concatenated last-4 CLS).
@@ -146,12 +169,15 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
       statistics of the rows the head is trained on.
     retrain_on_full: retrain the best rate on all train rows before testing.
     train_mask, test_mask: optional [n] / [q] bool; False rows are dropped.
-    seed: seeds the held-out split and the shuffles.
+    seed: seeds the held-out split, the initialisation and the shuffles.
+    hidden_dim: 0 for a linear head; else the hidden width of a 2-layer MLP head, and the
+      keys below start with 'mlp_' instead of 'linear_'.
 
   Returns:
     {'linear_top1', 'linear_top5' (if num_classes >= 5), 'linear_best_lr',
      'linear_val_top1', 'linear_val_top1_lr{lr}' for each rate}.
   """
+  name = "mlp" if hidden_dim else "linear"
   x_train = _host(train_feats, "train_feats", 2, train_mask)
   y_train = _host(train_labels, "train_labels", 1, train_mask).astype(np.int32)
   x_test = _host(test_feats, "test_feats", 2, test_mask)
@@ -161,9 +187,9 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
   if x_train.shape[1] != x_test.shape[1]:
     raise ValueError(f"train dim {x_train.shape[1]} != test dim "
                      f"{x_test.shape[1]}.")
-  for name, y in (("train", y_train), ("test", y_test)):
+  for split, y in (("train", y_train), ("test", y_test)):
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-      raise ValueError(f"{name} labels must lie in [0, {num_classes}): check "
+      raise ValueError(f"{split} labels must lie in [0, {num_classes}): check "
                        "num_classes.")
   lrs = tuple(float(lr) for lr in learning_rates)
   if not lrs or min(lrs) <= 0:
@@ -192,7 +218,7 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
         jnp.asarray(rates, jnp.float32), key, num_classes=num_classes,
         epochs=epochs, batch_size=min(batch_size, len(rows)),
         optimizer=optimizer, weight_decay=float(weight_decay),
-        momentum=float(momentum))
+        momentum=float(momentum), hidden_dim=int(hidden_dim))
     return params, (lambda feats: (feats.astype(np.float32) - mean) / std)
 
   results = {}
@@ -202,15 +228,61 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
     val_acc = _accuracy(params, transform(x_train[val_idx]), y_train[val_idx])
     best = int(np.argmax(val_acc[:, 0]))  # First (smallest index) wins ties.
     for lr, acc in zip(lrs, val_acc[:, 0]):
-      results[f"linear_val_top1_lr{lr:g}"] = float(acc)
-    results["linear_val_top1"] = float(val_acc[best, 0])
+      results[f"{name}_val_top1_lr{lr:g}"] = float(acc)
+    results[f"{name}_val_top1"] = float(val_acc[best, 0])
   if retrain_on_full or not n_val:
     params, transform = fit(np.arange(n), (lrs[best],), key_full)
     test_acc = _accuracy(params, transform(x_test), y_test)[0]
   else:
     test_acc = _accuracy(params, transform(x_test), y_test)[best]
-  results["linear_best_lr"] = lrs[best]
-  results["linear_top1"] = float(test_acc[0])
+  results[f"{name}_best_lr"] = lrs[best]
+  results[f"{name}_top1"] = float(test_acc[0])
   if num_classes >= 5:
-    results["linear_top5"] = float(test_acc[1])
+    results[f"{name}_top5"] = float(test_acc[1])
+  return results
+
+
+def mlp_probe(train_feats, train_labels, test_feats, test_labels, *, num_classes: int,
+              hidden_dim: int = 1024, **kwargs) -> dict[str, float]:
+  """linear_probe with a 2-layer MLP head (GELU, `hidden_dim` wide): {'mlp_top1', ...}."""
+  if hidden_dim < 1:
+    raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}.")
+  return linear_probe(train_feats, train_labels, test_feats, test_labels,
+                      num_classes=num_classes, hidden_dim=hidden_dim, **kwargs)
+
+
+@common.register("linear")
+def run(ctx, *, train_split: str = "train", test_split: str = "test", epochs: int = 50,
+        mlp: bool = False, last4: bool = False,
+        learning_rates: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+        mlp_learning_rates: Sequence[float] = (0.003, 0.01, 0.03, 0.1),
+        hidden_dim: int = 1024, batch_size: int = 1024, optimizer: str = "sgd",
+        weight_decay: float = 0.0, seed: int = 0) -> dict[str, float]:
+  """Frozen-feature probes: train on `train_split`, score on `test_split`.
+
+  Probes the CLS features ('linear_*'), with `mlp` also an MLP head ('mlp_*'), and with
+  `last4` (ViT only) the same on the concatenated CLS of the last 4 blocks ('last4/...').
+  """
+  train, test = ctx.features(train_split), ctx.features(test_split)
+  if np.ndim(train["label"]) != 1:
+    raise ValueError("probes need one class id per image; this dataset has multi-hot labels: "
+                     "evaluate it with retrieval instead.")
+  feature_sets = {"": "cls"}
+  if last4:
+    if "cls_last4" not in train:
+      raise ValueError("last4=True needs 'cls_last4' features (ViT backbones only).")
+    feature_sets["last4/"] = "cls_last4"
+  common_args = dict(num_classes=int(ctx.num_classes), epochs=int(epochs),
+                     batch_size=int(batch_size), optimizer=optimizer,
+                     weight_decay=float(weight_decay), train_mask=train["mask"],
+                     test_mask=test["mask"], seed=int(seed))
+  results = {}
+  for prefix, key in feature_sets.items():
+    args = (train[key], train["label"], test[key], test["label"])
+    probes = [linear_probe(*args, learning_rates=learning_rates, **common_args)]
+    if mlp:
+      probes.append(mlp_probe(*args, hidden_dim=int(hidden_dim),
+                              learning_rates=mlp_learning_rates, **common_args))
+    for probe in probes:
+      results.update({prefix + k: float(v) for k, v in probe.items()})
   return results
