@@ -135,8 +135,7 @@ def evals_defaults() -> ConfigDict:
                              test_split="test", epochs=50, last4=False)),
       # Retrieval mAP with the continuous features and with the binary codes (Hamming).
       retrieval=ConfigDict(dict(type="retrieval", every=0, at_end=False,
-                                database_split="train", query_split="test",
-                                max_queries=2000)),
+                                database_split="train", query_split="test")),
       # Statistics of the teacher's binary messages (balance, entropy, correlation, ...).
       codes=ConfigDict(dict(type="codes", every=0, at_end=False, split="test")),
       # Patch-token k-NN segmentation of synthetic squares.
