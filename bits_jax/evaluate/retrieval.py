@@ -415,18 +415,23 @@ class _Sets:
     return {"num_queries": float(len(self.q_rows)), "num_database": float(len(self.db_rows))}
 
 
-def _finite(x: np.ndarray, name: str) -> np.ndarray:
-  x = np.asarray(x, np.float32)
+def _finite(x: np.ndarray, name: str, rows: np.ndarray) -> np.ndarray:
+  """float32 copy of the given rows of `x: [n, d]`, checked finite."""
+  x = np.asarray(x)
   if x.ndim != 2:
     raise ValueError(f"{name} must be [n, d], got shape {x.shape}.")
-  if not np.isfinite(x).all():
+  x = x[rows].astype(np.float32, copy=False)
+  if not all(np.isfinite(x[i:i + 65536]).all() for i in range(0, len(x), 65536)):
     raise ValueError(f"{name} has non-finite values: the model produced NaN/inf features.")
   return x
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
-  norm = np.sqrt(np.sum(np.square(x, dtype=np.float32), axis=1, keepdims=True))
-  return x / np.maximum(norm, 1e-12)
+  """Rows of `x` scaled to unit norm, in place (x is a private copy)."""
+  for start in range(0, len(x), 65536):  # Chunks: no second full-size temporary.
+    block = x[start:start + 65536]
+    block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+  return x
 
 
 def feature_retrieval(query_feats, query_labels, db_feats, db_labels, *,
@@ -452,8 +457,8 @@ def feature_retrieval(query_feats, query_labels, db_feats, db_labels, *,
   """
   sets = _Sets(query_labels, db_labels, query_mask, db_mask, query_self)
   ks = sets.check_ks(ks)
-  q = _l2_normalize(_finite(query_feats, "query_feats")[sets.q_rows])
-  db = _l2_normalize(_finite(db_feats, "db_feats")[sets.db_rows])
+  q = _l2_normalize(_finite(query_feats, "query_feats", sets.q_rows))
+  db = _l2_normalize(_finite(db_feats, "db_feats", sets.db_rows))
   if q.shape[1] != db.shape[1]:
     raise ValueError(f"feature dims differ: queries {q.shape}, database {db.shape}.")
   sums = ranking.scored_sums(q, sets.q_labels, db, sets.db_labels, ks=ks,
@@ -560,8 +565,8 @@ def code_retrieval(query_logits, query_labels, db_logits, db_labels, *,
   """
   sets = _Sets(query_labels, db_labels, query_mask, db_mask, query_self)
   ks = sets.check_ks(ks)
-  q_logits = _finite(query_logits, "query_logits")[sets.q_rows]
-  db_bits = _finite(db_logits, "db_logits")[sets.db_rows] > 0
+  q_logits = _finite(query_logits, "query_logits", sets.q_rows)
+  db_bits = _finite(db_logits, "db_logits", sets.db_rows) > 0
   if q_logits.shape[1] != db_bits.shape[1]:
     raise ValueError(f"code lengths differ: queries {q_logits.shape}, database "
                      f"{db_bits.shape}.")

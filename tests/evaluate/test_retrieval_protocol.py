@@ -56,8 +56,9 @@ def test_code_retrieval_variants_asymmetric_and_self_exclusion():
   labels = rng.integers(0, 3, size=40)
   logits = rng.normal(size=(40, 64)) + 1.5 * (labels[:, None] == np.arange(64) % 3)
   q, db, ql, dbl = logits[:10], logits[10:], labels[:10], labels[10:]
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
   got = retrieval.code_retrieval(q, ql, db, dbl, ks=(3,), code_lengths=(128, 64, 16, 40),
-                                 seed=5, query_block=4, db_block=8)
+                                 seed=5, query_block=4, db_block=8, mesh=mesh)
   assert "codes/128/map_all" not in got and got["codes/num_bits"] == 64
   assert {"codes/64/map_all", "codes/16/map_all", "codes/random16/map_all",
           "codes/40/map_all", "asym/random40/map_all"} <= set(got)
