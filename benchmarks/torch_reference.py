@@ -23,6 +23,7 @@ Tensors are NCHW (`images_to_torch` converts our NHWC arrays).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import re
 from typing import Mapping, Sequence
@@ -155,12 +156,8 @@ class MultiCropWrapper(nn.Module):
     self.head = head
 
   def forward(self, crops: Sequence[torch.Tensor]):
-    sizes = torch.tensor([c.shape[-1] for c in crops])
-    ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
-    start, feats = 0, []
-    for end in ends:
-      feats.append(self.backbone(torch.cat(list(crops[start:end]))))
-      start = end
+    feats = [self.backbone(torch.cat(list(group)))
+             for _, group in itertools.groupby(crops, key=lambda c: c.shape[-2:])]
     out = self.head(torch.cat(feats))
     return out.reshape(len(crops), crops[0].shape[0], -1)
 
@@ -251,10 +248,11 @@ def images_to_torch(views: np.ndarray) -> list[torch.Tensor]:
 def coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
   """0.5 logdet(I + d / (n eps) Zn^T Zn) for `z: [n, d]`, with the smaller Gram matrix."""
   n, d = z.shape
-  zn = F.normalize(z.float(), dim=-1, eps=1e-12)
-  gram = zn.T @ zn if d <= n else zn @ zn.T
-  eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-  return 0.5 * torch.logdet(eye + d / (n * eps) * gram)
+  with torch.autocast(z.device.type, enabled=False):  # the log-det in float32 under bf16
+    zn = F.normalize(z.float(), dim=-1, eps=1e-12)
+    gram = zn.T @ zn if d <= n else zn @ zn.T
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return 0.5 * torch.logdet(eye + d / (n * eps) * gram)
 
 
 def bits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -266,6 +264,7 @@ def bits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
   """
   num_global, num_views = teacher_logits.shape[0], student_logits.shape[0]
   messages = (teacher_logits > 0).float()
+  student_logits = student_logits.float()
   bce = [F.binary_cross_entropy_with_logits(student_logits[v], messages[g])
          for g in range(num_global) for v in range(num_views) if v != g]
   bce = torch.stack(bce).mean()
@@ -287,14 +286,20 @@ def _param_groups(student: nn.Module):
 
 
 class BitsTrainer:
-  """Student, EMA teacher, AdamW; `step(global_crops, local_crops)` is one update."""
+  """Student, EMA teacher, AdamW; `step(global_crops, local_crops)` is one update.
+
+  `autocast_dtype=torch.bfloat16` runs the forward passes under autocast (params, optimizer
+  and the log-det stay float32), as the authors' mixed-precision training does.
+  """
 
   def __init__(self, student: MultiCropWrapper, *, learning_rate: float = 5e-4,
                weight_decay: float = 0.04, teacher_momentum: float = 0.996,
                grad_clip_norm: float = 3.0, bce_weight: float = 1.0,
                coding_rate_weight: float = 0.1, eps: float = 0.05,
-               betas: tuple[float, float] = (0.9, 0.999)):
+               betas: tuple[float, float] = (0.9, 0.999),
+               autocast_dtype: torch.dtype | None = None):
     self.student = student
+    self.autocast_dtype = autocast_dtype
     self.teacher = copy.deepcopy(student)
     for p in self.teacher.parameters():
       p.requires_grad = False
@@ -304,6 +309,12 @@ class BitsTrainer:
     self.grad_clip_norm = grad_clip_norm
     self.loss_kwargs = dict(bce_weight=bce_weight, coding_rate_weight=coding_rate_weight,
                             eps=eps)
+    self._student_fn, self._teacher_fn = self.student, self.teacher
+
+  def compile(self, **kwargs) -> None:
+    """Runs student and teacher through `torch.compile` (forward and backward graphs)."""
+    self._student_fn = torch.compile(self.student, **kwargs)
+    self._teacher_fn = torch.compile(self.teacher, **kwargs)
 
   def set_hyperparams(self, learning_rate: float, weight_decay: float, momentum: float):
     """Per-iteration schedule values, as DINO sets them from precomputed arrays."""
@@ -315,10 +326,13 @@ class BitsTrainer:
 
   def step(self, global_crops: Sequence[torch.Tensor],
            local_crops: Sequence[torch.Tensor] = ()) -> dict:
-    with torch.no_grad():
-      teacher_logits = self.teacher(global_crops)
-    student_logits = self.student(list(global_crops) + list(local_crops))
-    loss, parts = bits_loss(student_logits, teacher_logits, **self.loss_kwargs)
+    device = global_crops[0].device.type
+    with torch.autocast(device, dtype=self.autocast_dtype or torch.bfloat16,
+                        enabled=self.autocast_dtype is not None):
+      with torch.no_grad():
+        teacher_logits = self._teacher_fn(global_crops)
+      student_logits = self._student_fn(list(global_crops) + list(local_crops))
+      loss, parts = bits_loss(student_logits, teacher_logits, **self.loss_kwargs)
     if not math.isfinite(loss.item()):
       raise FloatingPointError(f"loss is {loss.item()}: stopping, as DINO does.")
     self.optimizer.zero_grad(set_to_none=True)
