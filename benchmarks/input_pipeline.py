@@ -39,6 +39,7 @@ _DEFAULT_TORCH_PYTHON = '/work/bench-venv/bin/python'
 def write_jpeg_folder(root: str, num_images: int, width: int, height: int, seed: int = 0):
   """num_images JPEGs in 10 class folders; returns their mean size in bytes."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
   sizes = []
@@ -66,22 +67,34 @@ def write_jpeg_folder(root: str, num_images: int, width: int, height: int, seed:
 # Measurement processes (each pinned to its cores before importing anything).
 
 
-def measure_tf(folder: str, cores: int, batch_size: int, warmup: int, batches: int,
-               antialias: bool) -> dict:
+def measure_tf(
+    folder: str, cores: int, batch_size: int, warmup: int, batches: int, antialias: bool
+) -> dict:
   """Runs in a child process: images/s of bits_jax's train iterator."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ['CUDA_VISIBLE_DEVICES'] = ''
   sys.path.insert(0, _REPO)
-  from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = pipeline.default_data_config()
-  config.update(dict(
-      dataset=f'imagefolder:{folder}', batch_size=batch_size, num_global_crops=2,
-      num_local_crops=10, global_crop_size=224, local_crop_size=96,
-      data_threads=cores, prefetch_batches=2, resize_antialias=antialias))
-  with config.ignore_type():
-    config.normalize_mean = (0.485, 0.456, 0.406)  # Same arithmetic as the torch side.
-    config.normalize_std = (0.229, 0.224, 0.225)
-  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  from bits_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  from bits_jax import data  # pylint: disable=g-import-not-at-top
+
+  config = config_defaults.base_config()
+  config.input.update(
+      dict(
+          dataset=f'imagefolder:{folder}',
+          num_channels=3,
+          batch_size=batch_size,
+          threads=cores,
+          prefetch_batches=2,
+          crops=dict(num_global=2, num_local=10, global_size=224, local_size=96),
+          # Same normalization arithmetic as the torch side.
+          augment=dict(
+              resize_antialias=antialias,
+              normalize_mean=(0.485, 0.456, 0.406),
+              normalize_std=(0.229, 0.224, 0.225),
+          ),
+      )
+  )
+  iterator = data.make_train_iterator(config, process_index=0, process_count=1)
   for _ in range(warmup):
     batch = next(iterator)
   start, start_cpu = time.perf_counter(), time.process_time()
@@ -90,8 +103,11 @@ def measure_tf(folder: str, cores: int, batch_size: int, warmup: int, batches: i
   seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
   assert batch['global'].shape == (batch_size, 2, 224, 224, 3)
   assert batch['local'].shape == (batch_size, 10, 96, 96, 3)
-  return {'images_per_s': batches * batch_size / seconds,
-          'images_per_cpu_s': batches * batch_size / cpu, 'seconds': seconds}
+  return {
+      'images_per_s': batches * batch_size / seconds,
+      'images_per_cpu_s': batches * batch_size / cpu,
+      'seconds': seconds,
+  }
 
 
 _TORCH_SCRIPT = textwrap.dedent('''
@@ -181,47 +197,74 @@ def _run_child(command):
 
 
 def run_tf(folder, cores, args, antialias):
-  spec = dict(folder=folder, cores=cores, batch_size=args.batch_size, warmup=args.warmup,
-              batches=args.batches, antialias=antialias)
-  return _run_child([sys.executable, os.path.abspath(__file__), '--_child-tf',
-                     json.dumps(spec)])
+  spec = dict(
+      folder=folder,
+      cores=cores,
+      batch_size=args.batch_size,
+      warmup=args.warmup,
+      batches=args.batches,
+      antialias=antialias,
+  )
+  return _run_child([sys.executable, os.path.abspath(__file__), '--_child-tf', json.dumps(spec)])
 
 
 def run_torch(torch_python, folder, cores, args):
-  return _run_child([torch_python, '-c', _TORCH_SCRIPT, folder, ','.join(map(str, cores)),
-                     str(args.batch_size), str(args.warmup), str(args.batches)])
+  return _run_child([
+      torch_python,
+      '-c',
+      _TORCH_SCRIPT,
+      folder,
+      ','.join(map(str, cores)),
+      str(args.batch_size),
+      str(args.warmup),
+      str(args.batches),
+  ])
 
 
 def _torch_available(torch_python: str) -> str | None:
   """None when torch+torchvision import in torch_python, else the reason."""
   if not torch_python or not os.path.exists(torch_python):
     return f'no interpreter at {torch_python!r}'
-  probe = subprocess.run([torch_python, '-c', 'import torch, torchvision'],
-                         capture_output=True, text=True, check=False)
+  probe = subprocess.run(
+      [torch_python, '-c', 'import torch, torchvision'], capture_output=True, text=True, check=False
+  )
   return None if probe.returncode == 0 else probe.stderr.strip().splitlines()[-1]
 
 
 def _summary(runs):
-  return {'images_per_s': statistics.median(r['images_per_s'] for r in runs),
-          'images_per_cpu_s': statistics.median(r['images_per_cpu_s'] for r in runs),
-          'runs': runs}
+  return {
+      'images_per_s': statistics.median(r['images_per_s'] for r in runs),
+      'images_per_cpu_s': statistics.median(r['images_per_cpu_s'] for r in runs),
+      'runs': runs,
+  }
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--num-images', type=int, default=320)
   parser.add_argument('--width', type=int, default=500)
   parser.add_argument('--height', type=int, default=375)
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--warmup', type=int, default=2, help='untimed batches first')
   parser.add_argument('--batches', type=int, default=8, help='timed batches')
-  parser.add_argument('--cores', type=int, nargs='+', default=[1, 2],
-                      help='core counts to measure (threads = workers = cores)')
-  parser.add_argument('--repeats', type=int, default=2,
-                      help='alternating runs per setting; medians are reported')
-  parser.add_argument('--antialias', choices=['off', 'on', 'both'], default='both',
-                      help='bits_jax resize_antialias setting(s) to measure')
+  parser.add_argument(
+      '--cores',
+      type=int,
+      nargs='+',
+      default=[1, 2],
+      help='core counts to measure (threads = workers = cores)',
+  )
+  parser.add_argument(
+      '--repeats', type=int, default=2, help='alternating runs per setting; medians are reported'
+  )
+  parser.add_argument(
+      '--antialias',
+      choices=['off', 'on', 'both'],
+      default='both',
+      help='bits_jax resize_antialias setting(s) to measure',
+  )
   parser.add_argument('--torch-python', default=_DEFAULT_TORCH_PYTHON)
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args()
@@ -231,15 +274,20 @@ def main():
   folder = tempfile.mkdtemp(prefix='bits_bench_jpegs_')
   try:
     mean_bytes = write_jpeg_folder(folder, args.num_images, args.width, args.height)
-    print(f'{args.num_images} JPEGs {args.width}x{args.height}, mean {mean_bytes / 1e3:.0f} kB; '
-          f'machine: {os.cpu_count()} logical CPUs ({len(available)} usable); batch '
-          f'{args.batch_size}, {args.batches} timed batches, median of {args.repeats}',
-          flush=True)
+    print(
+        f'{args.num_images} JPEGs {args.width}x{args.height}, mean {mean_bytes / 1e3:.0f} kB; '
+        f'machine: {os.cpu_count()} logical CPUs ({len(available)} usable); batch '
+        f'{args.batch_size}, {args.batches} timed batches, median of {args.repeats}',
+        flush=True,
+    )
     torch_missing = _torch_available(args.torch_python)
     if torch_missing:
-      print(f'SKIPPING torchvision: {torch_missing}. Create it with: python3 -m venv '
-            '/work/bench-venv && /work/bench-venv/bin/pip install torch torchvision pillow '
-            'numpy, then pass --torch-python /work/bench-venv/bin/python', flush=True)
+      print(
+          f'SKIPPING torchvision: {torch_missing}. Create it with: python3 -m venv '
+          '/work/bench-venv && /work/bench-venv/bin/pip install torch torchvision pillow '
+          'numpy, then pass --torch-python /work/bench-venv/bin/python',
+          flush=True,
+      )
     results = []
     for n in args.cores:
       if n > len(available):
@@ -261,8 +309,10 @@ def main():
       for name in row:
         if name == 'cores':
           continue
-        line = (f"cores={n} {name:16s} {row[name]['images_per_s']:6.1f} img/s wall, "
-                f"{row[name]['images_per_cpu_s']:6.1f} img per CPU-second")
+        line = (
+            f"cores={n} {name:16s} {row[name]['images_per_s']:6.1f} img/s wall, "
+            f"{row[name]['images_per_cpu_s']:6.1f} img per CPU-second"
+        )
         if 'torchvision' in row and name != 'torchvision':
           ratio_cpu = row[name]['images_per_cpu_s'] / row['torchvision']['images_per_cpu_s']
           ratio_wall = row[name]['images_per_s'] / row['torchvision']['images_per_s']
@@ -270,9 +320,17 @@ def main():
         print(line, flush=True)
     if args.json:
       with open(args.json, 'w') as f:
-        json.dump({'machine_cpus': os.cpu_count(), 'num_images': args.num_images,
-                   'mean_jpeg_bytes': mean_bytes, 'batch_size': args.batch_size,
-                   'results': results}, f, indent=1)
+        json.dump(
+            {
+                'machine_cpus': os.cpu_count(),
+                'num_images': args.num_images,
+                'mean_jpeg_bytes': mean_bytes,
+                'batch_size': args.batch_size,
+                'results': results,
+            },
+            f,
+            indent=1,
+        )
   finally:
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -11,7 +11,8 @@ per view type, aspect ratio in [3/4, 4/3]) -> horizontal flip -> colour jitter
 (brightness, contrast, saturation, hue in random order, with probability
 `color_jitter_prob`) -> grayscale -> Gaussian blur (sigma in [0.1, 2] px) ->
 solarize -> normalize. Saturation, hue and grayscale only act on 3-channel
-images.
+images. Stored images of 1 or 3 channels are first converted to the model's
+channel count (`convert_channels`: RGB -> luma, gray -> repeated).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA_RANGE[1]))
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
   """One augmented view: output size, crop-scale range and effect probabilities."""
+
   size: int
   scale: tuple
   blur_prob: float
@@ -41,6 +43,7 @@ class ViewSpec:
 @dataclasses.dataclass(frozen=True)
 class ColorSpec:
   """Photometric augmentation and normalization shared by all views."""
+
   channels: int
   flip: bool = True
   color_jitter_prob: float = 0.8
@@ -78,21 +81,32 @@ def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
   """
   crops, aug = input_config.crops, input_config.augment
   if len(tuple(aug.blur_probs)) != 3:
-    raise ValueError('config.input.augment.blur_probs must be (first global, other globals, '
-                     f'locals), got {aug.blur_probs}')
+    raise ValueError(
+        'config.input.augment.blur_probs must be (first global, other globals, '
+        f'locals), got {aug.blur_probs}'
+    )
   for key in ('global_size', 'local_size'):
     if int(crops[key]) <= 0:
       raise ValueError(f'config.input.crops.{key} must be a positive int, got {crops[key]}')
   blur_first, blur_second, blur_local = tuple(aug.blur_probs)
   globals_ = [
-      ViewSpec(size=int(crops.global_size), scale=tuple(crops.global_scale),
-               blur_prob=blur_first if i == 0 else blur_second,
-               solarize_prob=0.0 if i == 0 else float(aug.solarize_prob))
-      for i in range(int(crops.num_global))]
+      ViewSpec(
+          size=int(crops.global_size),
+          scale=tuple(crops.global_scale),
+          blur_prob=blur_first if i == 0 else blur_second,
+          solarize_prob=0.0 if i == 0 else float(aug.solarize_prob),
+      )
+      for i in range(int(crops.num_global))
+  ]
   locals_ = [
-      ViewSpec(size=int(crops.local_size), scale=tuple(crops.local_scale),
-               blur_prob=blur_local, solarize_prob=0.0)
-      for _ in range(int(crops.num_local))]
+      ViewSpec(
+          size=int(crops.local_size),
+          scale=tuple(crops.local_scale),
+          blur_prob=blur_local,
+          solarize_prob=0.0,
+      )
+      for _ in range(int(crops.num_local))
+  ]
   return globals_, locals_
 
 
@@ -112,17 +126,27 @@ def color_spec(input_config) -> ColorSpec:
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
   for name, value in (('normalize_mean', mean), ('normalize_std', std)):
     if len(value) not in (1, channels):
-      raise ValueError(f'config.input.augment.{name}={value} must have 1 or {channels} '
-                       f'entries for config.input.num_channels={channels}')
+      raise ValueError(
+          f'config.input.augment.{name}={value} must have 1 or {channels} '
+          f'entries for config.input.num_channels={channels}'
+      )
   if min(std) <= 0:
     raise ValueError(f'config.input.augment.normalize_std={std} must be positive')
   return ColorSpec(
-      channels=channels, flip=bool(aug.flip), color_jitter_prob=float(aug.color_jitter_prob),
-      brightness=float(aug.brightness), contrast=float(aug.contrast),
-      saturation=float(aug.saturation), hue=float(aug.hue),
-      grayscale_prob=float(aug.grayscale_prob), mean=mean, std=std,
-      resize_method=str(aug.resize_method), resize_antialias=bool(aug.resize_antialias),
-      xla=bool(aug.xla))
+      channels=channels,
+      flip=bool(aug.flip),
+      color_jitter_prob=float(aug.color_jitter_prob),
+      brightness=float(aug.brightness),
+      contrast=float(aug.contrast),
+      saturation=float(aug.saturation),
+      hue=float(aug.hue),
+      grayscale_prob=float(aug.grayscale_prob),
+      mean=mean,
+      std=std,
+      resize_method=str(aug.resize_method),
+      resize_antialias=bool(aug.resize_antialias),
+      xla=bool(aug.xla),
+  )
 
 
 def fold_seed(seed: tf.Tensor, data) -> tf.Tensor:
@@ -134,17 +158,27 @@ def fold_seed(seed: tf.Tensor, data) -> tf.Tensor:
 # Geometry.
 
 
-def sample_crop_window(seed: tf.Tensor, image_hw: tf.Tensor, scale: Sequence[float],
-                       ratio: Sequence[float] = ASPECT_RATIO_RANGE) -> tf.Tensor:
+def sample_crop_window(
+    seed: tf.Tensor,
+    image_hw: tf.Tensor,
+    scale: Sequence[float],
+    ratio: Sequence[float] = ASPECT_RATIO_RANGE,
+) -> tf.Tensor:
   """Random-resized-crop window [4] int32 (y, x, h, w) inside an image of image_hw.
 
   Falls back to the whole image when 10 attempts find no window that fits.
   """
   image_size = tf.concat([tf.cast(image_hw, tf.int32), [1]], axis=0)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_size, tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-      min_object_covered=0.0, aspect_ratio_range=tuple(ratio), area_range=tuple(scale),
-      max_attempts=10, use_image_if_no_bounding_boxes=True)
+      image_size,
+      tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seed,
+      min_object_covered=0.0,
+      aspect_ratio_range=tuple(ratio),
+      area_range=tuple(scale),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True,
+  )
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
@@ -209,10 +243,11 @@ def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
   raise ValueError(f'cannot convert {have}-channel images to {channels} channels')
 
 
-def crop_and_resize(image: tf.Tensor, window: tf.Tensor, size: int, method: str,
-                    antialias: bool = False) -> tf.Tensor:
+def crop_and_resize(
+    image: tf.Tensor, window: tf.Tensor, size: int, method: str, antialias: bool = False
+) -> tf.Tensor:
   """image [h, w, c] uint8, window (y, x, h, w) -> [size, size, c] float32 in [0, 1]."""
-  crop = image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+  crop = image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
   resized = tf.image.resize(crop, [size, size], method=method, antialias=antialias)
   return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
 
@@ -226,6 +261,7 @@ _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as PIL, torchvision and TF.
 
 
 def adjust_brightness(x, factor):
+  """x * factor, clipped to [0, 1]."""
   return tf.clip_by_value(x * factor, 0.0, 1.0)
 
 
@@ -307,8 +343,9 @@ def gaussian_blur(x: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
   max_radius = min(_BLUR_RADIUS, height, width)
   radius = tf.cast(tf.math.ceil(3.0 * sigma), tf.int32)
   branch = tf.clip_by_value(radius, 1, max_radius) - 1
-  out = tf.switch_case(branch, [lambda r=r: _blur_with_radius(x, sigma, r)
-                                for r in range(1, max_radius + 1)])
+  out = tf.switch_case(
+      branch, [lambda r=r: _blur_with_radius(x, sigma, r) for r in range(1, max_radius + 1)]
+  )
   return tf.ensure_shape(out, x.shape)
 
 
@@ -351,7 +388,7 @@ def color_jitter(x: tf.Tensor, uniforms: tf.Tensor, spec: ColorSpec) -> tf.Tenso
     factors.append(low + (1.0 + strength - low) * uniforms[_U_FACTORS + i])
   factors = tf.stack(factors)
   hue_delta = spec.hue * (2.0 * uniforms[_U_FACTORS + 3] - 1.0)
-  order = tf.unstack(tf.argsort(uniforms[_U_ORDER:_U_ORDER + num_ops]))
+  order = tf.unstack(tf.argsort(uniforms[_U_ORDER : _U_ORDER + num_ops]))
   for op in order:
     x = _JITTER_STEP(x, op, factors, hue_delta, spec.xla)
   return x
@@ -366,8 +403,7 @@ def _maybe(draw, prob: float, fn, x):
   return tf.cond(draw < prob, lambda: fn(x), lambda: x)
 
 
-def photometric(x: tf.Tensor, uniforms: tf.Tensor, view: ViewSpec,
-                spec: ColorSpec) -> tf.Tensor:
+def photometric(x: tf.Tensor, uniforms: tf.Tensor, view: ViewSpec, spec: ColorSpec) -> tf.Tensor:
   """Flip, colour jitter, grayscale, blur, solarize of one view [s, s, c] in [0, 1].
 
   uniforms: [NUM_UNIFORMS] draws in [0, 1) that decide every random choice.
@@ -375,10 +411,10 @@ def photometric(x: tf.Tensor, uniforms: tf.Tensor, view: ViewSpec,
   u = tf.unstack(uniforms)
   if spec.flip:
     x = tf.cond(u[_U_FLIP] < 0.5, lambda: tf.reverse(x, [1]), lambda: x)
-  if spec.color_jitter_prob > 0 and (spec.brightness or spec.contrast or spec.saturation
-                                     or spec.hue):
-    x = _maybe(u[_U_JITTER], spec.color_jitter_prob,
-               lambda v: color_jitter(v, uniforms, spec), x)
+  if spec.color_jitter_prob > 0 and (
+      spec.brightness or spec.contrast or spec.saturation or spec.hue
+  ):
+    x = _maybe(u[_U_JITTER], spec.color_jitter_prob, lambda v: color_jitter(v, uniforms, spec), x)
   if x.shape[-1] == 3:
     x = _maybe(u[_U_GRAY], spec.grayscale_prob, _op(to_grayscale, spec), x)
   low, high = BLUR_SIGMA_RANGE
@@ -406,9 +442,15 @@ def _region(image, windows_fn, channels: int, encoded: bool, image_channels: Opt
   return convert_channels(region, channels), windows
 
 
-def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewSpec]],
-              spec: ColorSpec, *, encoded: bool,
-              image_channels: Optional[int] = None) -> list[tf.Tensor]:
+def multicrop(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    groups: Sequence[Sequence[ViewSpec]],
+    spec: ColorSpec,
+    *,
+    encoded: bool,
+    image_channels: Optional[int] = None,
+) -> list[tf.Tensor]:
   """All augmented views of one image, one tensor per group of views.
 
   Args:
@@ -428,13 +470,11 @@ def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewS
     if len({v.size for v in group}) != 1:
       raise ValueError(f'views of one group need one size, got {[v.size for v in group]}')
   # Two RNG ops per example: crop-window seeds and photometric draws.
-  window_seeds = tf.unstack(
-      tf.random.experimental.stateless_split(fold_seed(seed, 0), len(views)))
+  window_seeds = tf.unstack(tf.random.experimental.stateless_split(fold_seed(seed, 0), len(views)))
   draws = tf.unstack(view_uniforms(fold_seed(seed, 1), len(views)))
 
   def windows_fn(image_hw):
-    return tf.stack([sample_crop_window(s, image_hw, v.scale)
-                     for s, v in zip(window_seeds, views)])
+    return tf.stack([sample_crop_window(s, image_hw, v.scale) for s, v in zip(window_seeds, views)])
 
   region, windows = _region(image, windows_fn, spec.channels, encoded, image_channels)
   outputs, first = [], 0
@@ -442,8 +482,9 @@ def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewS
     size = group[0].size
     crops = []
     for i, view in enumerate(group):
-      x = crop_and_resize(region, windows[first + i], size, spec.resize_method,
-                          spec.resize_antialias)
+      x = crop_and_resize(
+          region, windows[first + i], size, spec.resize_method, spec.resize_antialias
+      )
       x = tf.ensure_shape(x, [size, size, spec.channels])
       crops.append(_PHOTOMETRIC(x, draws[first + i], view, spec))
     outputs.append(normalize(tf.stack(crops), spec))
@@ -451,8 +492,15 @@ def multicrop(image: tf.Tensor, seed: tf.Tensor, groups: Sequence[Sequence[ViewS
   return outputs
 
 
-def eval_view(image: tf.Tensor, crop_size: int, resize_size: int, spec: ColorSpec, *,
-              encoded: bool, image_channels: Optional[int] = None) -> tf.Tensor:
+def eval_view(
+    image: tf.Tensor,
+    crop_size: int,
+    resize_size: int,
+    spec: ColorSpec,
+    *,
+    encoded: bool,
+    image_channels: Optional[int] = None,
+) -> tf.Tensor:
   """Resize shorter side to resize_size, center crop crop_size, normalize.
 
   Computed as one crop in original pixels followed by one resize (and, for
@@ -464,8 +512,7 @@ def eval_view(image: tf.Tensor, crop_size: int, resize_size: int, spec: ColorSpe
     return center_crop_window(image_hw, crop_size, resize_size)[None]
 
   region, windows = _region(image, windows_fn, spec.channels, encoded, image_channels)
-  x = crop_and_resize(region, windows[0], crop_size, spec.resize_method,
-                      spec.resize_antialias)
+  x = crop_and_resize(region, windows[0], crop_size, spec.resize_method, spec.resize_antialias)
   x.set_shape([crop_size, crop_size, spec.channels])
   return normalize(x, spec)
 

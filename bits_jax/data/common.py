@@ -19,6 +19,7 @@ def process(process_index: Optional[int], process_count: Optional[int]) -> tuple
   """(process index, process count), from JAX where not given."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -30,8 +31,10 @@ def local_batch(global_batch: int, process_count: int, key: str) -> int:
   """This process's share of a global batch (`key` names the config key, for errors)."""
   global_batch = int(global_batch)
   if global_batch <= 0 or global_batch % process_count:
-    raise ValueError(f"config.input.{key}={global_batch} must be a positive multiple of the "
-                     f"process count {process_count}; change {key} to a multiple of it")
+    raise ValueError(
+        f"config.input.{key}={global_batch} must be a positive multiple of the "
+        f"process count {process_count}; change {key} to a multiple of it"
+    )
   return global_batch // process_count
 
 
@@ -66,16 +69,24 @@ def check_channels(stored: int, input_config) -> None:
   if stored == wanted:
     return
   if {stored, wanted} != {1, 3}:
-    raise ValueError(f"images of {dataset!r} have {stored} channels, "
-                     f"config.input.num_channels={wanted}: only 1 <-> 3 channels are "
-                     f"converted; set config.input.num_channels={stored} or store the images "
-                     f"with {wanted} channels")
+    raise ValueError(
+        f"images of {dataset!r} have {stored} channels, "
+        f"config.input.num_channels={wanted}: only 1 <-> 3 channels are "
+        f"converted; set config.input.num_channels={stored} or store the images "
+        f"with {wanted} channels"
+    )
   if (dataset, stored, wanted) not in _LOGGED_CONVERSIONS:
     _LOGGED_CONVERSIONS.add((dataset, stored, wanted))
     how = "RGB -> grayscale (luma)" if wanted == 1 else "grayscale -> RGB (repeated)"
-    logging.warning("images of %r have %d channel(s), config.input.num_channels=%d: converting "
-                    "%s; set config.input.num_channels=%d to use them as stored", dataset,
-                    stored, wanted, how, stored)
+    logging.warning(
+        "images of %r have %d channel(s), config.input.num_channels=%d: converting "
+        "%s; set config.input.num_channels=%d to use them as stored",
+        dataset,
+        stored,
+        wanted,
+        how,
+        stored,
+    )
 
 
 def open_split(input_config, split: str) -> sources.Split:
@@ -94,8 +105,11 @@ def zeros(element_spec) -> dict:
 _CORRUPT_SEARCH_BATCHES = 8
 
 
-def numpy_batches(ds: tf.data.Dataset, split: sources.Split,
-                  indices_of_batch: Optional[Callable[[int], np.ndarray]]) -> Iterator[dict]:
+def numpy_batches(
+    ds: tf.data.Dataset,
+    split: sources.Split,
+    indices_of_batch: Optional[Callable[[int], np.ndarray]],
+) -> Iterator[dict]:
   """Numpy batches of `ds`; a decode error names the bad file (`split.decode_error`).
 
   indices_of_batch(k): the example indices [b] of batch k (None: no search). String arrays
@@ -115,9 +129,11 @@ def numpy_batches(ds: tf.data.Dataset, split: sources.Split,
         for i in np.unique(indices_of_batch(k + ahead)):
           problem = split.decode_error(int(i))
           if problem:
-            raise ValueError(f"{problem}. Remove or fix it, or set "
-                             "config.input.skip_corrupt_images=True to skip undecodable "
-                             "files.") from e
+            raise ValueError(
+                f"{problem}. Remove or fix it, or set "
+                "config.input.skip_corrupt_images=True to skip undecodable "
+                "files."
+            ) from e
       raise
     if "id" in batch:
       batch["id"] = np.array([i.decode() for i in batch["id"]], dtype=str)

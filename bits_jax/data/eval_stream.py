@@ -29,9 +29,14 @@ def _even_shard(n: int, process_index: int, process_count: int) -> tuple[int, in
   return n * process_index // process_count, n * (process_index + 1) // process_count
 
 
-def make_eval_iterator(config, split: str, *, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None,
-                       with_ids: bool = False) -> Iterator[dict]:
+def make_eval_iterator(
+    config,
+    split: str,
+    *,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    with_ids: bool = False,
+) -> Iterator[dict]:
   """One pass over `split` of config.input.dataset (slicing allowed: 'test[:1000]').
 
   Yields:
@@ -42,19 +47,20 @@ def make_eval_iterator(config, split: str, *, process_index: Optional[int] = Non
   """
   input_config = config.input
   process_index, process_count = common.process(process_index, process_count)
-  local_batch = common.local_batch(input_config.eval_batch_size, process_count,
-                                   "eval_batch_size")
+  local_batch = common.local_batch(input_config.eval_batch_size, process_count, "eval_batch_size")
   data = common.open_split(input_config, split)
   spec = augment.color_spec(input_config)
   crop = int(input_config.eval_crop_size or input_config.crops.global_size)
   resize = augment.default_eval_resize(crop, input_config.eval_resize_size)
-  total = local_batch * num_eval_batches(data.num_examples, int(input_config.eval_batch_size),
-                                         process_count)
+  total = local_batch * num_eval_batches(
+      data.num_examples, int(input_config.eval_batch_size), process_count
+  )
   opts = common.options(input_config)
 
   def example(record):
-    image = augment.eval_view(record["image"], crop, resize, spec, encoded=data.encoded,
-                              image_channels=data.channels)
+    image = augment.eval_view(
+        record["image"], crop, resize, spec, encoded=data.encoded, image_channels=data.channels
+    )
     out = {"image": image, "label": record["label"], "mask": tf.constant(True)}
     if with_ids:
       out["id"] = record["id"]
@@ -63,16 +69,19 @@ def make_eval_iterator(config, split: str, *, process_index: Optional[int] = Non
   if data.random_access:
     start, stop = _even_shard(data.num_examples, process_index, process_count)
     ds = tf.data.Dataset.range(start, stop).map(
-        common.no_autograph(lambda i: example(data.lookup(i))),
-        num_parallel_calls=tf.data.AUTOTUNE)
+        common.no_autograph(lambda i: example(data.lookup(i))), num_parallel_calls=tf.data.AUTOTUNE
+    )
     num_real = stop - start
 
     def indices(k):
-      return np.clip(start + np.arange(k * local_batch, (k + 1) * local_batch), start,
-                     max(stop - 1, 0))
+      return np.clip(
+          start + np.arange(k * local_batch, (k + 1) * local_batch), start, max(stop - 1, 0)
+      )
+
   else:
-    records = data.stream(process_index, process_count, shuffle_seed=None, options=opts,
-                          with_ids=with_ids)
+    records = data.stream(
+        process_index, process_count, shuffle_seed=None, options=opts, with_ids=with_ids
+    )
     ds = records.map(common.no_autograph(example), num_parallel_calls=tf.data.AUTOTUNE)
     num_real, indices = data.shard_size(process_index, process_count), None
   padding = tf.data.Dataset.from_tensors(common.zeros(ds.element_spec))

@@ -13,16 +13,23 @@ import numpy as np
 def _batch_sharding(sharding_or_mesh_and_spec) -> jax.sharding.Sharding:
   if isinstance(sharding_or_mesh_and_spec, jax.sharding.Sharding):
     return sharding_or_mesh_and_spec
-  if (isinstance(sharding_or_mesh_and_spec, (tuple, list))
+  if (
+      isinstance(sharding_or_mesh_and_spec, (tuple, list))
       and len(sharding_or_mesh_and_spec) == 2
-      and isinstance(sharding_or_mesh_and_spec[0], jax.sharding.Mesh)):
+      and isinstance(sharding_or_mesh_and_spec[0], jax.sharding.Mesh)
+  ):
     mesh, spec = sharding_or_mesh_and_spec
     if not isinstance(spec, jax.sharding.PartitionSpec):
-      spec = jax.sharding.PartitionSpec(*spec) if isinstance(spec, (tuple, list)) else (
-          jax.sharding.PartitionSpec(spec))
+      spec = (
+          jax.sharding.PartitionSpec(*spec)
+          if isinstance(spec, (tuple, list))
+          else (jax.sharding.PartitionSpec(spec))
+      )
     return jax.sharding.NamedSharding(mesh, spec)
-  raise TypeError('prefetch_to_mesh needs a jax.sharding.Sharding or a (Mesh, '
-                  f'PartitionSpec) pair, got {type(sharding_or_mesh_and_spec).__name__}')
+  raise TypeError(
+      'prefetch_to_mesh needs a jax.sharding.Sharding or a (Mesh, '
+      f'PartitionSpec) pair, got {type(sharding_or_mesh_and_spec).__name__}'
+  )
 
 
 def _to_global(batch, sharding: jax.sharding.Sharding):
@@ -33,8 +40,9 @@ def _to_global(batch, sharding: jax.sharding.Sharding):
     spec = getattr(sharding, 'spec', None)
     if spec is not None and len(spec) > x.ndim:
       # A rank-2 spec such as P('data', None) applied to labels [b]: keep axis 0.
-      sharding_x = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-          *spec[:x.ndim]))
+      sharding_x = jax.sharding.NamedSharding(
+          sharding.mesh, jax.sharding.PartitionSpec(*spec[: x.ndim])
+      )
     else:
       sharding_x = sharding
     return jax.make_array_from_process_local_data(sharding_x, x)
@@ -42,8 +50,11 @@ def _to_global(batch, sharding: jax.sharding.Sharding):
   return jax.tree_util.tree_map(put, batch)
 
 
-def prefetch_to_mesh(iterator: Iterator, sharding_or_mesh_and_spec: Union[
-    jax.sharding.Sharding, tuple], size: int = 2) -> Iterator:
+def prefetch_to_mesh(
+    iterator: Iterator,
+    sharding_or_mesh_and_spec: Union[jax.sharding.Sharding, tuple],
+    size: int = 2,
+) -> Iterator:
   """Yields global jax.Arrays built from local batches, `size` batches ahead.
 
   Args:

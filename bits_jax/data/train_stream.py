@@ -40,11 +40,11 @@ def _base_seed(seed: int, salt: int) -> tf.Tensor:
   return augment.fold_seed(tf.constant([int(seed), 0x5EED], tf.int64), salt)
 
 
-def train_positions(step: int, process_index: int, process_count: int,
-                    local_batch: int) -> np.ndarray:
+def train_positions(
+    step: int, process_index: int, process_count: int, local_batch: int
+) -> np.ndarray:
   """Global stream positions [b] of process `process_index`'s batch `step`."""
-  return (step * local_batch * process_count + process_index * local_batch
-          + np.arange(local_batch))
+  return step * local_batch * process_count + process_index * local_batch + np.arange(local_batch)
 
 
 def example_index(position, num_examples: int, seed: int) -> tf.Tensor:
@@ -54,8 +54,9 @@ def example_index(position, num_examples: int, seed: int) -> tf.Tensor:
   perm_seed = augment.fold_seed(_base_seed(seed, _PERMUTATION_SALT), epoch)
   if num_examples == 1:
     return tf.zeros_like(offset)
-  return tf.random.experimental.index_shuffle(offset, perm_seed,
-                                              tf.constant(num_examples - 1, tf.int64))
+  return tf.random.experimental.index_shuffle(
+      offset, perm_seed, tf.constant(num_examples - 1, tf.int64)
+  )
 
 
 def example_indices(positions, num_examples: int, seed: int) -> np.ndarray:
@@ -72,8 +73,9 @@ def _views_fn(split, input_config):
   groups = [global_views] + ([local_views] if local_views else [])
 
   def views(record, seed):
-    out = augment.multicrop(record["image"], seed, groups, spec, encoded=split.encoded,
-                            image_channels=split.channels)
+    out = augment.multicrop(
+        record["image"], seed, groups, spec, encoded=split.encoded, image_channels=split.channels
+    )
     features = {"global": out[0], "label": record["label"]}
     if len(out) > 1:
       features["local"] = out[1]
@@ -82,9 +84,17 @@ def _views_fn(split, input_config):
   return views
 
 
-def _random_access_batches(split, views, input_config, seed: int, *, start_step: int,
-                           process_index: int, process_count: int,
-                           local_batch: int) -> Iterator[dict]:
+def _random_access_batches(
+    split,
+    views,
+    input_config,
+    seed: int,
+    *,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    local_batch: int,
+) -> Iterator[dict]:
   n = split.num_examples
   global_batch = local_batch * process_count
   aug_seed = _base_seed(seed, _AUGMENT_SALT)
@@ -102,19 +112,30 @@ def _random_access_batches(split, views, input_config, seed: int, *, start_step:
   ds = ds.prefetch(int(input_config.prefetch_batches)).with_options(common.options(input_config))
 
   def indices(k):
-    return example_indices(train_positions(start_step + k, process_index, process_count,
-                                           local_batch), n, seed)
+    return example_indices(
+        train_positions(start_step + k, process_index, process_count, local_batch), n, seed
+    )
 
   return common.numpy_batches(ds, split, indices)
 
 
-def _streamed_batches(split, views, input_config, seed: int, *, start_step: int,
-                      process_index: int, process_count: int,
-                      local_batch: int) -> Iterator[dict]:
+def _streamed_batches(
+    split,
+    views,
+    input_config,
+    seed: int,
+    *,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    local_batch: int,
+) -> Iterator[dict]:
   shard_size = split.shard_size(process_index, process_count)
   if shard_size == 0:
-    raise ValueError(f"process {process_index} got no examples of {input_config.dataset}:"
-                     f"{split.name}; use fewer processes or a larger split")
+    raise ValueError(
+        f"process {process_index} got no examples of {input_config.dataset}:"
+        f"{split.name}; use fewer processes or a larger split"
+    )
   aug_seed = augment.fold_seed(_base_seed(seed, _AUGMENT_SALT), process_index)
   opts = common.options(input_config)
   prefetch, shuffle_buffer = int(input_config.prefetch_batches), int(input_config.shuffle_buffer)
@@ -154,8 +175,13 @@ def _streamed_batches(split, views, input_config, seed: int, *, start_step: int,
     epoch, skip = epoch + 1, 0
 
 
-def make_train_iterator(config, *, start_step: int = 0, process_index: Optional[int] = None,
-                        process_count: Optional[int] = None) -> Iterator[dict]:
+def make_train_iterator(
+    config,
+    *,
+    start_step: int = 0,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> Iterator[dict]:
   """Infinite iterator of this process's local multi-crop batches.
 
   Reads config.input and config.seed.
@@ -173,9 +199,18 @@ def make_train_iterator(config, *, start_step: int = 0, process_index: Optional[
     raise ValueError(f"start_step={start_step} must be >= 0")
   split = common.open_split(input_config, input_config.train_split)
   if split.num_examples == 0:
-    raise ValueError(f"split {input_config.train_split!r} of {input_config.dataset!r} is "
-                     "empty; set config.input.train_split to a non-empty split")
+    raise ValueError(
+        f"split {input_config.train_split!r} of {input_config.dataset!r} is "
+        "empty; set config.input.train_split to a non-empty split"
+    )
   batches = _random_access_batches if split.random_access else _streamed_batches
-  return batches(split, _views_fn(split, input_config), input_config, seed,
-                 start_step=start_step, process_index=process_index,
-                 process_count=process_count, local_batch=local_batch)
+  return batches(
+      split,
+      _views_fn(split, input_config),
+      input_config,
+      seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+      local_batch=local_batch,
+  )

@@ -1,6 +1,5 @@
 """Tests of the input pipeline on tiny generated data and the Fashion-MNIST IDX files."""
 
-
 import jax
 import ml_collections
 import numpy as np
@@ -19,9 +18,15 @@ def _config(seed=0, **overrides) -> ml_collections.ConfigDict:
   """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
   config = config_defaults.base_config()
   config.seed = seed
-  config.input.update(dict(batch_size=8, eval_batch_size=4, shuffle_buffer=64,
-                           data_dir='/nonexistent-tfds-dir',
-                           crops=dict(global_size=16, local_size=8, num_local=2)))
+  config.input.update(
+      dict(
+          batch_size=8,
+          eval_batch_size=4,
+          shuffle_buffer=64,
+          data_dir='/nonexistent-tfds-dir',
+          crops=dict(global_size=16, local_size=8, num_local=2),
+      )
+  )
   config.input.update(overrides)
   return config
 
@@ -35,8 +40,7 @@ def npz_path(tmp_path_factory):
   """40 random 20x24 RGB images whose label is their index."""
   rng = np.random.default_rng(0)
   path = str(tmp_path_factory.mktemp('npz') / 'tiny.npz')
-  np.savez(path, images=rng.integers(0, 256, (40, 20, 24, 3), dtype=np.uint8),
-           labels=np.arange(40))
+  np.savez(path, images=rng.integers(0, 256, (40, 20, 24, 3), dtype=np.uint8), labels=np.arange(40))
   return path
 
 
@@ -75,8 +79,12 @@ def test_same_seed_same_batches_other_seed_differs(npz_path):
   config = _config(dataset=f'npz:{npz_path}')
   first = _take(data.make_train_iterator(config, process_index=0, process_count=1), 2)
   again = _take(data.make_train_iterator(config, process_index=0, process_count=1), 2)
-  other = _take(data.make_train_iterator(_config(dataset=f'npz:{npz_path}', seed=1),
-                                             process_index=0, process_count=1), 2)
+  other = _take(
+      data.make_train_iterator(
+          _config(dataset=f'npz:{npz_path}', seed=1), process_index=0, process_count=1
+      ),
+      2,
+  )
   for a, b, c in zip(first, again, other):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
@@ -95,10 +103,10 @@ def test_views_differ(npz_path):
 
 def test_resume_matches_uninterrupted(npz_path):
   config = _config(dataset=f'npz:{npz_path}')
-  uninterrupted = _take(data.make_train_iterator(config, process_index=0,
-                                                     process_count=1), 13)
-  resumed = _take(data.make_train_iterator(config, start_step=7, process_index=0,
-                                               process_count=1), 6)
+  uninterrupted = _take(data.make_train_iterator(config, process_index=0, process_count=1), 13)
+  resumed = _take(
+      data.make_train_iterator(config, start_step=7, process_index=0, process_count=1), 6
+  )
   for a, b in zip(uninterrupted[7:], resumed):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
@@ -127,15 +135,17 @@ def test_two_processes_get_disjoint_covering_shards(npz_path):
 def test_eval_visits_every_example_once_with_padding_masked(tmp_path):
   rng = np.random.default_rng(1)
   path = str(tmp_path / 'eval.npz')
-  np.savez(path, images=rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8),
-           labels=np.arange(5), test_images=rng.integers(0, 256, (13, 16, 16, 1),
-                                                         dtype=np.uint8),
-           test_labels=np.arange(100, 113))
+  np.savez(
+      path,
+      images=rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8),
+      labels=np.arange(5),
+      test_images=rng.integers(0, 256, (13, 16, 16, 1), dtype=np.uint8),
+      test_labels=np.arange(100, 113),
+  )
   config = _config(dataset=f'npz:{path}', eval_batch_size=4, num_channels=1)
   seen, counts = [], []
   for process in range(2):
-    batches = list(data.make_eval_iterator(config, 'test', process_index=process,
-                                               process_count=2))
+    batches = list(data.make_eval_iterator(config, 'test', process_index=process, process_count=2))
     counts.append(len(batches))
     for b in batches:
       assert b['image'].shape == (2, 16, 16, 1) and b['image'].dtype == np.float32
@@ -159,8 +169,12 @@ def test_eval_is_deterministic_center_crop(npz_path):
 
 @pytest.mark.skipif(not sources.idx.available(IDX_DIR), reason='no Fashion-MNIST IDX files')
 def test_fashion_mnist_idx_fallback():
-  config = _config(dataset='fashion_mnist', train_split='train[:1%]', num_channels=1,
-                   crops=dict(num_local=2, global_size=28, local_size=12))
+  config = _config(
+      dataset='fashion_mnist',
+      train_split='train[:1%]',
+      num_channels=1,
+      crops=dict(num_local=2, global_size=28, local_size=12),
+  )
   source = sources.get(config.input)
   assert (source.kind, source.arg) == ('idx', IDX_DIR)
   info = data.get_dataset_info(config)
@@ -173,8 +187,7 @@ def test_fashion_mnist_idx_fallback():
   assert batch['local'].shape == (8, 2, 12, 12, 1)
   low, high = _range_of(config, 1)
   assert batch['global'].min() >= low - 1e-5 and batch['global'].max() <= high + 1e-5
-  ev = list(data.make_eval_iterator(config, 'test[:10]', process_index=0,
-                                        process_count=1))
+  ev = list(data.make_eval_iterator(config, 'test[:10]', process_index=0, process_count=1))
   assert len(ev) == 3 and sum(b['mask'].sum() for b in ev) == 10
   raw = _open(config, 'test[:10]')
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in ev])[:10], raw.labels)
@@ -188,8 +201,9 @@ def test_bad_inputs_raise_clear_errors(npz_path, tmp_path):
   with pytest.raises(ValueError, match='no split .valid.*available splits'):
     _open(_config(dataset=f'npz:{npz_path}'), 'valid')
   with pytest.raises(ValueError, match='multiple of the process count 3'):
-    data.make_train_iterator(_config(dataset=f'npz:{npz_path}', batch_size=8),
-                                 process_index=0, process_count=3)
+    data.make_train_iterator(
+        _config(dataset=f'npz:{npz_path}', batch_size=8), process_index=0, process_count=3
+    )
   with pytest.raises(FileNotFoundError, match='does not exist'):
     _open(_config(dataset=f'npz:{tmp_path}/missing.npz'), 'train')
   bad = str(tmp_path / 'bad.npz')
@@ -216,14 +230,17 @@ def test_prefetch_to_mesh_shards_batch_axis(npz_path):
       assert isinstance(device[key], jax.Array)
       assert device[key].shape == host[key].shape
       assert device[key].sharding.is_equivalent_to(
-          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')),
-          host[key].ndim)
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')), host[key].ndim
+      )
       assert len(device[key].addressable_shards) == 8
       assert device[key].addressable_shards[1].data.shape[0] == 2
       np.testing.assert_array_equal(np.asarray(device[key]), host[key])
   # (mesh, spec) form with a spec longer than the label rank.
-  pair = list(prefetch.prefetch_to_mesh(
-      iter(local[:1]), (mesh, jax.sharding.PartitionSpec('data', None)), size=1))
+  pair = list(
+      prefetch.prefetch_to_mesh(
+          iter(local[:1]), (mesh, jax.sharding.PartitionSpec('data', None)), size=1
+      )
+  )
   assert pair[0]['label'].shape == (16,)
   with pytest.raises(TypeError, match='Sharding'):
     next(prefetch.prefetch_to_mesh(iter(local), 'data'))

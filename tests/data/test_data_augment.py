@@ -23,15 +23,19 @@ def _image(h=48, w=64, c=3, seed=0):
 def _encode(image, fmt):
   buffer = io.BytesIO()
   Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
-      buffer, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
+      buffer, fmt, **({'quality': 95} if fmt == 'JPEG' else {})
+  )
   return buffer.getvalue()
 
 
 def _views(n_global=2, n_local=3, blur=(0.0, 0.0, 0.0), solarize=0.0):
   config = config_defaults.base_config().input
-  config.update(dict(crops=dict(num_global=n_global, num_local=n_local, global_size=24,
-                                local_size=12),
-                     augment=dict(blur_probs=blur, solarize_prob=solarize)))
+  config.update(
+      dict(
+          crops=dict(num_global=n_global, num_local=n_local, global_size=24, local_size=12),
+          augment=dict(blur_probs=blur, solarize_prob=solarize),
+      )
+  )
   return augment.view_specs(config)
 
 
@@ -96,8 +100,9 @@ def test_png_bytes_match_decoded_array_and_eval_view():
   image = _image(c=1)
   spec = augment.ColorSpec(channels=1, **_PLAIN)
   groups = _groups()
-  encoded = augment.multicrop(tf.constant(_encode(image, 'PNG')), _seed(3), groups, spec,
-                              encoded=True)
+  encoded = augment.multicrop(
+      tf.constant(_encode(image, 'PNG')), _seed(3), groups, spec, encoded=True
+  )
   decoded = augment.multicrop(tf.constant(image), _seed(3), groups, spec, encoded=False)
   assert [x.shape for x in encoded] == [(2, 24, 24, 1), (3, 12, 12, 1)]
   for a, b in zip(encoded, decoded):
@@ -109,17 +114,25 @@ def test_png_bytes_match_decoded_array_and_eval_view():
 def test_groups_need_one_size():
   view = augment.ViewSpec(size=8, scale=(1, 1), blur_prob=0, solarize_prob=0)
   with pytest.raises(ValueError, match='one size'):
-    augment.multicrop(tf.constant(_image()), _seed(0), [[view, dataclasses.replace(
-        view, size=9)]], augment.ColorSpec(channels=3), encoded=False)
+    augment.multicrop(
+        tf.constant(_image()),
+        _seed(0),
+        [[view, dataclasses.replace(view, size=9)]],
+        augment.ColorSpec(channels=3),
+        encoded=False,
+    )
 
 
 def test_flip_mirrors_some_views():
   image = _image(32, 32)
-  spec = augment.ColorSpec(channels=3, flip=True, color_jitter_prob=0.0, grayscale_prob=0.0,
-                           mean=(0.0,), std=(1.0,))
+  spec = augment.ColorSpec(
+      channels=3, flip=True, color_jitter_prob=0.0, grayscale_prob=0.0, mean=(0.0,), std=(1.0,)
+  )
   view = augment.ViewSpec(size=32, scale=(1.0, 1.0), blur_prob=0.0, solarize_prob=0.0)
-  out = augment.multicrop(tf.constant(image), _seed(0), [[view] * 16], spec,
-                          encoded=False)[0].numpy() * 255
+  out = (
+      augment.multicrop(tf.constant(image), _seed(0), [[view] * 16], spec, encoded=False)[0].numpy()
+      * 255
+  )
   flipped = []
   for x in out:
     if np.allclose(x, image, atol=0.5):
@@ -133,8 +146,9 @@ def test_flip_mirrors_some_views():
 @pytest.mark.parametrize('xla', [False, True])
 def test_grayscale_and_solarize(xla):
   image = tf.constant(np.random.default_rng(0).uniform(size=(16, 16, 3)), tf.float32)
-  spec = augment.ColorSpec(channels=3, flip=False, color_jitter_prob=0.0, grayscale_prob=1.0,
-                           xla=xla)
+  spec = augment.ColorSpec(
+      channels=3, flip=False, color_jitter_prob=0.0, grayscale_prob=1.0, xla=xla
+  )
   gray = np.repeat(tf.image.rgb_to_grayscale(image).numpy(), 3, -1)
   for prob, expected in ((0.0, gray), (1.0, np.where(gray >= 0.5, 1 - gray, gray))):
     view = augment.ViewSpec(size=16, scale=(1, 1), blur_prob=0.0, solarize_prob=prob)
@@ -175,8 +189,9 @@ def test_color_jitter_matches_reference(xla):
 def test_color_jitter_single_channel_only_brightness_contrast():
   gray = tf.constant(np.random.default_rng(0).uniform(0.2, 0.8, size=(16, 16, 1)), tf.float32)
   spec = augment.ColorSpec(channels=1, brightness=0.0, contrast=0.0, saturation=1.0, hue=0.5)
-  np.testing.assert_allclose(augment.color_jitter(gray, _draws(1), spec).numpy(),
-                             gray.numpy(), atol=1e-6)
+  np.testing.assert_allclose(
+      augment.color_jitter(gray, _draws(1), spec).numpy(), gray.numpy(), atol=1e-6
+  )
   spec = augment.ColorSpec(channels=1, brightness=0.4, contrast=0.4)
   assert not np.allclose(augment.color_jitter(gray, _draws(1), spec).numpy(), gray.numpy())
 
@@ -185,15 +200,14 @@ def test_gaussian_blur():
   constant = tf.fill([20, 20, 3], 0.3)
   np.testing.assert_allclose(augment.gaussian_blur(constant, 2.0).numpy(), 0.3, atol=1e-6)
   noise = tf.constant(np.random.default_rng(0).uniform(size=(20, 20, 1)), tf.float32)
-  np.testing.assert_allclose(augment.gaussian_blur(noise, 0.1).numpy(), noise.numpy(),
-                             atol=1e-4)
+  np.testing.assert_allclose(augment.gaussian_blur(noise, 0.1).numpy(), noise.numpy(), atol=1e-4)
   out = augment.gaussian_blur(noise, 2.0).numpy()
   assert out.std() < 0.5 * noise.numpy().std()
   # Matches a direct 2-D Gaussian filter (half-width 6) away from the borders.
   k = np.exp(-0.5 * (np.arange(-6, 7) / 2.0) ** 2)
   k /= k.sum()
   plane = noise[:, :, 0].numpy()
-  direct = sum(k[i] * k[j] * plane[i:i + 8, j:j + 8] for i in range(13) for j in range(13))
+  direct = sum(k[i] * k[j] * plane[i : i + 8, j : j + 8] for i in range(13) for j in range(13))
   np.testing.assert_allclose(out[6:14, 6:14, 0], direct, atol=1e-5)  # Interior 8x8.
   tiny = tf.constant(np.random.default_rng(0).uniform(size=(4, 4, 1)), tf.float32)
   assert augment.gaussian_blur(tiny, 2.0).shape == (4, 4, 1)
@@ -214,9 +228,11 @@ def test_same_seed_same_views_different_seed_differs():
 def test_xla_and_tf_kernels_agree():
   image = tf.constant(_image())
   groups = _groups(n_local=1, blur=(1.0, 0.1, 0.5), solarize=0.2)
-  a = augment.multicrop(image, _seed(1), groups, augment.ColorSpec(channels=3, xla=True),
-                        encoded=False)
-  b = augment.multicrop(image, _seed(1), groups, augment.ColorSpec(channels=3, xla=False),
-                        encoded=False)
+  a = augment.multicrop(
+      image, _seed(1), groups, augment.ColorSpec(channels=3, xla=True), encoded=False
+  )
+  b = augment.multicrop(
+      image, _seed(1), groups, augment.ColorSpec(channels=3, xla=False), encoded=False
+  )
   for x, y in zip(a, b):
     np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-4)

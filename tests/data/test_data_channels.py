@@ -17,8 +17,14 @@ from bits_jax.data.sources import core
 def _config(**overrides):
   """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
   config = config_defaults.base_config()
-  config.input.update(dict(batch_size=4, eval_batch_size=4, shuffle_buffer=16,
-                           crops=dict(global_size=16, local_size=8, num_local=1)))
+  config.input.update(
+      dict(
+          batch_size=4,
+          eval_batch_size=4,
+          shuffle_buffer=16,
+          crops=dict(global_size=16, local_size=8, num_local=1),
+      )
+  )
   config.input.update(overrides)
   return config
 
@@ -39,8 +45,9 @@ def test_rgb_folder_with_one_channel_config_is_converted(tmp_path, caplog):
   assert data.get_dataset_info(config).channels == 3  # As stored.
   with caplog.at_level(logging.WARNING):
     batch = next(data.make_train_iterator(config, process_index=0, process_count=1))
-    ev = list(data.make_eval_iterator(config, 'test', process_index=0, process_count=1,
-                                      with_ids=True))
+    ev = list(
+        data.make_eval_iterator(config, 'test', process_index=0, process_count=1, with_ids=True)
+    )
   assert batch['global'].shape == (4, 2, 16, 16, 1) and batch['local'].shape == (4, 1, 8, 8, 1)
   assert ev[0]['image'].shape == (4, 16, 16, 1) and ev[0]['id'][0] == 'a/00.png'
   converting = [r for r in caplog.records if 'converting RGB -> grayscale' in r.getMessage()]
@@ -70,11 +77,15 @@ def test_other_channel_mismatch_names_the_fix(tmp_path):
   with pytest.raises(ValueError, match='have 4 channels.*num_channels=3.*num_channels=4'):
     data.make_train_iterator(_config(dataset=f'npz:{path}'), process_index=0, process_count=1)
   with pytest.raises(ValueError, match='have 4 channels.*num_channels=1'):
-    data.make_eval_iterator(_config(dataset=f'npz:{path}', num_channels=1), 'train',
-                            process_index=0, process_count=1)
+    data.make_eval_iterator(
+        _config(dataset=f'npz:{path}', num_channels=1), 'train', process_index=0, process_count=1
+    )
   # 4 stored channels and num_channels=4: fed as stored.
-  batch = next(data.make_train_iterator(_config(dataset=f'npz:{path}', num_channels=4),
-                                        process_index=0, process_count=1))
+  batch = next(
+      data.make_train_iterator(
+          _config(dataset=f'npz:{path}', num_channels=4), process_index=0, process_count=1
+      )
+  )
   assert batch['global'].shape == (4, 2, 16, 16, 4)
 
 
@@ -99,17 +110,24 @@ class _ConstantSource(core.DataSource):
     return core.ArraySplit(np.ascontiguousarray(images[index]), index, index, name=split)
 
   def info(self):
-    return core.DatasetInfo(name=self.dataset, num_classes=int(self.arg),
-                            num_examples={'train': int(self.arg)}, image_shape=(12, 12, 1),
-                            source=self.kind)
+    return core.DatasetInfo(
+        name=self.dataset,
+        num_classes=int(self.arg),
+        num_examples={'train': int(self.arg)},
+        image_shape=(12, 12, 1),
+        source=self.kind,
+    )
 
 
 def test_a_registered_source_feeds_the_streams():
   config = _config(dataset='tinyconst:8', num_channels=1, crops=dict(num_local=0))
   assert data.get_dataset_info(config).num_classes == 8
-  labels = np.concatenate([b['label'] for b, _ in zip(
-      data.make_train_iterator(config, process_index=0, process_count=1), range(2))])
+  labels = np.concatenate([
+      b['label']
+      for b, _ in zip(data.make_train_iterator(config, process_index=0, process_count=1), range(2))
+  ])
   assert sorted(labels) == list(range(8))
-  ev = list(data.make_eval_iterator(config, 'train[:6]', process_index=0, process_count=1,
-                                    with_ids=True))
+  ev = list(
+      data.make_eval_iterator(config, 'train[:6]', process_index=0, process_count=1, with_ids=True)
+  )
   assert [list(b['id']) for b in ev] == [['0', '1', '2', '3'], ['4', '5', '', '']]

@@ -17,8 +17,14 @@ from bits_jax.data import sources
 def _config(**overrides):
   """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
   config = config_defaults.base_config()
-  config.input.update(dict(batch_size=4, eval_batch_size=4, shuffle_buffer=16,
-                           crops=dict(global_size=16, local_size=8, num_local=1)))
+  config.input.update(
+      dict(
+          batch_size=4,
+          eval_batch_size=4,
+          shuffle_buffer=16,
+          crops=dict(global_size=16, local_size=8, num_local=1),
+      )
+  )
   config.input.update(overrides)
   return config
 
@@ -42,7 +48,7 @@ def _write_folder(root, n_per_class=6, corrupt=False):
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buffer, 'JPEG')
     broken = os.path.join(root, 'dog', '02b.jpg')  # 10th file overall: in 'train'.
     with open(broken, 'wb') as f:
-      f.write(buffer.getvalue()[:len(buffer.getvalue()) // 3])
+      f.write(buffer.getvalue()[: len(buffer.getvalue()) // 3])
   return broken
 
 
@@ -54,8 +60,11 @@ def test_imagefolder_labels_splits_and_batches(tmp_path):
   assert info.num_examples == {'train': 10, 'test': 2}  # Every 10th file held out.
   train = _open(config, 'train')
   assert list(train.labels) == [0] * 5 + [1] * 5
-  batches = [next(it) for it in [data.make_train_iterator(
-      config, process_index=0, process_count=1)] for _ in range(5)]
+  batches = [
+      next(it)
+      for it in [data.make_train_iterator(config, process_index=0, process_count=1)]
+      for _ in range(5)
+  ]
   assert batches[0]['global'].shape == (4, 2, 16, 16, 3)
   assert batches[0]['local'].shape == (4, 1, 8, 8, 3)
   labels = np.concatenate([b['label'] for b in batches])
@@ -95,6 +104,7 @@ def test_imagefolder_skip_corrupt_counts(tmp_path):
 
 class BitsTinyImages(tfds.core.GeneratorBasedBuilder):
   """50 train / 13 test 20x20 RGB images whose label is their index."""
+
   VERSION = tfds.core.Version('1.0.0')
   # Test modules are not a package: tell TFDS where the builder "lives".
   pkg_dir_path = epath.Path(os.path.dirname(os.path.abspath(__file__)))
@@ -103,8 +113,10 @@ class BitsTinyImages(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(20, 20, 3)),
-            'label': tfds.features.ClassLabel(num_classes=50)}),
-        supervised_keys=('image', 'label'))
+            'label': tfds.features.ClassLabel(num_classes=50),
+        }),
+        supervised_keys=('image', 'label'),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
@@ -142,23 +154,22 @@ def test_tfds_train_resume_across_unaligned_epochs(tfds_dir):
   assert not np.array_equal(labels[25:], labels[:11])  # Reshuffled per epoch.
   # Step 7 straddles the epoch end; step 9 starts 2 records into epoch 1.
   for start in (7, 9):
-    resumed = data.make_train_iterator(config, start_step=start, process_index=1,
-                                           process_count=2)
-    for a in uninterrupted[start:start + 3]:
+    resumed = data.make_train_iterator(config, start_step=start, process_index=1, process_count=2)
+    for a in uninterrupted[start : start + 3]:
       b = next(resumed)
       for key in a:
         np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_tfds_batches_larger_than_an_epoch(tfds_dir):
-  config = _config(dataset='bits_tiny_images', data_dir=tfds_dir, batch_size=64,
-                   crops=dict(num_local=0))  # b = 32 > 25 examples per process and epoch.
+  config = _config(
+      dataset='bits_tiny_images', data_dir=tfds_dir, batch_size=64, crops=dict(num_local=0)
+  )  # b = 32 > 25 examples per process and epoch.
   full = data.make_train_iterator(config, process_index=0, process_count=2)
   first, second = next(full), next(full)
   assert len(set(first['label'][:25])) == 25
   assert set(first['label'][25:]) <= set(first['label'][:25])
-  resumed = next(data.make_train_iterator(config, start_step=1, process_index=0,
-                                              process_count=2))
+  resumed = next(data.make_train_iterator(config, start_step=1, process_index=0, process_count=2))
   for key in second:
     np.testing.assert_array_equal(second[key], resumed[key])
 
@@ -176,8 +187,7 @@ def test_tfds_eval_every_example_once(tfds_dir):
   config = _config(dataset='bits_tiny_images', data_dir=tfds_dir, eval_batch_size=4)
   seen, counts = [], []
   for process in range(2):
-    batches = list(data.make_eval_iterator(config, 'test', process_index=process,
-                                               process_count=2))
+    batches = list(data.make_eval_iterator(config, 'test', process_index=process, process_count=2))
     counts.append(len(batches))
     seen.extend(np.concatenate([b['label'][b['mask']] for b in batches]))
     assert batches[0]['image'].shape == (2, 16, 16, 3)

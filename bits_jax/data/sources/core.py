@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+import os
 import re
 from typing import Callable, Optional
 
@@ -51,6 +52,7 @@ class DatasetInfo:
 
   @property
   def channels(self) -> int:
+    """Stored channels."""
     return int(self.image_shape[-1])
 
 
@@ -80,8 +82,15 @@ class Split(abc.ABC):
     """Examples in this process's even shard, for streamed splits."""
     raise NotImplementedError(f"{type(self).__name__} is random access: use lookup()")
 
-  def stream(self, process_index: int, process_count: int, *, shuffle_seed: Optional[int],
-             options: tf.data.Options, with_ids: bool = False) -> tf.data.Dataset:
+  def stream(
+      self,
+      process_index: int,
+      process_count: int,
+      *,
+      shuffle_seed: Optional[int],
+      options: tf.data.Options,
+      with_ids: bool = False,
+  ) -> tf.data.Dataset:
     """Records of this process's even shard, for streamed splits ('id' only `with_ids`).
 
     The shard is read in order when `shuffle_seed` is None, else file- and read-shuffled
@@ -92,10 +101,9 @@ class Split(abc.ABC):
   def decode_error(self, index: int) -> Optional[str]:
     """Why example `index` fails to decode (None when it decodes or cannot fail)."""
     del index
-    return None
 
 
-class ArraySplit(Split):
+class ArraySplit(Split):  # pylint: disable=abstract-method  # Random access: no stream().
   """Decoded images in memory (IDX, npz). images: [n, h, w, c] uint8, labels: [n] int."""
 
   encoded = False
@@ -105,16 +113,37 @@ class ArraySplit(Split):
     self.images, self.labels, self.ids, self.name = images, labels, ids, name
     self.num_examples = len(labels)
     self.channels = int(images.shape[-1])
-    self._tensors = None
+    self._tensors = ()
 
   def lookup(self, index: tf.Tensor) -> dict:
-    if self._tensors is None:
-      with tf.init_scope():  # Eager constants, captured by every tf.data function using them.
-        self._tensors = (tf.constant(self.images), tf.constant(self.labels.astype(np.int32)),
-                         tf.constant(self.ids.astype(str)))
+    self._tensors = self._tensors or eager_constants(
+        self.images, self.labels.astype(np.int32), self.ids.astype(str)
+    )
     images, labels, ids = self._tensors
-    return {"image": tf.gather(images, index), "label": tf.gather(labels, index),
-            "id": tf.gather(ids, index)}
+    return {
+        "image": tf.gather(images, index),
+        "label": tf.gather(labels, index),
+        "id": tf.gather(ids, index),
+    }
+
+
+def eager_constants(*arrays: np.ndarray) -> tuple[tf.Tensor, ...]:
+  """Eager tensors of `arrays`, also when called inside a tf.data function being traced.
+
+  Lookup tables built once this way are captured by every tf.data function that uses them.
+  """
+  with tf.init_scope():  # pylint: disable=not-context-manager
+    return tuple(tf.constant(a) for a in arrays)
+
+
+def path_problem(input_config, path: str, *, directory: bool) -> Optional[str]:
+  """A `check` problem when the file (or directory) `path` does not exist."""
+  if os.path.isdir(path) if directory else os.path.isfile(path):
+    return None
+  return (
+      f"config.input.dataset={input_config.dataset!r}: {'directory' if directory else 'file'} "
+      f"{path} does not exist; use {accepted_forms()}."
+  )
 
 
 class DataSource(abc.ABC):
@@ -140,7 +169,6 @@ class DataSource(abc.ABC):
   def check(cls, arg: str, input_config) -> Optional[str]:
     """A problem with `arg` found without reading the data (None when none)."""
     del arg, input_config
-    return None
 
   @abc.abstractmethod
   def open(self, split: str) -> Split:
@@ -228,8 +256,10 @@ def parse_split(split: str) -> tuple[str, str, str]:
   """(base name, start, stop) of 'name[start:stop]' ('' when absent)."""
   m = _SLICE_RE.match(split.strip())
   if m is None:
-    raise ValueError(f"cannot parse split {split!r}: use 'name' or 'name[start:stop]' with "
-                     "integer or percent bounds, e.g. 'train[:10%]'")
+    raise ValueError(
+        f"cannot parse split {split!r}: use 'name' or 'name[start:stop]' with "
+        "integer or percent bounds, e.g. 'train[:10%]'"
+    )
   return m.group("name"), m.group("start") or "", m.group("stop") or ""
 
 
@@ -252,5 +282,7 @@ def slice_indices(split: str, n: int) -> np.ndarray:
 
 
 def missing_split_error(dataset: str, split: str, available, how: str) -> ValueError:
-  return ValueError(f"dataset {dataset!r} has no split {split!r}; available splits: "
-                    f"{sorted(available)}. {how}")
+  """The error for a split `dataset` lacks: what it has, and `how` to get more."""
+  return ValueError(
+      f"dataset {dataset!r} has no split {split!r}; available splits: {sorted(available)}. {how}"
+  )

@@ -46,11 +46,13 @@ def read_idx(path: str) -> np.ndarray:
   dtype_code, ndim = data[2], data[3]
   if dtype_code not in _DTYPES:
     raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
   array = np.frombuffer(data, dtype=_DTYPES[dtype_code], offset=4 + 4 * ndim)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, "
-                     f"found {array.size} (truncated file?)")
+    raise ValueError(
+        f"{path}: expected {int(np.prod(shape))} values for shape {shape}, "
+        f"found {array.size} (truncated file?)"
+    )
   return array.reshape(shape)
 
 
@@ -62,21 +64,21 @@ class IdxSource(core.DataSource):
 
   @classmethod
   def check(cls, arg, input_config):
-    if not os.path.isdir(arg):
-      return (f"config.input.dataset={input_config.dataset!r}: directory {arg} does not exist; "
-              f"use {core.accepted_forms()}.")
-    return None
+    return core.path_problem(input_config, arg, directory=True)
 
   def _base_split(self, base: str) -> tuple[np.ndarray, np.ndarray]:
     """images [n, h, w, 1] uint8, labels [n] int64 of 'train' or 'test'."""
     if base not in _FILES:
-      raise core.missing_split_error(f"idx:{self.arg}", base, _FILES,
-                                     "IDX directories hold train-* and t10k-* (test) files.")
+      raise core.missing_split_error(
+          f"idx:{self.arg}", base, _FILES, "IDX directories hold train-* and t10k-* (test) files."
+      )
     paths = [_path(self.arg, stem) for stem in _FILES[base]]
     if not all(paths):
-      raise FileNotFoundError(f"IDX files {_FILES[base]} (optionally .gz) not found in "
-                              f"{self.arg}; on Debian install dataset-fashion-mnist or point "
-                              "config.input.idx_dir at a copy of them")
+      raise FileNotFoundError(
+          f"IDX files {_FILES[base]} (optionally .gz) not found in "
+          f"{self.arg}; on Debian install dataset-fashion-mnist or point "
+          "config.input.idx_dir at a copy of them"
+      )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim == 3:
       images = images[..., None]
@@ -88,8 +90,14 @@ class IdxSource(core.DataSource):
     return core.ArraySplit(images[index], labels[index], index, name=split)
 
   def info(self) -> core.DatasetInfo:
-    splits = {s: self._base_split(s) for s in _FILES if _path(self.arg, _FILES[s][0])}
+    splits = {
+        s: self._base_split(s) for s, (images, _) in _FILES.items() if _path(self.arg, images)
+    }
     num_classes = int(max(labels.max() for _, labels in splits.values() if len(labels)) + 1)
-    return core.DatasetInfo(name=self.dataset, num_classes=num_classes,
-                            num_examples={k: len(v[1]) for k, v in splits.items()},
-                            image_shape=tuple(splits["train"][0].shape[1:]), source=self.kind)
+    return core.DatasetInfo(
+        name=self.dataset,
+        num_classes=num_classes,
+        num_examples={k: len(v[1]) for k, v in splits.items()},
+        image_shape=tuple(splits["train"][0].shape[1:]),
+        source=self.kind,
+    )

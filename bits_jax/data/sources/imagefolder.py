@@ -29,8 +29,7 @@ def find_corrupt_files(paths, channels: int) -> np.ndarray:
   paths = np.asarray(paths, dtype=str)
 
   def decode(i, path):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                               expand_animations=False)
+    image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
     return i, tf.shape(image)[0]
 
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
@@ -53,7 +52,8 @@ def check_image_file(path: str, channels: int) -> Optional[str]:
 def _image_channels(paths: np.ndarray) -> int:
   """1 when the first image is grayscale, else 3."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  if not len(paths):
+
+  if paths.size == 0:
     return 3
   try:
     with Image.open(paths[0]) as im:
@@ -62,7 +62,7 @@ def _image_channels(paths: np.ndarray) -> int:
     return 3
 
 
-class FileSplit(core.Split):
+class FileSplit(core.Split):  # pylint: disable=abstract-method  # Random access: no stream().
   """Encoded image files. paths: [n] str, labels: [n] int64, ids: [n] str."""
 
   encoded = True
@@ -73,16 +73,18 @@ class FileSplit(core.Split):
     self.channels, self.name = channels, name
     self.skipped = skipped  # Undecodable files left out (skip_corrupt_images=True).
     self.num_examples = len(labels)
-    self._tensors = None
+    self._tensors = ()
 
   def lookup(self, index: tf.Tensor) -> dict:
-    if self._tensors is None:
-      with tf.init_scope():  # Eager constants, captured by every tf.data function using them.
-        self._tensors = (tf.constant(self.paths.astype(str)),
-                         tf.constant(self.labels.astype(np.int32)), tf.constant(self.ids))
+    self._tensors = self._tensors or core.eager_constants(
+        self.paths.astype(str), self.labels.astype(np.int32), self.ids
+    )
     paths, labels, ids = self._tensors
-    return {"image": tf.io.read_file(tf.gather(paths, index)),
-            "label": tf.gather(labels, index), "id": tf.gather(ids, index)}
+    return {
+        "image": tf.io.read_file(tf.gather(paths, index)),
+        "label": tf.gather(labels, index),
+        "id": tf.gather(ids, index),
+    }
 
   def decode_error(self, index: int) -> Optional[str]:
     problem = check_image_file(self.paths[index], self.channels)
@@ -101,28 +103,35 @@ class ImageFolderSource(core.DataSource):
 
   @classmethod
   def check(cls, arg, input_config):
-    if not os.path.isdir(arg):
-      return (f"config.input.dataset={input_config.dataset!r}: directory {arg} does not exist; "
-              f"use {core.accepted_forms()}.")
-    return None
+    return core.path_problem(input_config, arg, directory=True)
 
   def _layout(self) -> dict:
     """Split name -> directory of class folders ('' -> the root of a flat folder)."""
     if not os.path.isdir(self.arg):
-      raise FileNotFoundError(f"image folder {self.arg} does not exist; config.input.dataset "
-                              "should be 'imagefolder:/dir' with one sub-folder of images per "
-                              "class")
-    split_dirs = {s: os.path.join(self.arg, s) for s in _SPLIT_DIRS
-                  if os.path.isdir(os.path.join(self.arg, s))}
+      raise FileNotFoundError(
+          f"image folder {self.arg} does not exist; config.input.dataset "
+          "should be 'imagefolder:/dir' with one sub-folder of images per "
+          "class"
+      )
+    split_dirs = {
+        s: os.path.join(self.arg, s)
+        for s in _SPLIT_DIRS
+        if os.path.isdir(os.path.join(self.arg, s))
+    }
     return split_dirs if "train" in split_dirs else {"": self.arg}
 
   def _classes(self, layout: dict) -> list[str]:
     directory = layout.get("train", layout.get(""))
-    classes = sorted(d for d in os.listdir(directory)
-                     if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+    classes = sorted(
+        d
+        for d in os.listdir(directory)
+        if os.path.isdir(os.path.join(directory, d)) and not d.startswith(".")
+    )
     if not classes:
-      raise ValueError(f"image folder {self.arg} has no class sub-folders; expected "
-                       "<root>/<class>/<image>.png|jpg")
+      raise ValueError(
+          f"image folder {self.arg} has no class sub-folders; expected "
+          "<root>/<class>/<image>.png|jpg"
+      )
     return classes
 
   def _base_split(self, base: str):
@@ -131,12 +140,17 @@ class ImageFolderSource(core.DataSource):
     classes = self._classes(layout)
     directory = layout.get(base, layout.get(""))
     if "" not in layout and base not in layout:
-      raise core.missing_split_error(f"imagefolder:{self.arg}", base, layout,
-                                     "Create <root>/<split>/<class>/ folders for it.")
+      raise core.missing_split_error(
+          f"imagefolder:{self.arg}", base, layout, "Create <root>/<split>/<class>/ folders for it."
+      )
     if "" in layout and base not in ("train", "test"):
-      raise core.missing_split_error(f"imagefolder:{self.arg}", base, ["train", "test"],
-                                     "Flat image folders are split into train (90%) and test "
-                                     "(every 10th file); use <root>/<split>/<class>/ for more.")
+      raise core.missing_split_error(
+          f"imagefolder:{self.arg}",
+          base,
+          ["train", "test"],
+          "Flat image folders are split into train (90%) and test "
+          "(every 10th file); use <root>/<split>/<class>/ for more.",
+      )
     ids, labels = [], []
     for label, name in enumerate(classes):
       class_dir = os.path.join(directory, name)
@@ -147,7 +161,7 @@ class ImageFolderSource(core.DataSource):
     ids, labels = np.array(ids, dtype=str), np.array(labels, dtype=np.int64)
     paths = np.array([os.path.join(directory, i) for i in ids], dtype=str)
     if "" in layout:
-      if not len(paths):
+      if paths.size == 0:
         raise ValueError(f"image folder {self.arg} has no {'/'.join(_EXTENSIONS)} files")
       # A deterministic held-out set, class-balanced in expectation.
       held_out = np.arange(len(paths)) % int(round(1 / core.HELD_OUT_FRACTION)) == 0
@@ -167,8 +181,14 @@ class ImageFolderSource(core.DataSource):
     if self.skip_corrupt and len(paths):
       corrupt = find_corrupt_files(paths, channels)
       if corrupt.any():
-        logging.warning("skipping %d corrupt image(s) of %d in %s split %s, e.g. %s",
-                        corrupt.sum(), len(paths), self.arg, split, paths[corrupt][0])
+        logging.warning(
+            "skipping %d corrupt image(s) of %d in %s split %s, e.g. %s",
+            corrupt.sum(),
+            len(paths),
+            self.arg,
+            split,
+            paths[corrupt][0],
+        )
       skipped = tuple(str(p) for p in paths[corrupt])
       paths, labels, ids = paths[~corrupt], labels[~corrupt], ids[~corrupt]
     return FileSplit(paths, labels, ids, channels=channels, name=split, skipped=skipped)
@@ -183,6 +203,9 @@ class ImageFolderSource(core.DataSource):
     split_names = ["train", "test"] if "" in layout else sorted(layout)
     splits = {s: self._base_split(s) for s in split_names}
     return core.DatasetInfo(
-        name=self.dataset, num_classes=len(self._classes(layout)),
+        name=self.dataset,
+        num_classes=len(self._classes(layout)),
         num_examples={s: len(v[1]) for s, v in splits.items()},
-        image_shape=(None, None, _image_channels(splits[split_names[0]][0])), source=self.kind)
+        image_shape=(None, None, _image_channels(splits[split_names[0]][0])),
+        source=self.kind,
+    )

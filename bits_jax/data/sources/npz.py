@@ -25,13 +25,11 @@ def _checked(images: np.ndarray, labels: np.ndarray, where: str):
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4:
-    raise ValueError(f"{where}: images must be [N, H, W] or [N, H, W, C], got shape "
-                     f"{images.shape}")
+    raise ValueError(f"{where}: images must be [N, H, W] or [N, H, W, C], got shape {images.shape}")
   if images.dtype != np.uint8:
     raise ValueError(f"{where}: images must be uint8 in [0, 255], got {images.dtype}")
   if labels.ndim != 1 or len(labels) != len(images):
-    raise ValueError(f"{where}: labels must be [N] with N={len(images)}, got shape "
-                     f"{labels.shape}")
+    raise ValueError(f"{where}: labels must be [N] with N={len(images)}, got shape {labels.shape}")
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"{where}: labels must be integers, got {labels.dtype}")
   return images, labels.astype(np.int64)
@@ -49,35 +47,40 @@ class NpzSource(core.DataSource):
 
   @classmethod
   def check(cls, arg, input_config):
-    if not os.path.isfile(arg):
-      return (f"config.input.dataset={input_config.dataset!r}: file {arg} does not exist; use "
-              f"{core.accepted_forms()}.")
-    return None
+    return core.path_problem(input_config, arg, directory=False)
 
   def _load(self) -> dict:
     if self._arrays is None:
       if not os.path.exists(self.arg):
-        raise FileNotFoundError(f"npz file {self.arg} does not exist; config.input.dataset "
-                                "should be 'npz:/path/file.npz' with arrays 'images' and "
-                                "'labels'")
+        raise FileNotFoundError(
+            f"npz file {self.arg} does not exist; config.input.dataset "
+            "should be 'npz:/path/file.npz' with arrays 'images' and "
+            "'labels'"
+        )
       with np.load(self.arg) as f:
         arrays = {k: f[k] for k in f.files}
       for key in ("images", "labels"):
         if key not in arrays:
-          raise ValueError(f"{self.arg} has arrays {sorted(arrays)} but needs 'images' "
-                           "[N, H, W(, C)] uint8 and 'labels' [N] int")
+          raise ValueError(
+              f"{self.arg} has arrays {sorted(arrays)} but needs 'images' "
+              "[N, H, W(, C)] uint8 and 'labels' [N] int"
+          )
       self._arrays = arrays
     return self._arrays
 
   def _part(self, prefix: str):
     """(images, labels, ids) of the arrays 'images' ('') or 'test_images' ('test_')."""
     arrays = self._load()
-    images, labels = _checked(arrays[prefix + "images"], arrays[prefix + "labels"],
-                              self.arg + (" (test)" if prefix else ""))
+    images, labels = _checked(
+        arrays[prefix + "images"],
+        arrays[prefix + "labels"],
+        self.arg + (" (test)" if prefix else ""),
+    )
     ids = arrays.get(prefix + "ids", np.arange(len(labels)))
     if len(ids) != len(labels):
-      raise ValueError(f"{self.arg}: {prefix}ids must be [N] with N={len(labels)}, got shape "
-                       f"{np.shape(ids)}")
+      raise ValueError(
+          f"{self.arg}: {prefix}ids must be [N] with N={len(labels)}, got shape {np.shape(ids)}"
+      )
     return images, labels, np.asarray(ids)
 
   def _base_split(self, base: str):
@@ -89,9 +92,13 @@ class NpzSource(core.DataSource):
       images, labels, ids = self._part("test_" if has_test else "")
       keep = slice(None) if has_test else slice(_held_out_start(len(labels)), None)
     else:
-      raise core.missing_split_error(f"npz:{self.arg}", base, ["train", "test"],
-                                     "npz files provide 'train' and 'test' (the held-out 10% "
-                                     "of 'images' unless 'test_images' is present).")
+      raise core.missing_split_error(
+          f"npz:{self.arg}",
+          base,
+          ["train", "test"],
+          "npz files provide 'train' and 'test' (the held-out 10% "
+          "of 'images' unless 'test_images' is present).",
+      )
     return images[keep], labels[keep], ids[keep]
 
   def open(self, split: str) -> core.ArraySplit:
@@ -104,6 +111,9 @@ class NpzSource(core.DataSource):
     arrays = self._load()
     labels = [arrays["labels"]] + ([arrays["test_labels"]] if "test_labels" in arrays else [])
     return core.DatasetInfo(
-        name=self.dataset, num_classes=int(max(int(l.max()) for l in labels if len(l)) + 1),
+        name=self.dataset,
+        num_classes=int(max(int(l.max()) for l in labels if len(l)) + 1),
         num_examples={k: len(v[1]) for k, v in splits.items()},
-        image_shape=tuple(splits["train"][0].shape[1:]), source=self.kind)
+        image_shape=tuple(splits["train"][0].shape[1:]),
+        source=self.kind,
+    )

@@ -30,6 +30,7 @@ _OFFLINE_FALLBACKS = ("fashion_mnist",)  # TFDS names with an IDX copy in config
 
 def _tfds():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return tfds
 
 
@@ -63,8 +64,7 @@ def _feature(features, path: tuple):
 def _label_spec(features, name: str) -> tuple[tuple, int, bool]:
   """(feature path, num_classes, multi_label) of the labels of a TFDS dataset."""
   tfds = _tfds()
-  for path, multi_label in ((("label",), False), (("labels",), True),
-                            (("objects", "label"), True)):
+  for path, multi_label in ((("label",), False), (("labels",), True), (("objects", "label"), True)):
     feature = _feature(features, path)
     if multi_label and isinstance(feature, tfds.features.Sequence):
       feature = feature.feature
@@ -72,12 +72,14 @@ def _label_spec(features, name: str) -> tuple[tuple, int, bool]:
       continue  # 'labels' must be a Sequence of ClassLabel.
     if isinstance(feature, tfds.features.ClassLabel):
       return path, int(feature.num_classes), multi_label
-  raise ValueError(f"TFDS dataset {name!r} has features {list(features.keys())}; the pipeline "
-                   "needs 'image' and a ClassLabel 'label' (or a Sequence of ClassLabel "
-                   "'labels' or 'objects/label' for multi-label data)")
+  raise ValueError(
+      f"TFDS dataset {name!r} has features {list(features.keys())}; the pipeline "
+      "needs 'image' and a ClassLabel 'label' (or a Sequence of ClassLabel "
+      "'labels' or 'objects/label' for multi-label data)"
+  )
 
 
-class TfdsSplit(core.Split):
+class TfdsSplit(core.Split):  # pylint: disable=abstract-method  # Streamed: no lookup().
   """A split of a prepared TFDS builder, read as a stream of records."""
 
   encoded = True
@@ -86,8 +88,9 @@ class TfdsSplit(core.Split):
   def __init__(self, builder, split: str, name: str):
     features = builder.info.features
     if "image" not in features:
-      raise ValueError(f"TFDS dataset {name!r} has features {list(features.keys())}; the pipeline "
-                       "needs 'image'")
+      raise ValueError(
+          f"TFDS dataset {name!r} has features {list(features.keys())}; the pipeline needs 'image'"
+      )
     self.builder, self.name, self.dataset = builder, split, name
     self.num_examples = int(builder.info.splits[split].num_examples)
     self.channels = int(features["image"].shape[-1] or 3)
@@ -109,8 +112,9 @@ class TfdsSplit(core.Split):
     return out
 
   def _shard(self, process_index, process_count) -> str:
-    return _tfds().split_for_jax_process(self.name, process_index=process_index,
-                                         process_count=process_count)
+    return _tfds().split_for_jax_process(
+        self.name, process_index=process_index, process_count=process_count
+    )
 
   def shard_size(self, process_index, process_count):
     return int(self.builder.info.splits[self._shard(process_index, process_count)].num_examples)
@@ -120,15 +124,24 @@ class TfdsSplit(core.Split):
     shard = self._shard(process_index, process_count)
     shuffle = shuffle_seed is not None
     read_config = tfds.ReadConfig(
-        options=options, shuffle_seed=shuffle_seed,
+        options=options,
+        shuffle_seed=shuffle_seed,
         shuffle_reshuffle_each_iteration=False if shuffle else None,
         interleave_cycle_length=16 if shuffle else 1,
-        add_tfds_id=with_ids and self.id_feature is None)
-    records = self.builder.as_dataset(split=shard, shuffle_files=shuffle, read_config=read_config,
-                                      decoders={"image": tfds.decode.SkipDecoding()})
+        add_tfds_id=with_ids and self.id_feature is None,
+    )
+    records = self.builder.as_dataset(
+        split=shard,
+        shuffle_files=shuffle,
+        read_config=read_config,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
     record_fn = functools.partial(self._record, with_ids=with_ids)
-    return records.map(tf.autograph.experimental.do_not_convert(record_fn),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records.map(
+        tf.autograph.experimental.do_not_convert(record_fn),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
 
 
 @core.register(core.TFDS_KIND)
@@ -145,8 +158,11 @@ class TfdsSource(core.DataSource):
   @classmethod
   def create(cls, arg, input_config):
     idx_dir = input_config.idx_dir
-    if (arg in _OFFLINE_FALLBACKS and not _prepared_without_download(arg, input_config.data_dir)
-        and idx.available(idx_dir)):
+    if (
+        arg in _OFFLINE_FALLBACKS
+        and not _prepared_without_download(arg, input_config.data_dir)
+        and idx.available(idx_dir)
+    ):
       return idx.IdxSource(idx_dir, input_config)
     return cls(arg, input_config)
 
@@ -169,11 +185,15 @@ class TfdsSource(core.DataSource):
         builder = _tfds().builder(self.arg, data_dir=self.data_dir)
       except Exception as e:  # pylint: disable=broad-except  # DatasetNotFoundError and friends.
         reason = str(e).strip().splitlines()[0]  # TFDS appends every dataset name.
-        raise ValueError(f"unknown dataset {self.arg!r}: use {core.accepted_forms()} "
-                         f"({reason})") from e
+        raise ValueError(
+            f"unknown dataset {self.arg!r}: use {core.accepted_forms()} ({reason})"
+        ) from e
       if not _is_prepared(builder):
-        logging.info("TFDS dataset %s is not prepared in %s: downloading and preparing it.",
-                     self.arg, builder.data_dir)
+        logging.info(
+            "TFDS dataset %s is not prepared in %s: downloading and preparing it.",
+            self.arg,
+            builder.data_dir,
+        )
         builder.download_and_prepare()
       self._builder = builder
     return self._builder
@@ -182,16 +202,23 @@ class TfdsSource(core.DataSource):
     builder = self.builder()
     base, _, _ = core.parse_split(split)
     if base not in builder.info.splits:
-      raise core.missing_split_error(self.arg, base, builder.info.splits.keys(),
-                                     f"Run tfds.builder({self.arg!r}).download_and_prepare() "
-                                     "or pick one of the available splits.")
+      raise core.missing_split_error(
+          self.arg,
+          base,
+          builder.info.splits.keys(),
+          f"Run tfds.builder({self.arg!r}).download_and_prepare() "
+          "or pick one of the available splits.",
+      )
     return TfdsSplit(builder, split, self.arg)
 
   def info(self) -> core.DatasetInfo:
     builder = self.builder()
     _, num_classes, multi_label = _label_spec(builder.info.features, self.arg)
     return core.DatasetInfo(
-        name=self.arg, num_classes=num_classes,
+        name=self.arg,
+        num_classes=num_classes,
         num_examples={k: int(v.num_examples) for k, v in builder.info.splits.items()},
-        image_shape=tuple(builder.info.features["image"].shape), source=self.kind,
-        multi_label=multi_label)
+        image_shape=tuple(builder.info.features["image"].shape),
+        source=self.kind,
+        multi_label=multi_label,
+    )
