@@ -36,6 +36,7 @@ run 1 used codes of the normalised features (near-chance mAP), same costs. Not m
 accelerator (none lent): there the float path's matmul (9.8e16 FLOP at 50k x 1.28M x 768) and
 the sort dominate, while the codes read 32x less memory per database item.
 """
+
 import argparse
 import json
 import math
@@ -64,13 +65,14 @@ def _data(n: int, dim: int, bits: int, classes: int, seed: int, *, codes_only=Fa
   probs = None if codes_only else np.empty((n, bits), np.float32)
   for start in range(0, n, 65536):
     rows = slice(start, min(start + 65536, n))
-    x = centers[labels[rows]] + _NOISE * rng.standard_normal((len(labels[rows]), dim),
-                                                              np.float32)
+    x = centers[labels[rows]] + _NOISE * rng.standard_normal((len(labels[rows]), dim), np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     # Codes: a noisy random projection of the class centre, noise set so that their mAP is
     # close to the features' (a learned code is, in the paper: 47.6 vs 50.6).
-    logits = (centers[labels[rows]] + _CODE_NOISE * rng.standard_normal(
-        (len(labels[rows]), dim), np.float32)) @ projection
+    logits = (
+        centers[labels[rows]]
+        + _CODE_NOISE * rng.standard_normal((len(labels[rows]), dim), np.float32)
+    ) @ projection
     codes[rows] = logits > 0
     if not codes_only:
       feats[rows] = x
@@ -83,53 +85,82 @@ def _case(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import ranking  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import retrieval  # pylint: disable=g-import-not-at-top
+
   del jax
   n_db = args.full_db if args.case == "hamming_full" else args.num_db
   nq = args.float_queries if args.case in ("float", "asymmetric") else args.hamming_queries
   codes_only = args.case.startswith("hamming")
-  db, db_codes, _, db_labels = _data(n_db, args.dim, args.bits, args.classes, 1,
-                                     codes_only=codes_only)
+  db, db_codes, _, db_labels = _data(
+      n_db, args.dim, args.bits, args.classes, 1, codes_only=codes_only
+  )
   q, q_codes, q_probs, q_labels = _data(nq, args.dim, args.bits, args.classes, 2)
   ks = (100,)
   if args.case == "float":
+
     def fn():
       return ranking.summarize(ranking.scored_sums(q, q_labels, db, db_labels, ks=ks), ks)
+
   elif args.case == "asymmetric":
     del db
     queries, database = retrieval._asymmetric_vectors(  # pylint: disable=protected-access
-        q_probs, db_codes, [np.arange(args.bits)])
+        q_probs, db_codes, [np.arange(args.bits)]
+    )
+
     def fn():
-      return ranking.summarize(ranking.scored_sums(queries[0], q_labels, database, db_labels,
-                                                   ks=ks), ks)
+      return ranking.summarize(
+          ranking.scored_sums(queries[0], q_labels, database, db_labels, ks=ks), ks
+      )
+
   else:
     q_words, db_words = ranking.pack_rows(q_codes), ranking.pack_rows(db_codes)
     del db_codes
     words = args.bits // 32
     variants = [(0, words, args.bits)]
     if args.case == "hamming_x4":
-      variants += [(0, words // 2, args.bits // 2), (0, words // 4, args.bits // 4),
-                   (0, words // 8, args.bits // 8)]
+      variants += [
+          (0, words // 2, args.bits // 2),
+          (0, words // 4, args.bits // 4),
+          (0, words // 8, args.bits // 8),
+      ]
+
     def fn():
-      hists = ranking.hamming_histograms(q_words, q_labels, db_words, db_labels,
-                                         variants=variants, query_block=args.query_block,
-                                         db_block=args.db_block)
+      hists = ranking.hamming_histograms(
+          q_words,
+          q_labels,
+          db_words,
+          db_labels,
+          variants=variants,
+          query_block=args.query_block,
+          db_block=args.db_block,
+      )
       return ranking.summarize(ranking.histogram_sums(hists[0], ks), ks)
+
   fn()  # Compiles.
   start = time.perf_counter()
   metrics = fn()
   seconds = time.perf_counter() - start
-  return {"seconds": seconds, "pairs": nq * n_db, "queries": nq, "database": n_db,
-          "map_all": metrics["map_all"], "map@100": metrics["map@100"],
-          "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+  return {
+      "seconds": seconds,
+      "pairs": nq * n_db,
+      "queries": nq,
+      "database": n_db,
+      "map_all": metrics["map_all"],
+      "map@100": metrics["map@100"],
+      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+  }
 
 
-_NAMES = {"float": "float 768-d (sort)", "asymmetric": "asymmetric codes (sort)",
-          "hamming": "Hamming codes (histograms)",
-          "hamming_x4": "Hamming 256/128/64/32 in one pass",
-          "hamming_full": "Hamming codes, full database"}
+_NAMES = {
+    "float": "float 768-d (sort)",
+    "asymmetric": "asymmetric codes (sort)",
+    "hamming": "Hamming codes (histograms)",
+    "hamming_x4": "Hamming 256/128/64/32 in one pass",
+    "hamming_full": "Hamming codes, full database",
+}
 
 
 def main():
+  """Runs every case in a child process and prints the table."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_db", type=int, default=262144)
   parser.add_argument("--full_db", type=int, default=1281167)
@@ -157,24 +188,33 @@ def main():
     print(f"{case}: {rows[case]}", file=sys.stderr)
   log_factor = math.log2(args.full_db) / math.log2(args.num_db)
   full_pairs = args.full_queries * args.full_db
-  print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f}; database {args.num_db} (full-database row: "
-        f"{args.full_db}), {args.dim}-d / {args.bits} bits, {args.classes} classes.\n")
-  print("| case | queries x database | seconds | ns / pair | mAP@ALL | peak RSS GB | "
-        f"{args.full_queries // 1000}k x {args.full_db / 1e6:.2f}M, hours |")
+  print(
+      f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+      f"load average {os.getloadavg()[0]:.1f}; database {args.num_db} (full-database row: "
+      f"{args.full_db}), {args.dim}-d / {args.bits} bits, {args.classes} classes.\n"
+  )
+  print(
+      "| case | queries x database | seconds | ns / pair | mAP@ALL | peak RSS GB | "
+      f"{args.full_queries // 1000}k x {args.full_db / 1e6:.2f}M, hours |"
+  )
   print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
   for case, r in rows.items():
     ns = r["seconds"] / r["pairs"] * 1e9
     hours = ns * 1e-9 * full_pairs / 3600
-    extra = (f" ({hours * log_factor:.1f} with n log n)"
-             if case in ("float", "asymmetric") and args.num_db < args.full_db else "")
-    print(f"| {_NAMES[case]} | {r['queries']} x {r['database']} | {r['seconds']:.2f} | "
-          f"{ns:.2f} | {r['map_all']:.4f} | {r['peak_rss_gb']:.2f} | {hours:.2f}{extra} |")
+    extra = (
+        f" ({hours * log_factor:.1f} with n log n)"
+        if case in ("float", "asymmetric") and args.num_db < args.full_db
+        else ""
+    )
+    print(
+        f"| {_NAMES[case]} | {r['queries']} x {r['database']} | {r['seconds']:.2f} | "
+        f"{ns:.2f} | {r['map_all']:.4f} | {r['peak_rss_gb']:.2f} | {hours:.2f}{extra} |"
+    )
   if "float" in rows and "hamming" in rows:
     f, h = (rows[c]["seconds"] / rows[c]["pairs"] for c in ("float", "hamming"))
     print(f"\nHamming path speed-up over the float path (same database, per pair): {f / h:.1f}x")
   if args.json:
-    with open(args.json, "w") as fh:
+    with open(args.json, "w", encoding="utf-8") as fh:
       json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
 
 

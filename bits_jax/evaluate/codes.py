@@ -38,6 +38,7 @@ The code as a language (Sec. 5.5 of the paper):
     (class-determined or dead bits) score 0.
   t-SNE: scikit-learn's TSNE in 3-D on precomputed Hamming distances of a random subsample.
 """
+
 import os
 from typing import Any, Optional, Sequence
 
@@ -93,9 +94,15 @@ def _pairwise_hamming(codes: np.ndarray) -> np.ndarray:
   return (codes[:, None, :] != codes[None, :, :]).sum(axis=-1)
 
 
-def analyze_codes(logits, labels, *, mask=None,
-                  specific_on: float = 0.9, specific_off: float = 0.1,
-                  shared_on: float = 0.5) -> dict[str, Any]:
+def analyze_codes(
+    logits,
+    labels,
+    *,
+    mask=None,
+    specific_on: float = 0.9,
+    specific_off: float = 0.1,
+    shared_on: float = 0.5,
+) -> dict[str, Any]:
   """Statistics of the binary codes logits > 0.
 
   Args:
@@ -123,8 +130,7 @@ def analyze_codes(logits, labels, *, mask=None,
   if logits.ndim != 2:
     raise ValueError(f"logits must be [n, bits], got shape {logits.shape}.")
   if labels.shape != logits.shape[:1]:
-    raise ValueError(f"labels must be [n] = [{logits.shape[0]}], got "
-                     f"{labels.shape}.")
+    raise ValueError(f"labels must be [n] = [{logits.shape[0]}], got {labels.shape}.")
   if mask is not None:
     mask = np.asarray(mask, bool)
     logits, labels = logits[mask], labels[mask]
@@ -136,47 +142,62 @@ def analyze_codes(logits, labels, *, mask=None,
 
   balance = bits.mean(axis=0)
   entropy = binary_entropy(balance)
-  out.update(bit_balance=balance, bit_entropy=entropy,
-             bit_balance_mean=float(balance.mean()),
-             bit_balance_min=float(balance.min()),
-             bit_balance_max=float(balance.max()),
-             dead_bits_frac=float(((balance == 0) | (balance == 1)).mean()),
-             bit_entropy_mean=float(entropy.mean()))
+  out.update(
+      bit_balance=balance,
+      bit_entropy=entropy,
+      bit_balance_mean=float(balance.mean()),
+      bit_balance_min=float(balance.min()),
+      bit_balance_max=float(balance.max()),
+      dead_bits_frac=float(((balance == 0) | (balance == 1)).mean()),
+      bit_entropy_mean=float(entropy.mean()),
+  )
 
   corr = bit_correlation(bits)
   off_diag = ~np.eye(b, dtype=bool)
-  out.update(bit_corr=corr, bit_corr_mean_abs_offdiag=(
-      float(np.abs(corr[off_diag]).mean()) if b > 1 else 0.0))
+  out.update(
+      bit_corr=corr,
+      bit_corr_mean_abs_offdiag=(float(np.abs(corr[off_diag]).mean()) if b > 1 else 0.0),
+  )
 
   erank, singular_values = effective_rank(logits)
-  out.update(singular_values=singular_values, logit_effective_rank=erank,
-             logit_effective_rank_frac=erank / min(n, b))
+  out.update(
+      singular_values=singular_values,
+      logit_effective_rank=erank,
+      logit_effective_rank_frac=erank / min(n, b),
+  )
 
   classes = np.unique(labels)
   class_frac = np.array([(labels == c).mean() for c in classes])
   mi = bit_label_mutual_information(bits, labels, classes)
-  out.update(classes=classes, num_classes=float(len(classes)),
-             label_entropy=float(-(class_frac * np.log2(class_frac)).sum()),
-             bit_label_mi=mi, bit_label_mi_mean=float(mi.mean()),
-             bit_label_mi_max=float(mi.max()))
+  out.update(
+      classes=classes,
+      num_classes=float(len(classes)),
+      label_entropy=float(-(class_frac * np.log2(class_frac)).sum()),
+      bit_label_mi=mi,
+      bit_label_mi_mean=float(mi.mean()),
+      bit_label_mi_max=float(mi.max()),
+  )
 
   activation = np.stack([bits[labels == c].mean(axis=0) for c in classes])
   ones_per_class = np.stack([bits[labels == c].sum(axis=0) for c in classes])
   counts = np.array([(labels == c).sum() for c in classes])
   # Fraction of images outside class c with bit j on: [C, b].
-  outside = ((ones_per_class.sum(0, keepdims=True) - ones_per_class)
-             / np.maximum(n - counts, 1)[:, None])
+  outside = (ones_per_class.sum(0, keepdims=True) - ones_per_class) / np.maximum(n - counts, 1)[
+      :, None
+  ]
   specific = (activation >= specific_on) & (outside <= specific_off)
   if len(classes) < 2:
     specific[:] = False  # "Specific to one class" needs another class.
   owner = np.where(specific.any(axis=0), classes[specific.argmax(axis=0)], -1)
-  shared = ((activation >= shared_on).sum(axis=0)
-            >= -(-len(classes) // 2))
-  out.update(class_bit_activation=activation, class_specific_owner=owner,
-             shared_bits=shared,
-             class_specific_bits_frac=float((owner >= 0).mean()),
-             shared_bits_frac=float(shared.mean()),
-             classes_with_specific_bit_frac=float(specific.any(axis=1).mean()))
+  shared = (activation >= shared_on).sum(axis=0) >= -(-len(classes) // 2)
+  out.update(
+      class_bit_activation=activation,
+      class_specific_owner=owner,
+      shared_bits=shared,
+      class_specific_bits_frac=float((owner >= 0).mean()),
+      shared_bits_frac=float(shared.mean()),
+      classes_with_specific_bit_frac=float(specific.any(axis=1).mean()),
+  )
 
   packed = np.packbits(bits, axis=1)
   distinct = len(np.unique(packed, axis=0))
@@ -187,23 +208,27 @@ def analyze_codes(logits, labels, *, mask=None,
   pairs = ~np.eye(len(classes), dtype=bool)
   out.update(prototype_codes=prototypes, prototype_hamming=proto_dist)
   if len(classes) > 1:
-    out.update(prototype_hamming_mean=float(proto_dist[pairs].mean()),
-               prototype_hamming_min=float(proto_dist[pairs].min()),
-               prototype_collisions=float((proto_dist[pairs] == 0).sum() / 2))
+    out.update(
+        prototype_hamming_mean=float(proto_dist[pairs].mean()),
+        prototype_hamming_min=float(proto_dist[pairs].min()),
+        prototype_collisions=float((proto_dist[pairs] == 0).sum() / 2),
+    )
   else:
-    out.update(prototype_hamming_mean=0.0, prototype_hamming_min=0.0,
-               prototype_collisions=0.0)
+    out.update(prototype_hamming_mean=0.0, prototype_hamming_min=0.0, prototype_collisions=0.0)
   return out
 
 
-def scalar_metrics(analysis: dict[str, Any],
-                   prefix: str = "codes/") -> dict[str, float]:
+def scalar_metrics(analysis: dict[str, Any], prefix: str = "codes/") -> dict[str, float]:
   """The float entries of an analysis, prefixed, ready for a metric writer."""
-  return {prefix + k: float(v) for k, v in analysis.items()
-          if isinstance(v, (float, int, np.floating, np.integer))}
+  return {
+      prefix + k: float(v)
+      for k, v in analysis.items()
+      if isinstance(v, (float, int, np.floating, np.integer))
+  }
 
 
 # ------------------------------------------------------------------- the code as a language
+
 
 def contiguous_groups(num_bits: int, size: int = 8) -> np.ndarray:
   """Bit indices [num_bits // size, size] of contiguous blocks."""
@@ -215,7 +240,7 @@ def contiguous_groups(num_bits: int, size: int = 8) -> np.ndarray:
 def random_groups(num_bits: int, size: int = 8, seed: int = 0) -> np.ndarray:
   """A seeded random partition of the bits into [num_bits // size, size] groups."""
   perm = np.random.default_rng(seed).permutation(num_bits)
-  return np.sort(perm[:num_bits // size * size].reshape(-1, size), axis=1)
+  return np.sort(perm[: num_bits // size * size].reshape(-1, size), axis=1)
 
 
 def group_entropy(bits, groups) -> tuple[np.ndarray, np.ndarray]:
@@ -250,30 +275,37 @@ def hamming_matrix(bits) -> np.ndarray:
   return x @ (1 - x).T + (1 - x) @ x.T
 
 
-def tsne_codes(bits, *, num_points: int = 2000, seed: int = 0,
-               max_iter: int = 1000) -> tuple[np.ndarray, np.ndarray, float]:
+def tsne_codes(
+    bits, *, num_points: int = 2000, seed: int = 0, max_iter: int = 1000
+) -> tuple[np.ndarray, np.ndarray, float]:
   """3-D t-SNE of a random subsample of the codes with Hamming distance.
 
   Returns:
     (embedding [m, 3], the subsampled rows [m], the fit's KL divergence).
   """
   from sklearn import manifold  # pylint: disable=g-import-not-at-top
+
   bits = np.asarray(bits, bool)
   n = bits.shape[0]
   rows = np.sort(np.random.default_rng(seed).choice(n, min(n, num_points), replace=False))
   if len(rows) < 5:
     raise ValueError(f"t-SNE needs at least 5 codes, got {len(rows)}.")
   dist = hamming_matrix(bits[rows]) / bits.shape[1]
-  tsne = manifold.TSNE(n_components=3, metric="precomputed", init="random",
-                       perplexity=min(30.0, (len(rows) - 1) / 3), random_state=seed,
-                       max_iter=max_iter)
+  tsne = manifold.TSNE(
+      n_components=3,
+      metric="precomputed",
+      init="random",
+      perplexity=min(30.0, (len(rows) - 1) / 3),
+      random_state=seed,
+      max_iter=max_iter,
+  )
   embedding = tsne.fit_transform(dist)
   return embedding, rows, float(tsne.kl_divergence_)
 
 
-def attribute_consistency(bits, labels, descriptors, *, min_images: int = 2,
-                          min_classes: int = 2) -> tuple[np.ndarray, np.ndarray,
-                                                         np.ndarray]:
+def attribute_consistency(
+    bits, labels, descriptors, *, min_images: int = 2, min_classes: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Cross-class consistency of each bit (module docstring) and its mean direction.
 
   Args:
@@ -295,7 +327,7 @@ def attribute_consistency(bits, labels, descriptors, *, min_images: int = 2,
     b, x = bits[rows].astype(np.float64), desc[rows]
     on = b.sum(axis=0)
     off = len(x) - on
-    sum_on = b.T @ x                       # [B, D]
+    sum_on = b.T @ x  # [B, D]
     sum_off = x.sum(axis=0)[None] - sum_on
     ok = (on >= min_images) & (off >= min_images)
     delta = sum_on / np.maximum(on, 1)[:, None] - sum_off / np.maximum(off, 1)[:, None]
@@ -309,8 +341,9 @@ def attribute_consistency(bits, labels, descriptors, *, min_images: int = 2,
   return score, count, direction
 
 
-def bit_image_grid(bits, labels, images, bit: int, classes: Sequence[int], *,
-                   per_side: int = 4, seed: int = 0) -> list[list[Optional[np.ndarray]]]:
+def bit_image_grid(
+    bits, labels, images, bit: int, classes: Sequence[int], *, per_side: int = 4, seed: int = 0
+) -> list[list[Optional[np.ndarray]]]:
   """Rows of Fig. 3: for each class, `per_side` images with `bit` on then `per_side` with it
   off (random picks; None where the class has fewer)."""
   bits = np.asarray(bits, bool)
@@ -327,17 +360,36 @@ def bit_image_grid(bits, labels, images, bit: int, classes: Sequence[int], *,
   return rows
 
 
-_LABEL_KEYS = ("label_entropy", "bit_label_mi_mean", "bit_label_mi_max",
-               "class_specific_bits_frac", "shared_bits_frac", "classes_with_specific_bit_frac",
-               "prototype_hamming_mean", "prototype_hamming_min", "prototype_collisions",
-               "num_classes")
+_LABEL_KEYS = (
+    "label_entropy",
+    "bit_label_mi_mean",
+    "bit_label_mi_max",
+    "class_specific_bits_frac",
+    "shared_bits_frac",
+    "classes_with_specific_bit_frac",
+    "prototype_hamming_mean",
+    "prototype_hamming_min",
+    "prototype_collisions",
+    "num_classes",
+)
 
 
 @common.register("codes")
-def run(ctx, *, split: str = "test", block_size: int = 8, tsne_points: int = 2000,
-        tsne: bool = True, tsne_max_iter: int = 1000, descriptors: str = "cls",
-        top_bits: int = 10, grid_bits: int = 3, grid_classes: int = 6, grid_images: int = 4,
-        seed: int = 0) -> dict[str, Any]:
+def run(
+    ctx,
+    *,
+    split: str = "test",
+    block_size: int = 8,
+    tsne_points: int = 2000,
+    tsne: bool = True,
+    tsne_max_iter: int = 1000,
+    descriptors: str = "cls",
+    top_bits: int = 10,
+    grid_bits: int = 3,
+    grid_classes: int = 6,
+    grid_images: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
   """Statistics of the codes (logits > 0) of `split`, read as a language (Sec. 5.5).
 
   Figures need ctx.out_dir; the bit-conditioned image grids also need `ctx.images(split)`
@@ -356,16 +408,23 @@ def run(ctx, *, split: str = "test", block_size: int = 8, tsne_points: int = 200
   logits, labels = np.asarray(feats["logits"])[mask], np.asarray(feats["label"])[mask]
   multi = labels.ndim == 2
   analysis = analyze_codes(logits, np.zeros(len(logits), int) if multi else labels)
-  out: dict[str, Any] = {k: v for k, v in scalar_metrics(analysis, prefix="").items()
-                         if not (multi and k in _LABEL_KEYS)}
+  out: dict[str, Any] = {
+      k: v
+      for k, v in scalar_metrics(analysis, prefix="").items()
+      if not (multi and k in _LABEL_KEYS)
+  }
   bits = logits > 0
   n_bits = bits.shape[1]
   block, block_mm = group_entropy(bits, contiguous_groups(n_bits, block_size))
   rand, rand_mm = group_entropy(bits, random_groups(n_bits, block_size, seed))
-  out.update(block_size=float(block_size), block_entropy_mean=float(block.mean()),
-             block_entropy_min=float(block.min()), block_entropy_mm_mean=float(block_mm.mean()),
-             random_group_entropy_mean=float(rand.mean()),
-             random_group_entropy_mm_mean=float(rand_mm.mean()))
+  out.update(
+      block_size=float(block_size),
+      block_entropy_mean=float(block.mean()),
+      block_entropy_min=float(block.min()),
+      block_entropy_mm_mean=float(block_mm.mean()),
+      random_group_entropy_mean=float(rand.mean()),
+      random_group_entropy_mm_mean=float(rand_mm.mean()),
+  )
 
   ranked = np.zeros(0, int)
   if not multi and descriptors in feats:
@@ -376,26 +435,38 @@ def run(ctx, *, split: str = "test", block_size: int = 8, tsne_points: int = 200
     out["attribute_bits"] = ",".join(str(j) for j in ranked)
 
   plot_labels = labels.argmax(axis=1) if multi else labels
-  embedding = None
+  embedding = rows = None
   if tsne:
-    embedding, rows, out["tsne_kl"] = tsne_codes(bits, num_points=tsne_points, seed=seed,
-                                                 max_iter=tsne_max_iter)
+    embedding, rows, out["tsne_kl"] = tsne_codes(
+        bits, num_points=tsne_points, seed=seed, max_iter=tsne_max_iter
+    )
   if ctx.out_dir is None:
     return out
 
   from bits_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+
   os.makedirs(ctx.out_dir, exist_ok=True)
-  paths = [plots.plot_bit_balance(analysis["bit_balance"],
-                                  os.path.join(ctx.out_dir, "bit_balance.png")),
-           plots.plot_correlation(analysis["bit_corr"],
-                                  os.path.join(ctx.out_dir, "bit_correlation.png"))]
+  paths = [
+      plots.plot_bit_balance(analysis["bit_balance"], os.path.join(ctx.out_dir, "bit_balance.png")),
+      plots.plot_correlation(
+          analysis["bit_corr"], os.path.join(ctx.out_dir, "bit_correlation.png")
+      ),
+  ]
   if not multi:
-    paths.append(plots.plot_class_activation(
-        analysis["class_bit_activation"], os.path.join(ctx.out_dir, "class_bit_activation.png")))
+    paths.append(
+        plots.plot_class_activation(
+            analysis["class_bit_activation"], os.path.join(ctx.out_dir, "class_bit_activation.png")
+        )
+    )
   if embedding is not None:
-    paths.append(plots.plot_embedding_3d(embedding, plot_labels[rows],
-                                         os.path.join(ctx.out_dir, "codes_tsne.png"),
-                                         "3-D t-SNE of the codes (Hamming)"))
+    paths.append(
+        plots.plot_embedding_3d(
+            embedding,
+            plot_labels[rows],
+            os.path.join(ctx.out_dir, "codes_tsne.png"),
+            "3-D t-SNE of the codes (Hamming)",
+        )
+    )
   images_fn = getattr(ctx, "images", None)
   if len(ranked) and grid_bits > 0:
     if images_fn is None:
@@ -403,16 +474,24 @@ def run(ctx, *, split: str = "test", block_size: int = 8, tsne_points: int = 200
     else:
       images = np.asarray(images_fn(split))[mask]
       _, _, direction = attribute_consistency(
-          bits, labels, np.asarray(feats[descriptors])[mask], min_images=1)
+          bits, labels, np.asarray(feats[descriptors])[mask], min_images=1
+      )
       for j in ranked[:grid_bits]:
-        classes = _grid_classes(bits, labels, np.asarray(feats[descriptors])[mask], j,
-                                direction[j], grid_classes)
-        grid = bit_image_grid(bits, labels, images, int(j), classes, per_side=grid_images,
-                              seed=seed)
-        paths.append(plots.plot_image_grid(
-            grid, [f"class {c}" for c in classes],
-            [f"bit {j} on"] * grid_images + [f"bit {j} off"] * grid_images,
-            os.path.join(ctx.out_dir, f"bit_{j}_grid.png"), f"images conditioned on bit {j}"))
+        classes = _grid_classes(
+            bits, labels, np.asarray(feats[descriptors])[mask], j, direction[j], grid_classes
+        )
+        grid = bit_image_grid(
+            bits, labels, images, int(j), classes, per_side=grid_images, seed=seed
+        )
+        paths.append(
+            plots.plot_image_grid(
+                grid,
+                [f"class {c}" for c in classes],
+                [f"bit {j} on"] * grid_images + [f"bit {j} off"] * grid_images,
+                os.path.join(ctx.out_dir, f"bit_{j}_grid.png"),
+                f"images conditioned on bit {j}",
+            )
+        )
   for path in paths:
     ctx.add_plot(path)
   return out

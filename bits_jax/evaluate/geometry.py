@@ -8,6 +8,7 @@ With lambda_1 >= ... >= lambda_D >= 0 the eigenvalues of the covariance of featu
 Both effective dimensions equal m for m equal eigenvalues and the rest zero. The covariance is
 accumulated in float64 on the host in row blocks (no [n, D] float64 copy).
 """
+
 import os
 from typing import Any, Sequence
 
@@ -32,11 +33,11 @@ def covariance_eigenvalues(feats, mask=None) -> np.ndarray:
     raise ValueError("features have non-finite values: the model produced NaN/inf.")
   mean = np.zeros(d)
   for start in range(0, n, _ROW_BLOCK):
-    mean += feats[start:start + _ROW_BLOCK].sum(axis=0, dtype=np.float64)
+    mean += feats[start : start + _ROW_BLOCK].sum(axis=0, dtype=np.float64)
   mean /= n
   cov = np.zeros((d, d))
   for start in range(0, n, _ROW_BLOCK):
-    x = feats[start:start + _ROW_BLOCK].astype(np.float64) - mean
+    x = feats[start : start + _ROW_BLOCK].astype(np.float64) - mean
     cov += x.T @ x
   eig = np.linalg.eigvalsh(cov / n)[::-1]
   return np.maximum(eig, 0.0)
@@ -49,8 +50,7 @@ def effective_dimensions(eigenvalues) -> dict[str, float]:
   if total <= 0:
     return {"d_eff": 0.0, "r_eff": 0.0}
   p = lam[lam > 0] / total
-  return {"d_eff": float(total ** 2 / np.sum(lam ** 2)),
-          "r_eff": float(np.exp(-np.sum(p * np.log(p))))}
+  return {"d_eff": float(total**2 / np.sum(lam**2)), "r_eff": float(np.exp(-np.sum(p * np.log(p))))}
 
 
 def explained_variance(eigenvalues) -> np.ndarray:
@@ -60,9 +60,13 @@ def explained_variance(eigenvalues) -> np.ndarray:
   return np.cumsum(lam) / total if total > 0 else np.zeros_like(lam)
 
 
-def geometry_metrics(feats, mask=None, *, thresholds: Sequence[float] = (0.9, 0.95, 0.99),
-                     dims: Sequence[int] = (1, 10, 100)) -> tuple[dict[str, float],
-                                                                  np.ndarray]:
+def geometry_metrics(
+    feats,
+    mask=None,
+    *,
+    thresholds: Sequence[float] = (0.9, 0.95, 0.99),
+    dims: Sequence[int] = (1, 10, 100),
+) -> tuple[dict[str, float], np.ndarray]:
   """Scalars of the spectrum and the eigenvalues.
 
   Returns:
@@ -83,9 +87,14 @@ def geometry_metrics(feats, mask=None, *, thresholds: Sequence[float] = (0.9, 0.
 
 
 @common.register("geometry")
-def run(ctx, *, split: str = "test", features: str = "cls",
-        thresholds: Sequence[float] = (0.9, 0.95, 0.99),
-        dims: Sequence[int] = (1, 10, 100)) -> dict[str, Any]:
+def run(
+    ctx,
+    *,
+    split: str = "test",
+    features: str = "cls",
+    thresholds: Sequence[float] = (0.9, 0.95, 0.99),
+    dims: Sequence[int] = (1, 10, 100),
+) -> dict[str, Any]:
   """d_eff, r_eff and the explained-variance curve of `features` on `split`.
 
   With ctx.out_dir: writes explained_variance.png (registered with ctx.add_plot) and
@@ -93,18 +102,27 @@ def run(ctx, *, split: str = "test", features: str = "cls",
   """
   feats = ctx.features(split)
   if features not in feats:
-    raise ValueError(f"features {features!r} are not extracted: use one of "
-                     f"{sorted(k for k in feats if k not in ('label', 'mask', 'id'))}.")
-  out, eig = geometry_metrics(feats[features], feats.get("mask"), thresholds=thresholds,
-                              dims=dims)
+    raise ValueError(
+        f"features {features!r} are not extracted: use one of "
+        f"{sorted(k for k in feats if k not in ('label', 'mask', 'id'))}."
+    )
+  out, eig = geometry_metrics(feats[features], feats.get("mask"), thresholds=thresholds, dims=dims)
   if ctx.out_dir is not None:
     from bits_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+
     os.makedirs(ctx.out_dir, exist_ok=True)
     curve = explained_variance(eig)
-    np.savetxt(os.path.join(ctx.out_dir, "eigenvalues.csv"),
-               np.stack([np.arange(1, len(eig) + 1), eig, curve], axis=1),
-               delimiter=",", header="direction,eigenvalue,cumulative_explained", comments="",
-               fmt=["%d", "%.9g", "%.9g"])
-    ctx.add_plot(plots.plot_explained_variance(
-        curve, os.path.join(ctx.out_dir, "explained_variance.png"), thresholds))
+    np.savetxt(
+        os.path.join(ctx.out_dir, "eigenvalues.csv"),
+        np.stack([np.arange(1, len(eig) + 1), eig, curve], axis=1),
+        delimiter=",",
+        header="direction,eigenvalue,cumulative_explained",
+        comments="",
+        fmt=["%d", "%.9g", "%.9g"],
+    )
+    ctx.add_plot(
+        plots.plot_explained_variance(
+            curve, os.path.join(ctx.out_dir, "explained_variance.png"), thresholds
+        )
+    )
   return out

@@ -2,13 +2,14 @@
 
 The MLP probe is Linear(d, hidden) -> GELU -> Linear(hidden, classes), first layer
 truncated-normal with std sqrt(2 / d), last layer and biases zero; the linear probe is one
-zero-initialised Linear(d, classes). All learning rates of the grid are trained at once (vmapped over a leading
-model axis) on the same minibatches; the best one on a held-out part of the
+zero-initialised Linear(d, classes). All learning rates of the grid are trained at once
+(vmapped over a leading model axis) on the same minibatches; the best one on a held-out part of the
 training features is retrained on all of them and scored on the test set.
 The optimizer is built with peak learning rate 1 and its updates are scaled
 by each model's rate, which equals using that rate for SGD (momentum acts on
 raw gradients) and for AdamW (decay is scaled by the rate too).
 """
+
 import functools
 from typing import Sequence
 
@@ -22,12 +23,14 @@ from bits_jax.evaluate import common
 _EVAL_CHUNK = 8192
 
 
-def _make_optimizer(name: str, total_steps: int, weight_decay: float,
-                    momentum: float) -> optax.GradientTransformation:
+def _make_optimizer(
+    name: str, total_steps: int, weight_decay: float, momentum: float
+) -> optax.GradientTransformation:
   schedule = optax.cosine_decay_schedule(1.0, max(total_steps, 1))
   if name == "sgd":
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(schedule, momentum=momentum))
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)
+    )
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=weight_decay)
   raise ValueError(f"unknown optimizer '{name}': use 'sgd' or 'adamw'.")
@@ -36,13 +39,17 @@ def _make_optimizer(name: str, total_steps: int, weight_decay: float,
 def _init_params(key, m: int, d: int, num_classes: int, hidden_dim: int):
   """Parameters of m identical heads (linear when hidden_dim == 0)."""
   if not hidden_dim:
-    return {"w": jnp.zeros((m, d, num_classes), jnp.float32),
-            "b": jnp.zeros((m, num_classes), jnp.float32)}
+    return {
+        "w": jnp.zeros((m, d, num_classes), jnp.float32),
+        "b": jnp.zeros((m, num_classes), jnp.float32),
+    }
   w1 = jax.random.truncated_normal(key, -2.0, 2.0, (d, hidden_dim)) * jnp.sqrt(2.0 / d)
-  return {"w1": jnp.broadcast_to(w1, (m, d, hidden_dim)),
-          "b1": jnp.zeros((m, hidden_dim), jnp.float32),
-          "w2": jnp.zeros((m, hidden_dim, num_classes), jnp.float32),
-          "b2": jnp.zeros((m, num_classes), jnp.float32)}
+  return {
+      "w1": jnp.broadcast_to(w1, (m, d, hidden_dim)),
+      "b1": jnp.zeros((m, hidden_dim), jnp.float32),
+      "w2": jnp.zeros((m, hidden_dim, num_classes), jnp.float32),
+      "b2": jnp.zeros((m, num_classes), jnp.float32),
+  }
 
 
 def _head(p, x):
@@ -52,11 +59,32 @@ def _head(p, x):
   return jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "num_classes", "epochs", "batch_size", "optimizer", "weight_decay",
-    "momentum", "hidden_dim"))
-def _train(feats, labels, lrs, key, *, num_classes, epochs, batch_size,
-           optimizer, weight_decay, momentum, hidden_dim=0):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "num_classes",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "weight_decay",
+        "momentum",
+        "hidden_dim",
+    ),
+)
+def _train(
+    feats,
+    labels,
+    lrs,
+    key,
+    *,
+    num_classes,
+    epochs,
+    batch_size,
+    optimizer,
+    weight_decay,
+    momentum,
+    hidden_dim=0,
+):
   """Trains one head per learning rate.
 
   Args:
@@ -72,8 +100,7 @@ def _train(feats, labels, lrs, key, *, num_classes, epochs, batch_size,
   n, d = feats.shape
   m = lrs.shape[0]
   steps_per_epoch = n // batch_size
-  tx = _make_optimizer(optimizer, epochs * steps_per_epoch, weight_decay,
-                       momentum)
+  tx = _make_optimizer(optimizer, epochs * steps_per_epoch, weight_decay, momentum)
   key, init_key = jax.random.split(key)
   params = _init_params(init_key, m, d, num_classes, hidden_dim)
   opt_state = jax.vmap(tx.init)(params)
@@ -91,18 +118,15 @@ def _train(feats, labels, lrs, key, *, num_classes, epochs, batch_size,
     p, state = carry
     x = feats[batch_idx].astype(jnp.float32)
     y = labels[batch_idx]
-    p, state = jax.vmap(update_one, in_axes=(0, 0, 0, None, None))(
-        p, state, lrs, x, y)
+    p, state = jax.vmap(update_one, in_axes=(0, 0, 0, None, None))(p, state, lrs, x, y)
     return (p, state), None
 
   def epoch(carry, epoch_key):
     perm = jax.random.permutation(epoch_key, n)
-    batches = perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch,
-                                                          batch_size)
+    batches = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
     return jax.lax.scan(step, carry, batches)[0], None
 
-  (params, _), _ = jax.lax.scan(epoch, (params, opt_state),
-                                jax.random.split(key, epochs))
+  (params, _), _ = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, epochs))
   return params
 
 
@@ -114,8 +138,7 @@ def _correct_counts(params, feats, labels, valid):
   k = min(5, logits.shape[-1])
   _, top_idx = jax.lax.top_k(logits, k)
   top5 = jnp.any(top_idx == labels[None, :, None], axis=-1)
-  return jnp.stack([jnp.sum(top1 & valid, -1), jnp.sum(top5 & valid, -1)],
-                   axis=1)
+  return jnp.stack([jnp.sum(top1 & valid, -1), jnp.sum(top5 & valid, -1)], axis=1)
 
 
 def _accuracy(params, feats, labels) -> np.ndarray:
@@ -124,7 +147,7 @@ def _accuracy(params, feats, labels) -> np.ndarray:
   chunk = min(_EVAL_CHUNK, n)
   counts = 0
   for start in range(0, n, chunk):
-    x, y = feats[start:start + chunk], labels[start:start + chunk]
+    x, y = feats[start : start + chunk], labels[start : start + chunk]
     valid = np.ones(x.shape[0], bool)
     if x.shape[0] < chunk:  # Pad to the static chunk shape.
       pad = chunk - x.shape[0]
@@ -142,15 +165,27 @@ def _host(x, name, ndim, mask=None):
   return x if mask is None else x[np.asarray(mask, bool)]
 
 
-def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
-                 num_classes: int,
-                 learning_rates: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
-                 epochs: int = 50, batch_size: int = 1024,
-                 optimizer: str = "sgd", momentum: float = 0.9,
-                 weight_decay: float = 0.0, val_fraction: float = 0.1,
-                 standardize: bool = True, retrain_on_full: bool = True,
-                 train_mask=None, test_mask=None,
-                 seed: int = 0, hidden_dim: int = 0) -> dict[str, float]:
+def linear_probe(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    *,
+    num_classes: int,
+    learning_rates: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+    epochs: int = 50,
+    batch_size: int = 1024,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    val_fraction: float = 0.1,
+    standardize: bool = True,
+    retrain_on_full: bool = True,
+    train_mask=None,
+    test_mask=None,
+    seed: int = 0,
+    hidden_dim: int = 0,
+) -> dict[str, float]:
   """Trains a linear (or, with hidden_dim > 0, MLP) classifier on frozen features and
   scores it on test.
 
@@ -185,12 +220,10 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
   if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
     raise ValueError("features and labels must have the same number of rows.")
   if x_train.shape[1] != x_test.shape[1]:
-    raise ValueError(f"train dim {x_train.shape[1]} != test dim "
-                     f"{x_test.shape[1]}.")
+    raise ValueError(f"train dim {x_train.shape[1]} != test dim {x_test.shape[1]}.")
   for split, y in (("train", y_train), ("test", y_test)):
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-      raise ValueError(f"{split} labels must lie in [0, {num_classes}): check "
-                       "num_classes.")
+      raise ValueError(f"{split} labels must lie in [0, {num_classes}): check num_classes.")
   lrs = tuple(float(lr) for lr in learning_rates)
   if not lrs or min(lrs) <= 0:
     raise ValueError(f"learning_rates must be positive, got {lrs}.")
@@ -199,11 +232,12 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
   n = x_train.shape[0]
   n_val = int(round(n * val_fraction))
   if len(lrs) > 1 and n_val == 0:
-    raise ValueError("a learning-rate sweep needs held-out rows: set "
-                     "val_fraction > 0 or pass a single learning rate.")
+    raise ValueError(
+        "a learning-rate sweep needs held-out rows: set "
+        "val_fraction > 0 or pass a single learning rate."
+    )
   if n - n_val < 1 or x_test.shape[0] < 1:
-    raise ValueError(f"too few rows: {n} train ({n_val} held out), "
-                     f"{x_test.shape[0]} test.")
+    raise ValueError(f"too few rows: {n} train ({n_val} held out), {x_test.shape[0]} test.")
 
   key_split, key_sweep, key_full = jax.random.split(jax.random.key(seed), 3)
   perm = np.asarray(jax.random.permutation(key_split, n))
@@ -214,11 +248,18 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
     mean = x.mean(0) if standardize else np.zeros(x.shape[1], np.float32)
     std = x.std(0) + 1e-6 if standardize else np.ones(x.shape[1], np.float32)
     params = _train(
-        jnp.asarray((x - mean) / std), jnp.asarray(y_train[rows]),
-        jnp.asarray(rates, jnp.float32), key, num_classes=num_classes,
-        epochs=epochs, batch_size=min(batch_size, len(rows)),
-        optimizer=optimizer, weight_decay=float(weight_decay),
-        momentum=float(momentum), hidden_dim=int(hidden_dim))
+        jnp.asarray((x - mean) / std),
+        jnp.asarray(y_train[rows]),
+        jnp.asarray(rates, jnp.float32),
+        key,
+        num_classes=num_classes,
+        epochs=epochs,
+        batch_size=min(batch_size, len(rows)),
+        optimizer=optimizer,
+        weight_decay=float(weight_decay),
+        momentum=float(momentum),
+        hidden_dim=int(hidden_dim),
+    )
     return params, (lambda feats: (feats.astype(np.float32) - mean) / std)
 
   results = {}
@@ -242,22 +283,47 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
   return results
 
 
-def mlp_probe(train_feats, train_labels, test_feats, test_labels, *, num_classes: int,
-              hidden_dim: int = 1024, **kwargs) -> dict[str, float]:
+def mlp_probe(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    *,
+    num_classes: int,
+    hidden_dim: int = 1024,
+    **kwargs,
+) -> dict[str, float]:
   """linear_probe with a 2-layer MLP head (GELU, `hidden_dim` wide): {'mlp_top1', ...}."""
   if hidden_dim < 1:
     raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}.")
-  return linear_probe(train_feats, train_labels, test_feats, test_labels,
-                      num_classes=num_classes, hidden_dim=hidden_dim, **kwargs)
+  return linear_probe(
+      train_feats,
+      train_labels,
+      test_feats,
+      test_labels,
+      num_classes=num_classes,
+      hidden_dim=hidden_dim,
+      **kwargs,
+  )
 
 
 @common.register("linear")
-def run(ctx, *, train_split: str = "train", test_split: str = "test", epochs: int = 50,
-        mlp: bool = False, last4: bool = False,
-        learning_rates: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
-        mlp_learning_rates: Sequence[float] = (0.003, 0.01, 0.03, 0.1),
-        hidden_dim: int = 1024, batch_size: int = 1024, optimizer: str = "sgd",
-        weight_decay: float = 0.0, seed: int = 0) -> dict[str, float]:
+def run(
+    ctx,
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    epochs: int = 50,
+    mlp: bool = False,
+    last4: bool = False,
+    learning_rates: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+    mlp_learning_rates: Sequence[float] = (0.003, 0.01, 0.03, 0.1),
+    hidden_dim: int = 1024,
+    batch_size: int = 1024,
+    optimizer: str = "sgd",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict[str, float]:
   """Frozen-feature probes: train on `train_split`, score on `test_split`.
 
   Probes the CLS features ('linear_*'), with `mlp` also an MLP head ('mlp_*'), and with
@@ -265,24 +331,35 @@ def run(ctx, *, train_split: str = "train", test_split: str = "test", epochs: in
   """
   train, test = ctx.features(train_split), ctx.features(test_split)
   if np.ndim(train["label"]) != 1:
-    raise ValueError("probes need one class id per image; this dataset has multi-hot labels: "
-                     "evaluate it with retrieval instead.")
+    raise ValueError(
+        "probes need one class id per image; this dataset has multi-hot labels: "
+        "evaluate it with retrieval instead."
+    )
   feature_sets = {"": "cls"}
   if last4:
     if "cls_last4" not in train:
       raise ValueError("last4=True needs 'cls_last4' features (ViT backbones only).")
     feature_sets["last4/"] = "cls_last4"
-  common_args = dict(num_classes=int(ctx.num_classes), epochs=int(epochs),
-                     batch_size=int(batch_size), optimizer=optimizer,
-                     weight_decay=float(weight_decay), train_mask=train["mask"],
-                     test_mask=test["mask"], seed=int(seed))
+  common_args = {
+      "num_classes": int(ctx.num_classes),
+      "epochs": int(epochs),
+      "batch_size": int(batch_size),
+      "optimizer": optimizer,
+      "weight_decay": float(weight_decay),
+      "train_mask": train["mask"],
+      "test_mask": test["mask"],
+      "seed": int(seed),
+  }
   results = {}
   for prefix, key in feature_sets.items():
     args = (train[key], train["label"], test[key], test["label"])
     probes = [linear_probe(*args, learning_rates=learning_rates, **common_args)]
     if mlp:
-      probes.append(mlp_probe(*args, hidden_dim=int(hidden_dim),
-                              learning_rates=mlp_learning_rates, **common_args))
+      probes.append(
+          mlp_probe(
+              *args, hidden_dim=int(hidden_dim), learning_rates=mlp_learning_rates, **common_args
+          )
+      )
     for probe in probes:
       results.update({prefix + k: float(v) for k, v in probe.items()})
   return results

@@ -26,6 +26,7 @@ Two kernels, both sharding the queries over every device of a mesh (database rep
     [bits + 1, 2] (count of irrelevant / relevant items per distance) for several code variants
     in one pass; the metrics follow from the histograms in float64 (digamma sums, ~1e-9).
 """
+
 import functools
 import math
 from typing import Optional, Sequence
@@ -46,6 +47,7 @@ DEFAULT_MAX_ELEMENTS = 1 << 24
 
 # ------------------------------------------------------------------------------------- inputs
 
+
 def pack_rows(bits) -> np.ndarray:
   """Packs bits [n, b] (bool or 0/1) into uint32 words [n, ceil(b / 32)], bit j in word j // 32
   at position j % 32 (the layout of retrieval.pack_bits), zero-padded."""
@@ -61,13 +63,16 @@ def prepare_labels(labels, name: str) -> tuple[np.ndarray, bool]:
   labels = np.asarray(labels)
   if labels.ndim == 1:
     if not np.issubdtype(labels.dtype, np.integer):
-      raise TypeError(f"{name} are [n] with dtype {labels.dtype}: pass integer class ids, or "
-                      "multi-hot [n, classes] for multi-label data.")
+      raise TypeError(
+          f"{name} are [n] with dtype {labels.dtype}: pass integer class ids, or "
+          "multi-hot [n, classes] for multi-label data."
+      )
     return labels.astype(np.int32), False
   if labels.ndim == 2:
     return pack_rows(labels != 0), True
-  raise ValueError(f"{name} must be class ids [n] or multi-hot [n, classes], got shape "
-                   f"{labels.shape}.")
+  raise ValueError(
+      f"{name} must be class ids [n] or multi-hot [n, classes], got shape {labels.shape}."
+  )
 
 
 def self_relevant(labels: np.ndarray, multi: bool) -> np.ndarray:
@@ -103,11 +108,17 @@ def _over_queries(fn, mesh: Optional[Mesh], n_sharded: int, n_replicated: int):
   if mesh is None:
     return fn
   axes = tuple(mesh.axis_names)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(P(axes),) * n_sharded + (P(),) * n_replicated,
-                       out_specs=P(axes), check_vma=False)
+  return jax.shard_map(
+      fn,
+      mesh=mesh,
+      in_specs=(P(axes),) * n_sharded + (P(),) * n_replicated,
+      out_specs=P(axes),
+      check_vma=False,
+  )
 
 
 # ------------------------------------------------------------------- sorted keys -> AP terms
+
 
 def order_keys(scores, rel) -> jax.Array:
   """uint32 keys whose ascending order is descending score, with relevance in bit 0.
@@ -120,8 +131,7 @@ def order_keys(scores, rel) -> jax.Array:
   s = jnp.where(s == 0, jnp.float32(0), s)
   u = jax.lax.bitcast_convert_type(s, jnp.uint32)
   mag = u & jnp.uint32(0x7FFFFFFF)
-  ascending = jnp.where(u >> 31 == 1, jnp.uint32(0x3FFFFFFF) - mag,
-                        jnp.uint32(0x40000000) + mag)
+  ascending = jnp.where(u >> 31 == 1, jnp.uint32(0x3FFFFFFF) - mag, jnp.uint32(0x40000000) + mag)
   return ((jnp.uint32(0x7FFFFFFF) - ascending) << 1) | rel.astype(jnp.uint32)
 
 
@@ -155,8 +165,7 @@ def sorted_sums(keys, ks: tuple[int, ...]) -> jax.Array:
     end = jax.lax.cummin(jnp.where(is_end, idx, n - 1), axis=1, reverse=True)
     # hits - rel and hits are non-decreasing: a running max/min carries the group's value.
     h0 = jax.lax.cummax(jnp.where(is_start, hits - rel, 0), axis=1)
-    h_end = jax.lax.cummin(jnp.where(is_end, hits, jnp.iinfo(jnp.int32).max), axis=1,
-                           reverse=True)
+    h_end = jax.lax.cummin(jnp.where(is_end, hits, jnp.iinfo(jnp.int32).max), axis=1, reverse=True)
     size = (end - start + 1).astype(jnp.float32)
     r = (h_end - h0).astype(jnp.float32)
     p = (idx - start + 1).astype(jnp.float32)
@@ -174,6 +183,7 @@ def sorted_sums(keys, ks: tuple[int, ...]) -> jax.Array:
 
 # ------------------------------------------------------------------------ scored (sort) path
 
+
 @functools.partial(jax.jit, static_argnames=("ks", "multi", "mesh"))
 def _scored_block(q, q_labels, q_self, database, db_labels, *, ks, multi, mesh):
   def local(q, q_labels, q_self, database, db_labels):
@@ -182,12 +192,21 @@ def _scored_block(q, q_labels, q_self, database, db_labels, *, ks, multi, mesh):
     idx = jnp.arange(database.shape[0], dtype=jnp.int32)
     keys = jnp.where(idx[None, :] == q_self[:, None], _EXCLUDED, keys)
     return sorted_sums(jnp.sort(keys, axis=1), ks)
+
   return _over_queries(local, mesh, 3, 2)(q, q_labels, q_self, database, db_labels)
 
 
-def scored_sums(queries, query_labels, database, db_labels, *, ks: Sequence[int],
-                query_self=None, mesh: Optional[Mesh] = None,
-                max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+def scored_sums(
+    queries,
+    query_labels,
+    database,
+    db_labels,
+    *,
+    ks: Sequence[int],
+    query_self=None,
+    mesh: Optional[Mesh] = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> np.ndarray:
   """Per-query sums for rankings by the score q . x (higher first).
 
   Args:
@@ -207,8 +226,7 @@ def scored_sums(queries, query_labels, database, db_labels, *, ks: Sequence[int]
   queries, database = np.asarray(queries, np.float32), np.asarray(database, np.float32)
   q_labels, db_labels = np.asarray(query_labels), np.asarray(db_labels)
   nq, ndb = queries.shape[0], database.shape[0]
-  q_self = (np.full(nq, -1, np.int32) if query_self is None
-            else np.asarray(query_self, np.int32))
+  q_self = np.full(nq, -1, np.int32) if query_self is None else np.asarray(query_self, np.int32)
   multi = q_labels.ndim == 2
   devices = 1 if mesh is None else mesh.devices.size
   per_device = max(1, min(max_elements // max(ndb, 1), -(-nq // devices)))
@@ -221,14 +239,14 @@ def scored_sums(queries, query_labels, database, db_labels, *, ks: Sequence[int]
   out = []
   for start in range(0, nq, block):
     stop = min(start + block, nq)
-    args = [_put(_pad_rows(x[start:stop], block), q_sharding)
-            for x in (queries, q_labels, q_self)]
+    args = [_put(_pad_rows(x[start:stop], block), q_sharding) for x in (queries, q_labels, q_self)]
     sums = _scored_block(*args, database, db_labels, ks=tuple(ks), multi=multi, mesh=mesh)
-    out.append(utils.to_host(sums)[:stop - start].astype(np.float64))
+    out.append(utils.to_host(sums)[: stop - start].astype(np.float64))
   return np.concatenate(out)
 
 
 # ---------------------------------------------------------------------- hamming (histograms)
+
 
 def _variant_distances(q_words, block_t, variants):
   """Distances [b, m] uint16 of each variant (start_word, n_words, n_bits); variants that
@@ -240,16 +258,17 @@ def _variant_distances(q_words, block_t, variants):
     for i in range(max(lengths)):
       w = start + i
       acc = acc + jax.lax.population_count(q_words[:, w, None] ^ block_t[None, w, :]).astype(
-          jnp.uint16)
+          jnp.uint16
+      )
       if i + 1 in lengths:
         dists[(start, i + 1)] = acc
   return [dists[(v[0], v[1])] for v in variants]
 
 
-@functools.partial(jax.jit, static_argnames=("variants", "multi", "db_block", "n_valid",
-                                             "mesh"))
-def _hamming_block(q_words, q_labels, db_words, db_labels, *, variants, multi, db_block,
-                   n_valid, mesh):
+@functools.partial(jax.jit, static_argnames=("variants", "multi", "db_block", "n_valid", "mesh"))
+def _hamming_block(
+    q_words, q_labels, db_words, db_labels, *, variants, multi, db_block, n_valid, mesh
+):
   def local(q_words, q_labels, db_words, db_labels):
     b, n_words = q_words.shape
     n_blocks = db_words.shape[0] // db_block
@@ -273,13 +292,23 @@ def _hamming_block(q_words, q_labels, db_words, db_labels, *, variants, multi, d
     offsets = jnp.arange(n_blocks, dtype=jnp.int32) * db_block
     hists, _ = jax.lax.scan(step, init, (blocks, lab_blocks, offsets))
     return tuple(h[:-1].reshape(b, v[2] + 1, 2) for h, v in zip(hists, variants))
+
   return _over_queries(local, mesh, 2, 2)(q_words, q_labels, db_words, db_labels)
 
 
-def hamming_histograms(query_words, query_labels, db_words, db_labels, *,
-                       variants: Sequence[tuple[int, int, int]], query_self=None,
-                       self_rel=None, mesh: Optional[Mesh] = None, query_block: int = 256,
-                       db_block: int = 16384) -> list[np.ndarray]:
+def hamming_histograms(
+    query_words,
+    query_labels,
+    db_words,
+    db_labels,
+    *,
+    variants: Sequence[tuple[int, int, int]],
+    query_self=None,
+    self_rel=None,
+    mesh: Optional[Mesh] = None,
+    query_block: int = 256,
+    db_block: int = 16384,
+) -> list[np.ndarray]:
   """Per-query histograms of Hamming distance and relevance, for several code variants.
 
   Args:
@@ -311,19 +340,26 @@ def hamming_histograms(query_words, query_labels, db_words, db_labels, *,
     q_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     db_sharding = NamedSharding(mesh, P())
   db_w = _put(np.pad(db_words, ((0, n_pad - ndb), (0, 0))), db_sharding)
-  db_l = _put(np.pad(db_labels, ((0, n_pad - ndb),) + ((0, 0),) * (db_labels.ndim - 1)),
-              db_sharding)
+  db_l = _put(
+      np.pad(db_labels, ((0, n_pad - ndb),) + ((0, 0),) * (db_labels.ndim - 1)), db_sharding
+  )
   variants = tuple(tuple(int(x) for x in v) for v in variants)
   out = [[] for _ in variants]
   for start in range(0, nq, block):
     stop = min(start + block, nq)
     hists = _hamming_block(
         _put(_pad_rows(q_words[start:stop], block), q_sharding),
-        _put(_pad_rows(q_labels[start:stop], block), q_sharding), db_w, db_l,
-        variants=variants, multi=q_labels.ndim == 2, db_block=db_block, n_valid=ndb,
-        mesh=mesh)
+        _put(_pad_rows(q_labels[start:stop], block), q_sharding),
+        db_w,
+        db_l,
+        variants=variants,
+        multi=q_labels.ndim == 2,
+        db_block=db_block,
+        n_valid=ndb,
+        mesh=mesh,
+    )
     for parts, hist in zip(out, hists):
-      parts.append(utils.to_host(hist)[:stop - start].astype(np.int64))
+      parts.append(utils.to_host(hist)[: stop - start].astype(np.int64))
   out = [np.concatenate(parts) for parts in out]
   if query_self is not None:
     query_self = np.asarray(query_self)
@@ -370,6 +406,7 @@ def histogram_sums(hist: np.ndarray, ks: Sequence[int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- metrics
+
 
 def summarize(sums: np.ndarray, ks: Sequence[int], prefix: str = "") -> dict[str, float]:
   """Means over queries: {'map_all', 'map@k', 'precision@k', 'queries_without_relevant'}."""

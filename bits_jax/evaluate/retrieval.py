@@ -22,6 +22,7 @@ least one class). AP@R is averaged over the relevant items within the top R
 and is 0 for a query with none there (the DeepHash convention); map@all ranks
 the full database.
 """
+
 import functools
 import math
 import os
@@ -83,8 +84,7 @@ def hamming_distance(q_words, db_words) -> jax.Array:
   return _hamming_t(q_words, db_words.T).astype(jnp.int32)
 
 
-def smallest_k(values: jax.Array, k: int, *,
-               group: int = 16) -> tuple[jax.Array, jax.Array]:
+def smallest_k(values: jax.Array, k: int, *, group: int = 16) -> tuple[jax.Array, jax.Array]:
   """Exact k smallest entries of each row, ties broken by lower position.
 
   XLA's CPU top_k costs several ns per element, so rows are first cut into
@@ -118,12 +118,16 @@ def smallest_k(values: jax.Array, k: int, *,
 
 def _check_words(q_words, db_words):
   if q_words.dtype != jnp.uint32 or db_words.dtype != jnp.uint32:
-    raise TypeError("packed codes must be uint32 words from pack_bits, got "
-                    f"{q_words.dtype} and {db_words.dtype}.")
+    raise TypeError(
+        "packed codes must be uint32 words from pack_bits, got "
+        f"{q_words.dtype} and {db_words.dtype}."
+    )
   if q_words.ndim != 2 or q_words.shape[1:] != db_words.shape[1:]:
-    raise ValueError(f"packed code shapes {q_words.shape} and "
-                     f"{db_words.shape} do not match: pack both with the "
-                     "same number of bits.")
+    raise ValueError(
+        f"packed code shapes {q_words.shape} and "
+        f"{db_words.shape} do not match: pack both with the "
+        "same number of bits."
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("k", "db_block", "n_valid"))
@@ -151,15 +155,15 @@ def _hamming_topk_kernel(q_words, db_words, *, k, db_block, n_valid):
     best, pos = smallest_k(dist, k)
     return (best, jnp.take_along_axis(idx, pos, axis=1)), None
 
-  init = (jnp.full((nq, k), jnp.inf, jnp.float32),
-          jnp.zeros((nq, k), jnp.int32))
+  init = (jnp.full((nq, k), jnp.inf, jnp.float32), jnp.zeros((nq, k), jnp.int32))
   offsets = jnp.arange(n_blocks, dtype=jnp.int32) * db_block
   (best, best_idx), _ = jax.lax.scan(step, init, (blocks, offsets))
   return best.astype(jnp.int32), best_idx
 
 
-def hamming_topk(q_words, db_words, k: int, *,
-                 db_block: int = 65536) -> tuple[jax.Array, jax.Array]:
+def hamming_topk(
+    q_words, db_words, k: int, *, db_block: int = 65536
+) -> tuple[jax.Array, jax.Array]:
   """Exact k nearest database codes per query, ties broken by lower index.
 
   Args:
@@ -180,20 +184,17 @@ def hamming_topk(q_words, db_words, k: int, *,
   n_pad = db_block * math.ceil(ndb / db_block)
   if n_pad != ndb:  # Padding rows are masked out inside the kernel.
     db_words = jnp.pad(db_words, ((0, n_pad - ndb), (0, 0)))
-  return _hamming_topk_kernel(q_words, db_words, k=k, db_block=db_block,
-                              n_valid=ndb)
+  return _hamming_topk_kernel(q_words, db_words, k=k, db_block=db_block, n_valid=ndb)
 
 
 @jax.jit
 def _relevance(q_labels: jax.Array, db_labels: jax.Array) -> jax.Array:
   if q_labels.ndim == 1:
     return q_labels[:, None] == db_labels[None, :]
-  return jnp.matmul(q_labels.astype(jnp.float32),
-                    db_labels.astype(jnp.float32).T) > 0
+  return jnp.matmul(q_labels.astype(jnp.float32), db_labels.astype(jnp.float32).T) > 0
 
 
-@functools.partial(jax.jit, static_argnames=("depth", "map_at",
-                                             "precision_at", "radius"))
+@functools.partial(jax.jit, static_argnames=("depth", "map_at", "precision_at", "radius"))
 def _block_metrics(dist, rel, *, depth, map_at, precision_at, radius):
   """Per-query metrics [b, m] from distances and relevance [b, ndb].
 
@@ -222,7 +223,7 @@ def _block_metrics(dist, rel, *, depth, map_at, precision_at, radius):
     within = dist <= radius
     n_within = jnp.sum(within, axis=1)
     n_hit = jnp.sum(within & rel, axis=1)
-    columns.append(jnp.where(n_within > 0, n_hit / jnp.maximum(n_within, 1), 0.))
+    columns.append(jnp.where(n_within > 0, n_hit / jnp.maximum(n_within, 1), 0.0))
   return jnp.stack(columns, axis=1)
 
 
@@ -230,14 +231,23 @@ def _block_metrics(dist, rel, *, depth, map_at, precision_at, radius):
 def _cosine_distance(q, db):
   def normalize(x):
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True),
-                                         1e-24))
-  return -jnp.matmul(normalize(q), normalize(db).T,
-                     precision=jax.lax.Precision.HIGHEST)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
+
+  return -jnp.matmul(normalize(q), normalize(db).T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _retrieval(distance_fn, queries, query_labels, database, db_labels, *,
-               map_at, precision_at, radius, block_size):
+def _retrieval(
+    distance_fn,
+    queries,
+    query_labels,
+    database,
+    db_labels,
+    *,
+    map_at,
+    precision_at,
+    radius,
+    block_size,
+):
   """Shared driver: blocks of queries against the whole database.
 
   distance_fn(query block, database) -> [b, ndb]; the database layout is
@@ -247,19 +257,24 @@ def _retrieval(distance_fn, queries, query_labels, database, db_labels, *,
   db_labels = jnp.asarray(db_labels)
   nq, ndb = queries.shape[0], db_labels.shape[0]
   if query_labels.shape[0] != nq or db_labels.shape[0] != ndb:
-    raise ValueError(f"labels ({query_labels.shape}, {db_labels.shape}) must "
-                     f"have one row per query ({nq}) and database item ({ndb}).")
+    raise ValueError(
+        f"labels ({query_labels.shape}, {db_labels.shape}) must "
+        f"have one row per query ({nq}) and database item ({ndb})."
+    )
   if query_labels.ndim != db_labels.ndim or query_labels.ndim not in (1, 2):
-    raise ValueError("labels must be class ids [n] or multi-hot [n, c] for "
-                     "both queries and database.")
+    raise ValueError(
+        "labels must be class ids [n] or multi-hot [n, c] for both queries and database."
+    )
   if nq == 0:
     raise ValueError("no queries given.")
   map_names = ["all" if r is None else str(r) for r in map_at]
   map_r = tuple(ndb if r is None else min(int(r), ndb) for r in map_at)
   precision_at = tuple(int(k) for k in precision_at)
   if any(k < 1 or k > ndb for k in precision_at):
-    raise ValueError(f"precision_at {precision_at} must lie in [1, {ndb}] "
-                     "(the database size): drop the larger cut-offs.")
+    raise ValueError(
+        f"precision_at {precision_at} must lie in [1, {ndb}] "
+        "(the database size): drop the larger cut-offs."
+    )
   if any(r < 1 for r in map_r):
     raise ValueError(f"map_at {map_at} must be positive or None (all).")
   depth = max(map_r + precision_at)
@@ -269,15 +284,20 @@ def _retrieval(distance_fn, queries, query_labels, database, db_labels, *,
 
   totals = None
   for start in range(0, nq, block_size):
-    q = queries[start:start + block_size]
-    ql = query_labels[start:start + block_size]
+    q = queries[start : start + block_size]
+    ql = query_labels[start : start + block_size]
     n_real = q.shape[0]
     if n_real < block_size:  # Pad to the static block shape; dropped below.
       q = jnp.concatenate([q, jnp.repeat(q[:1], block_size - n_real, 0)])
       ql = jnp.concatenate([ql, jnp.repeat(ql[:1], block_size - n_real, 0)])
     metrics = _block_metrics(
-        distance_fn(q, database), _relevance(ql, db_labels), depth=depth,
-        map_at=map_r, precision_at=precision_at, radius=radius)
+        distance_fn(q, database),
+        _relevance(ql, db_labels),
+        depth=depth,
+        map_at=map_r,
+        precision_at=precision_at,
+        radius=radius,
+    )
     block_sum = np.asarray(metrics[:n_real], np.float64).sum(axis=0)
     totals = block_sum if totals is None else totals + block_sum
   totals /= nq
@@ -288,11 +308,17 @@ def _retrieval(distance_fn, queries, query_labels, database, db_labels, *,
   return {name: float(v) for name, v in zip(names, totals)}
 
 
-def hamming_retrieval(query_bits, query_labels, db_bits, db_labels, *,
-                      map_at: Sequence[Optional[int]] = (None, 1000),
-                      precision_at: Sequence[int] = (1, 10, 100, 1000),
-                      radius: Optional[int] = 2,
-                      block_size: Optional[int] = None) -> dict[str, float]:
+def hamming_retrieval(
+    query_bits,
+    query_labels,
+    db_bits,
+    db_labels,
+    *,
+    map_at: Sequence[Optional[int]] = (None, 1000),
+    precision_at: Sequence[int] = (1, 10, 100, 1000),
+    radius: Optional[int] = 2,
+    block_size: Optional[int] = None,
+) -> dict[str, float]:
   """Hashing-protocol retrieval metrics with binary codes.
 
   Args:
@@ -313,15 +339,29 @@ def hamming_retrieval(query_bits, query_labels, db_bits, db_labels, *,
   queries = _as_words(query_bits, "query_bits")
   database = _as_words(db_bits, "db_bits")
   _check_words(queries, database)
-  return _retrieval(_hamming_jit, queries, query_labels, database.T, db_labels,
-                    map_at=tuple(map_at), precision_at=tuple(precision_at),
-                    radius=radius, block_size=block_size)
+  return _retrieval(
+      _hamming_jit,
+      queries,
+      query_labels,
+      database.T,
+      db_labels,
+      map_at=tuple(map_at),
+      precision_at=tuple(precision_at),
+      radius=radius,
+      block_size=block_size,
+  )
 
 
-def cosine_retrieval(query_feats, query_labels, db_feats, db_labels, *,
-                     map_at: Sequence[Optional[int]] = (None, 1000),
-                     precision_at: Sequence[int] = (1, 10, 100, 1000),
-                     block_size: Optional[int] = None) -> dict[str, float]:
+def cosine_retrieval(
+    query_feats,
+    query_labels,
+    db_feats,
+    db_labels,
+    *,
+    map_at: Sequence[Optional[int]] = (None, 1000),
+    precision_at: Sequence[int] = (1, 10, 100, 1000),
+    block_size: Optional[int] = None,
+) -> dict[str, float]:
   """The same protocol ranking by cosine similarity of continuous features.
 
   Args:
@@ -333,12 +373,20 @@ def cosine_retrieval(query_feats, query_labels, db_feats, db_labels, *,
   """
   queries, database = jnp.asarray(query_feats), jnp.asarray(db_feats)
   if queries.ndim != 2 or queries.shape[1:] != database.shape[1:]:
-    raise ValueError(f"feature shapes {queries.shape} and {database.shape} "
-                     "must be [n, d] with the same d.")
-  return _retrieval(_cosine_distance, queries, query_labels, database,
-                    db_labels, map_at=tuple(map_at),
-                    precision_at=tuple(precision_at), radius=None,
-                    block_size=block_size)
+    raise ValueError(
+        f"feature shapes {queries.shape} and {database.shape} must be [n, d] with the same d."
+    )
+  return _retrieval(
+      _cosine_distance,
+      queries,
+      query_labels,
+      database,
+      db_labels,
+      map_at=tuple(map_at),
+      precision_at=tuple(precision_at),
+      radius=None,
+      block_size=block_size,
+  )
 
 
 _hamming_jit = jax.jit(_hamming_t)
@@ -347,17 +395,19 @@ _hamming_jit = jax.jit(_hamming_t)
 def _as_words(codes, name: str) -> jax.Array:
   codes = jnp.asarray(codes)
   if codes.ndim != 2:
-    raise ValueError(f"{name} must be [n, bits] or packed [n, words], got "
-                     f"shape {codes.shape}.")
+    raise ValueError(f"{name} must be [n, bits] or packed [n, words], got shape {codes.shape}.")
   if codes.dtype == jnp.uint32:
     return codes
   if codes.dtype != jnp.bool_:
-    raise TypeError(f"{name} has dtype {codes.dtype}: pass bool bits "
-                    "(binarize(logits)) or uint32 words (pack_bits).")
+    raise TypeError(
+        f"{name} has dtype {codes.dtype}: pass bool bits "
+        "(binarize(logits)) or uint32 words (pack_bits)."
+    )
   return pack_bits(codes)
 
 
 # ------------------------------------------------------------------ the paper's protocol
+
 
 def _rows(mask, n: int, name: str) -> np.ndarray:
   if mask is None:
@@ -381,15 +431,18 @@ class _Sets:
     nq, ndb = query_labels.shape[0], db_labels.shape[0]
     self.q_rows = _rows(query_mask, nq, "query_mask")
     self.db_rows = _rows(db_mask, ndb, "db_mask")
-    if not len(self.q_rows) or not len(self.db_rows):
-      raise ValueError(f"{len(self.q_rows)} queries and {len(self.db_rows)} database rows "
-                       "are left after the masks: both must be non-empty.")
+    if self.q_rows.size == 0 or self.db_rows.size == 0:
+      raise ValueError(
+          f"{len(self.q_rows)} queries and {len(self.db_rows)} database rows "
+          "are left after the masks: both must be non-empty."
+      )
     if query_labels.ndim != db_labels.ndim or query_labels.shape[1:] != db_labels.shape[1:]:
-      raise ValueError(f"query labels {query_labels.shape} and database labels "
-                       f"{db_labels.shape} must both be class ids [n] or multi-hot with the "
-                       "same classes.")
-    self.q_labels, self.multi = ranking.prepare_labels(query_labels[self.q_rows],
-                                                       "query_labels")
+      raise ValueError(
+          f"query labels {query_labels.shape} and database labels "
+          f"{db_labels.shape} must both be class ids [n] or multi-hot with the "
+          "same classes."
+      )
+    self.q_labels, self.multi = ranking.prepare_labels(query_labels[self.q_rows], "query_labels")
     self.db_labels, _ = ranking.prepare_labels(db_labels[self.db_rows], "db_labels")
     self.q_self = self.self_rel = None
     self.max_k = len(self.db_rows)
@@ -405,13 +458,17 @@ class _Sets:
         self.max_k -= 1
 
   def check_ks(self, ks) -> tuple[int, ...]:
+    """The cut-offs as ints, each checked against the database size."""
     ks = tuple(int(k) for k in ks)
     if any(k < 1 or k > self.max_k for k in ks):
-      raise ValueError(f"cut-offs {ks} must lie in [1, {self.max_k}] (the database rows each "
-                       "query ranks): drop the larger ones.")
+      raise ValueError(
+          f"cut-offs {ks} must lie in [1, {self.max_k}] (the database rows each "
+          "query ranks): drop the larger ones."
+      )
     return ks
 
   def info(self) -> dict[str, float]:
+    """Sizes of the query set and the database."""
     return {"num_queries": float(len(self.q_rows)), "num_database": float(len(self.db_rows))}
 
 
@@ -421,7 +478,7 @@ def _finite(x: np.ndarray, name: str, rows: np.ndarray) -> np.ndarray:
   if x.ndim != 2:
     raise ValueError(f"{name} must be [n, d], got shape {x.shape}.")
   x = x[rows].astype(np.float32, copy=False)
-  if not all(np.isfinite(x[i:i + 65536]).all() for i in range(0, len(x), 65536)):
+  if not all(np.isfinite(x[i : i + 65536]).all() for i in range(0, len(x), 65536)):
     raise ValueError(f"{name} has non-finite values: the model produced NaN/inf features.")
   return x
 
@@ -429,15 +486,24 @@ def _finite(x: np.ndarray, name: str, rows: np.ndarray) -> np.ndarray:
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
   """Rows of `x` scaled to unit norm, in place (x is a private copy)."""
   for start in range(0, len(x), 65536):  # Chunks: no second full-size temporary.
-    block = x[start:start + 65536]
+    block = x[start : start + 65536]
     block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
   return x
 
 
-def feature_retrieval(query_feats, query_labels, db_feats, db_labels, *,
-                      ks: Sequence[int] = (1, 10, 100), query_mask=None, db_mask=None,
-                      query_self=None, mesh=None,
-                      max_elements: int = ranking.DEFAULT_MAX_ELEMENTS) -> dict[str, float]:
+def feature_retrieval(
+    query_feats,
+    query_labels,
+    db_feats,
+    db_labels,
+    *,
+    ks: Sequence[int] = (1, 10, 100),
+    query_mask=None,
+    db_mask=None,
+    query_self=None,
+    mesh=None,
+    max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
+) -> dict[str, float]:
   """mAP@ALL, mAP@k and precision@k of cosine-similarity rankings, over all queries.
 
   Args:
@@ -461,13 +527,20 @@ def feature_retrieval(query_feats, query_labels, db_feats, db_labels, *,
   db = _l2_normalize(_finite(db_feats, "db_feats", sets.db_rows))
   if q.shape[1] != db.shape[1]:
     raise ValueError(f"feature dims differ: queries {q.shape}, database {db.shape}.")
-  sums = ranking.scored_sums(q, sets.q_labels, db, sets.db_labels, ks=ks,
-                             query_self=sets.q_self, mesh=mesh, max_elements=max_elements)
+  sums = ranking.scored_sums(
+      q,
+      sets.q_labels,
+      db,
+      sets.db_labels,
+      ks=ks,
+      query_self=sets.q_self,
+      mesh=mesh,
+      max_elements=max_elements,
+  )
   return {**ranking.summarize(sums, ks), **sets.info()}
 
 
-def subsample_bits(num_bits: int, length: int, *, mode: str = "first",
-                   seed: int = 0) -> np.ndarray:
+def subsample_bits(num_bits: int, length: int, *, mode: str = "first", seed: int = 0) -> np.ndarray:
   """Indices [length] of the bits kept: the first `length`, or a sorted random subset."""
   if not 1 <= length <= num_bits:
     raise ValueError(f"code length {length} must lie in [1, {num_bits}] (the code's bits).")
@@ -478,19 +551,22 @@ def subsample_bits(num_bits: int, length: int, *, mode: str = "first",
   raise ValueError(f"unknown sub-sampling mode {mode!r}: use 'first' or 'random'.")
 
 
-def _code_variants(num_bits: int, code_lengths, random_subsets: bool,
-                   seed: int) -> list[tuple[str, np.ndarray]]:
+def _code_variants(
+    num_bits: int, code_lengths, random_subsets: bool, seed: int
+) -> list[tuple[str, np.ndarray]]:
   """[(name, bit indices)]: '256' for the first 256 bits, 'random128' for a random subset."""
   variants = []
   for i, length in enumerate(dict.fromkeys(int(x) for x in code_lengths)):
     if length > num_bits:
-      logging.info("retrieval: skipping code length %d > the %d bits of the code.", length,
-                   num_bits)
+      logging.info(
+          "retrieval: skipping code length %d > the %d bits of the code.", length, num_bits
+      )
       continue
     variants.append((str(length), subsample_bits(num_bits, length)))
     if random_subsets and length < num_bits:
-      variants.append((f"random{length}",
-                       subsample_bits(num_bits, length, mode="random", seed=seed + i)))
+      variants.append(
+          (f"random{length}", subsample_bits(num_bits, length, mode="random", seed=seed + i))
+      )
   if not variants:
     raise ValueError(f"no code length in {tuple(code_lengths)} fits the {num_bits}-bit code.")
   return variants
@@ -537,13 +613,25 @@ def asymmetric_distance(query_probs, db_bits) -> np.ndarray:
   return np.asarray(-scores / scale)
 
 
-def code_retrieval(query_logits, query_labels, db_logits, db_labels, *,
-                   ks: Sequence[int] = (1, 10, 100),
-                   code_lengths: Sequence[int] = (256, 128, 64, 32),
-                   random_subsets: bool = True, asymmetric: bool = True, seed: int = 0,
-                   query_mask=None, db_mask=None, query_self=None, mesh=None,
-                   max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
-                   query_block: int = 256, db_block: int = 16384) -> dict[str, float]:
+def code_retrieval(
+    query_logits,
+    query_labels,
+    db_logits,
+    db_labels,
+    *,
+    ks: Sequence[int] = (1, 10, 100),
+    code_lengths: Sequence[int] = (256, 128, 64, 32),
+    random_subsets: bool = True,
+    asymmetric: bool = True,
+    seed: int = 0,
+    query_mask=None,
+    db_mask=None,
+    query_self=None,
+    mesh=None,
+    max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
+    query_block: int = 256,
+    db_block: int = 16384,
+) -> dict[str, float]:
   """mAP@ALL / mAP@k / precision@k with binary codes, for several code lengths in one pass.
 
   Codes are logits > 0. Symmetric: Hamming distance between query and database codes (all
@@ -568,8 +656,7 @@ def code_retrieval(query_logits, query_labels, db_logits, db_labels, *,
   q_logits = _finite(query_logits, "query_logits", sets.q_rows)
   db_bits = _finite(db_logits, "db_logits", sets.db_rows) > 0
   if q_logits.shape[1] != db_bits.shape[1]:
-    raise ValueError(f"code lengths differ: queries {q_logits.shape}, database "
-                     f"{db_bits.shape}.")
+    raise ValueError(f"code lengths differ: queries {q_logits.shape}, database {db_bits.shape}.")
   n_bits = q_logits.shape[1]
   variants = _code_variants(n_bits, code_lengths, random_subsets, seed)
   q_bits = q_logits > 0
@@ -587,9 +674,17 @@ def code_retrieval(query_logits, query_labels, db_logits, db_labels, *,
     layout.append((offset, q_words[-1].shape[1], length))
     offset += q_words[-1].shape[1]
   hists = ranking.hamming_histograms(
-      np.concatenate(q_words, 1), sets.q_labels, np.concatenate(db_words, 1), sets.db_labels,
-      variants=layout, query_self=sets.q_self, self_rel=sets.self_rel, mesh=mesh,
-      query_block=query_block, db_block=db_block)
+      np.concatenate(q_words, 1),
+      sets.q_labels,
+      np.concatenate(db_words, 1),
+      sets.db_labels,
+      variants=layout,
+      query_self=sets.q_self,
+      self_rel=sets.self_rel,
+      mesh=mesh,
+      query_block=query_block,
+      db_block=db_block,
+  )
   out = {"codes/num_bits": float(n_bits), **sets.info()}
   for (name, _), hist in zip(variants, hists):
     out.update(ranking.summarize(ranking.histogram_sums(hist, ks), ks, f"codes/{name}/"))
@@ -599,15 +694,23 @@ def code_retrieval(query_logits, query_labels, db_logits, db_labels, *,
     queries, database = _asymmetric_vectors(probs, db_bits, [idx for _, idx in variants])
     n_v, nq = queries.shape[:2]
     q_self = None if sets.q_self is None else np.tile(sets.q_self, n_v)
-    sums = ranking.scored_sums(queries.reshape(n_v * nq, -1), np.concatenate(
-        [sets.q_labels] * n_v), database, sets.db_labels, ks=ks, query_self=q_self,
-                               mesh=mesh, max_elements=max_elements)
+    sums = ranking.scored_sums(
+        queries.reshape(n_v * nq, -1),
+        np.concatenate([sets.q_labels] * n_v),
+        database,
+        sets.db_labels,
+        ks=ks,
+        query_self=q_self,
+        mesh=mesh,
+        max_elements=max_elements,
+    )
     for v, (name, _) in enumerate(variants):
-      out.update(ranking.summarize(sums[v * nq:(v + 1) * nq], ks, f"asym/{name}/"))
+      out.update(ranking.summarize(sums[v * nq : (v + 1) * nq], ks, f"asym/{name}/"))
   return out
 
 
 # -------------------------------------------------------------------------- the evaluator
+
 
 def _split_rows(feats: dict, ids_file: Optional[str], split: str) -> np.ndarray:
   """Rows of a split to use: the valid rows, or those named in a split file."""
@@ -615,20 +718,33 @@ def _split_rows(feats: dict, ids_file: Optional[str], split: str) -> np.ndarray:
   if ids_file is None:
     return np.flatnonzero(valid)
   if "id" not in feats:
-    raise ValueError(f"a split file ({ids_file}) needs image ids, but the features of split "
-                     f"{split!r} have no 'id': extract features with ids.")
+    raise ValueError(
+        f"a split file ({ids_file}) needs image ids, but the features of split "
+        f"{split!r} have no 'id': extract features with ids."
+    )
   rows = np.flatnonzero(valid)
-  return rows[split_file.select_by_ids(np.asarray(feats["id"])[rows],
-                                       split_file.read_split_file(ids_file))]
+  return rows[
+      split_file.select_by_ids(np.asarray(feats["id"])[rows], split_file.read_split_file(ids_file))
+  ]
 
 
 @common.register("retrieval")
-def run(ctx, *, query_split: str = "test", database_split: str = "train",
-        features: str = "cls", ks: Sequence[int] = (1, 10, 100), codes: bool = True,
-        code_lengths: Sequence[int] = (256, 128, 64, 32), asymmetric: bool = True,
-        random_subsets: bool = True, seed: int = 0, query_ids_file: Optional[str] = None,
-        database_ids_file: Optional[str] = None,
-        max_elements: int = ranking.DEFAULT_MAX_ELEMENTS) -> dict[str, float]:
+def run(
+    ctx,
+    *,
+    query_split: str = "test",
+    database_split: str = "train",
+    features: str = "cls",
+    ks: Sequence[int] = (1, 10, 100),
+    codes: bool = True,
+    code_lengths: Sequence[int] = (256, 128, 64, 32),
+    asymmetric: bool = True,
+    random_subsets: bool = True,
+    seed: int = 0,
+    query_ids_file: Optional[str] = None,
+    database_ids_file: Optional[str] = None,
+    max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
+) -> dict[str, float]:
   """The paper's retrieval protocol on ctx's features: every query against the database.
 
   Queries are the valid rows of `query_split` (or those listed in `query_ids_file`), the
@@ -655,32 +771,58 @@ def run(ctx, *, query_split: str = "test", database_split: str = "train",
     n_ranked -= int((query_self >= 0).any())
   kept = tuple(int(k) for k in ks if int(k) <= n_ranked)
   if len(kept) < len(ks):
-    logging.info("retrieval: dropping cut-offs %s above the %d ranked database rows.",
-                 sorted(set(ks) - set(kept)), n_ranked)
+    logging.info(
+        "retrieval: dropping cut-offs %s above the %d ranked database rows.",
+        sorted(set(ks) - set(kept)),
+        n_ranked,
+    )
   if features not in q_feats:
-    raise ValueError(f"features {features!r} are not extracted: use one of "
-                     f"{sorted(k for k in q_feats if k not in ('label', 'mask', 'id'))}.")
+    raise ValueError(
+        f"features {features!r} are not extracted: use one of "
+        f"{sorted(k for k in q_feats if k not in ('label', 'mask', 'id'))}."
+    )
   results = feature_retrieval(
-      q_feats[features][q_rows], q_feats["label"][q_rows], db_feats[features][db_rows],
-      db_feats["label"][db_rows], ks=kept, query_self=query_self, mesh=mesh,
-      max_elements=max_elements)
+      q_feats[features][q_rows],
+      q_feats["label"][q_rows],
+      db_feats[features][db_rows],
+      db_feats["label"][db_rows],
+      ks=kept,
+      query_self=query_self,
+      mesh=mesh,
+      max_elements=max_elements,
+  )
   curves = {features: results}
   if codes and "logits" in q_feats and "logits" in db_feats:
-    results.update(code_retrieval(
-        q_feats["logits"][q_rows], q_feats["label"][q_rows], db_feats["logits"][db_rows],
-        db_feats["label"][db_rows], ks=kept, code_lengths=code_lengths,
-        random_subsets=random_subsets, asymmetric=asymmetric, seed=seed,
-        query_self=query_self, mesh=mesh, max_elements=max_elements))
+    results.update(
+        code_retrieval(
+            q_feats["logits"][q_rows],
+            q_feats["label"][q_rows],
+            db_feats["logits"][db_rows],
+            db_feats["label"][db_rows],
+            ks=kept,
+            code_lengths=code_lengths,
+            random_subsets=random_subsets,
+            asymmetric=asymmetric,
+            seed=seed,
+            query_self=query_self,
+            mesh=mesh,
+            max_elements=max_elements,
+        )
+    )
     full = str(int(results["codes/num_bits"]))
-    curves[f"hamming {full} bits"] = {k[len(f"codes/{full}/"):]: v for k, v in results.items()
-                                      if k.startswith(f"codes/{full}/")}
+    curves[f"hamming {full} bits"] = {
+        k[len(f"codes/{full}/") :]: v for k, v in results.items() if k.startswith(f"codes/{full}/")
+    }
   if ctx.out_dir is not None:
     from bits_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+
     os.makedirs(ctx.out_dir, exist_ok=True)
     if kept:
-      ctx.add_plot(plots.plot_precision_curve(
-          curves, os.path.join(ctx.out_dir, "retrieval_precision.png")))
+      ctx.add_plot(
+          plots.plot_precision_curve(curves, os.path.join(ctx.out_dir, "retrieval_precision.png"))
+      )
     if "codes/num_bits" in results:
-      ctx.add_plot(plots.plot_map_vs_bits(
-          results, os.path.join(ctx.out_dir, "retrieval_map_vs_bits.png")))
+      ctx.add_plot(
+          plots.plot_map_vs_bits(results, os.path.join(ctx.out_dir, "retrieval_map_vs_bits.png"))
+      )
   return results

@@ -6,6 +6,7 @@ lines and lines starting with `#` are ignored. Ids are matched exactly (after de
 against the dataset's ids, e.g. the 'id' feature of an evaluation split: use the same naming
 in the file as the dataset uses (file name, or path relative to the image root).
 """
+
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 def read_split_file(path: str) -> list[str]:
   """The ids listed in `path`, in file order."""
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   ids = []
   for line in epath.Path(path).read_text().splitlines():
     line = line.strip()
@@ -39,16 +41,20 @@ def select_by_ids(ids_of_dataset: Sequence, wanted: Sequence[str]) -> np.ndarray
   for i, key in enumerate(ids_of_dataset):
     key = _as_str(key)
     if key in position:
-      raise ValueError(f"id {key!r} appears twice in the dataset (rows {position[key]} and "
-                       f"{i}): ids must be unique to select rows by id.")
+      raise ValueError(
+          f"id {key!r} appears twice in the dataset (rows {position[key]} and "
+          f"{i}): ids must be unique to select rows by id."
+      )
     position[key] = i
   out, seen = [], set()
   missing = [_as_str(w) for w in wanted if _as_str(w) not in position]
   if missing:
     example = next(iter(position), None)
-    raise ValueError(f"{len(missing)} of {len(wanted)} ids are not in the dataset, the first "
-                     f"being {missing[0]!r} (dataset ids look like {example!r}): check the "
-                     "split file against the dataset and split.")
+    raise ValueError(
+        f"{len(missing)} of {len(wanted)} ids are not in the dataset, the first "
+        f"being {missing[0]!r} (dataset ids look like {example!r}): check the "
+        "split file against the dataset and split."
+    )
   for w in wanted:
     w = _as_str(w)
     if w in seen:

@@ -1,10 +1,10 @@
 """Tests for the code-language statistics and the 'codes' evaluator in bits_jax.evaluate.codes."""
+
 import itertools
 import os
 import types
 
 import numpy as np
-import pytest
 
 from bits_jax.evaluate import codes
 
@@ -22,7 +22,7 @@ def test_block_entropy_of_fair_bits_and_copies():
   np.testing.assert_allclose(h, [8.0, 8.0])
   np.testing.assert_allclose(h_mm, 8.0 + 255 / (2 * 256 * np.log(2)))
   one = np.repeat(np.arange(256) % 2 == 0, 1)[:, None]  # One fair bit ...
-  copies = np.repeat(one, 16, axis=1)                   # ... copied into all 16 bits.
+  copies = np.repeat(one, 16, axis=1)  # ... copied into all 16 bits.
   h, _ = codes.group_entropy(copies, codes.contiguous_groups(16, 8))
   np.testing.assert_allclose(h, [1.0, 1.0])
   h, _ = codes.group_entropy(copies, codes.random_groups(16, 8, seed=3))
@@ -77,18 +77,28 @@ def test_run_with_fake_context(tmp_path):
   images[:, :, :, 0] = (np.arange(160) % 256)[:, None, None]
   feats = {"logits": logits, "cls": desc, "label": labels, "mask": np.ones(160, bool)}
   plots = []
-  ctx = types.SimpleNamespace(features=lambda split: feats, out_dir=str(tmp_path),
-                              add_plot=plots.append, mesh=None, step=0, num_classes=4,
-                              images=lambda split: images)
-  got = codes.run(ctx, block_size=4, tsne_points=40, tsne_max_iter=250, top_bits=3,
-                  grid_bits=1)
+  ctx = types.SimpleNamespace(
+      features=lambda split: feats,
+      out_dir=str(tmp_path),
+      add_plot=plots.append,
+      mesh=None,
+      step=0,
+      num_classes=4,
+      images=lambda split: images,
+  )
+  got = codes.run(ctx, block_size=4, tsne_points=40, tsne_max_iter=250, top_bits=3, grid_bits=1)
   top = got["attribute_bits"].split(",")[0]
   assert top in ("0", "3", "6")  # Copies of bit 0.
   assert 0 < got["block_entropy_mean"] <= 4 and got["bit_entropy_mean"] > 0.9
   assert "label_entropy" in got and np.isfinite(got["tsne_kl"])
   names = sorted(os.path.basename(p) for p in plots)
-  assert names == sorted([f"bit_{top}_grid.png", "bit_balance.png", "bit_correlation.png",
-                          "class_bit_activation.png", "codes_tsne.png"])
+  assert names == sorted([
+      f"bit_{top}_grid.png",
+      "bit_balance.png",
+      "bit_correlation.png",
+      "class_bit_activation.png",
+      "codes_tsne.png",
+  ])
   for p in plots:
     with open(p, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"

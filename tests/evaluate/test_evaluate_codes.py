@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.codes on codes with known statistics."""
+
 import numpy as np
 import pytest
 
@@ -12,8 +13,8 @@ def _logits(bits):
 
 def test_balance_entropy_and_mi_of_constructed_bits():
   labels = np.array([0, 1] * 8)  # Two balanced classes.
-  parity = labels == 1                      # MI = 1 bit, balance 1/2.
-  constant = np.zeros(16, bool)             # Dead bit: MI = 0, entropy 0.
+  parity = labels == 1  # MI = 1 bit, balance 1/2.
+  constant = np.zeros(16, bool)  # Dead bit: MI = 0, entropy 0.
   # Balance 1/4, on for 2 of the 8 images of each class: independent of label.
   quarter = np.isin(np.arange(16), [0, 5, 8, 13])
   bits = np.stack([parity, constant, quarter], axis=1)
@@ -57,14 +58,12 @@ def test_class_specific_shared_bits_usage_and_prototypes():
   num_classes, per_class = 4, 10
   labels = np.repeat(np.arange(num_classes), per_class)
   one_hot = labels[:, None] == np.arange(num_classes)[None, :]  # Specific.
-  always = np.ones((len(labels), 1), bool)                     # Shared.
-  first_half = (labels < 2)[:, None]   # On in exactly half the classes: shared.
+  always = np.ones((len(labels), 1), bool)  # Shared.
+  first_half = (labels < 2)[:, None]  # On in exactly half the classes: shared.
   bits = np.concatenate([one_hot, always, first_half], axis=1)
   out = codes.analyze_codes(_logits(bits), labels)
-  np.testing.assert_array_equal(out["class_specific_owner"],
-                                [0, 1, 2, 3, -1, -1])
-  np.testing.assert_array_equal(out["shared_bits"],
-                                [False] * 4 + [True, True])
+  np.testing.assert_array_equal(out["class_specific_owner"], [0, 1, 2, 3, -1, -1])
+  np.testing.assert_array_equal(out["shared_bits"], [False] * 4 + [True, True])
   assert out["class_specific_bits_frac"] == pytest.approx(4 / 6)
   assert out["shared_bits_frac"] == pytest.approx(2 / 6)
   assert out["classes_with_specific_bit_frac"] == 1.0
@@ -72,8 +71,7 @@ def test_class_specific_shared_bits_usage_and_prototypes():
   assert out["distinct_codes"] == 4 and out["code_usage"] == pytest.approx(0.1)
   # Prototypes: class c = one-hot(c) + [1, c < 2]. Classes 0/1 differ in 2
   # bits, 0/2 in 3 bits (one-hot pair + first_half), 2/3 in 2 bits.
-  expected = np.array([[0, 2, 3, 3], [2, 0, 3, 3], [3, 3, 0, 2],
-                       [3, 3, 2, 0]])
+  expected = np.array([[0, 2, 3, 3], [2, 0, 3, 3], [3, 3, 0, 2], [3, 3, 2, 0]])
   np.testing.assert_array_equal(out["prototype_hamming"], expected)
   assert out["prototype_hamming_min"] == 2
   assert out["prototype_hamming_mean"] == pytest.approx(16 / 6)
@@ -83,7 +81,7 @@ def test_class_specific_shared_bits_usage_and_prototypes():
 def test_noisy_bit_is_not_class_specific_and_mask_drops_rows():
   labels = np.repeat([0, 1], 10)
   bit = labels == 0
-  bit[:2] = False   # Class 0: on for 80% < 90%.
+  bit[:2] = False  # Class 0: on for 80% < 90%.
   padded_logits = np.concatenate([_logits(bit[:, None]), np.ones((5, 1))])
   padded_labels = np.concatenate([labels, np.full(5, 1)])
   mask = np.arange(25) < 20
@@ -91,14 +89,12 @@ def test_noisy_bit_is_not_class_specific_and_mask_drops_rows():
   assert out["num_images"] == 20
   assert out["bit_balance_mean"] == pytest.approx(8 / 20)
   assert out["class_specific_bits_frac"] == 0.0
-  loose = codes.analyze_codes(padded_logits, padded_labels, mask=mask,
-                              specific_on=0.8)
+  loose = codes.analyze_codes(padded_logits, padded_labels, mask=mask, specific_on=0.8)
   assert loose["class_specific_bits_frac"] == 1.0
 
 
 def test_scalar_metrics_and_bad_input():
-  out = codes.analyze_codes(np.random.default_rng(0).normal(size=(30, 8)),
-                            np.arange(30) % 3)
+  out = codes.analyze_codes(np.random.default_rng(0).normal(size=(30, 8)), np.arange(30) % 3)
   scalars = codes.scalar_metrics(out)
   assert "codes/bit_entropy_mean" in scalars
   assert "codes/bit_corr" not in scalars  # Arrays are left out.

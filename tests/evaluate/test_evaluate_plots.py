@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.plots."""
+
 import os
 
 import numpy as np
@@ -21,30 +22,34 @@ class _RecordingWriter:
 def _inputs():
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(4), 15)
-  logits = rng.normal(size=(60, 24)) + 2.0 * (labels[:, None] == (
-      np.arange(24) % 4))
+  logits = rng.normal(size=(60, 24)) + 2.0 * (labels[:, None] == (np.arange(24) % 4))
   analysis = codes.analyze_codes(logits, labels)
   bits = logits > 0
-  hamming = retrieval.hamming_retrieval(bits[:10], labels[:10], bits[10:],
-                                        labels[10:], precision_at=(1, 5, 20))
-  cosine = retrieval.cosine_retrieval(logits[:10], labels[:10], logits[10:],
-                                      labels[10:], precision_at=(1, 5, 20))
+  hamming = retrieval.hamming_retrieval(
+      bits[:10], labels[:10], bits[10:], labels[10:], precision_at=(1, 5, 20)
+  )
+  cosine = retrieval.cosine_retrieval(
+      logits[:10], labels[:10], logits[10:], labels[10:], precision_at=(1, 5, 20)
+  )
   return analysis, hamming, cosine
 
 
 def test_save_plots_writes_pngs_and_logs_them(tmp_path):
   analysis, hamming, cosine = _inputs()
-  paths = plots.save_plots(analysis, {"hamming": hamming, "cosine": cosine},
-                           str(tmp_path / "figs"))
+  paths = plots.save_plots(analysis, {"hamming": hamming, "cosine": cosine}, str(tmp_path / "figs"))
   names = sorted(os.path.basename(p) for p in paths)
-  assert names == ["bit_balance.png", "bit_correlation.png",
-                   "class_bit_activation.png", "retrieval_precision.png"]
+  assert names == [
+      "bit_balance.png",
+      "bit_correlation.png",
+      "class_bit_activation.png",
+      "retrieval_precision.png",
+  ]
   for p in paths:
     with open(p, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   writer = _RecordingWriter()
   plots.log_plots(writer, 7, paths)
-  (step, images), = writer.calls
+  ((step, images),) = writer.calls
   assert step == 7
   assert sorted(images) == ["plots/" + n[:-4] for n in names]
   for image in images.values():

@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.retrieval."""
+
 import numpy as np
 import pytest
 
@@ -12,8 +13,7 @@ def _reference_metrics(dist, rel, r_cut, k):
     g = g[np.argsort(d, kind="stable")].astype(float)
     top = g[:r_cut]
     hits = np.cumsum(top)
-    aps.append((top * hits / np.arange(1, len(top) + 1)).sum() / hits[-1]
-               if hits[-1] else 0.0)
+    aps.append((top * hits / np.arange(1, len(top) + 1)).sum() / hits[-1] if hits[-1] else 0.0)
     precs.append(g[:k].mean())
   return np.mean(aps), np.mean(precs)
 
@@ -34,8 +34,7 @@ def test_pack_bits_layout_is_lsb_first():
   bits[0, [0, 2, 31, 32]] = True
   words = np.asarray(retrieval.pack_bits(bits))
   assert words.tolist() == [[(1 << 0) | (1 << 2) | (1 << 31), 1]]
-  assert retrieval.binarize(np.array([[-1.0, 0.0, 0.5]])).tolist() == [
-      [False, False, True]]
+  assert retrieval.binarize(np.array([[-1.0, 0.0, 0.5]])).tolist() == [[False, False, True]]
 
 
 def test_hand_checked_map_and_tie_break_by_index():
@@ -49,24 +48,38 @@ def test_hand_checked_map_and_tie_break_by_index():
   # Ranking (dist, idx): 1, 0, 3, 2, 4 -> relevance 0, 1, 0, 1, 1.
   # AP@all = (1/2 + 2/4 + 3/5) / 3 = 1.6 / 3; AP@2 = (1/2) / 1 = 0.5.
   # P@1 = 0, P@2 = 1/2, P@5 = 3/5; within radius 1: idx 1, 0, 3 -> 1/3.
-  db = np.array([[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1],
-                 [1, 1, 1, 1]], bool)
+  db = np.array([[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]], bool)
   query = np.zeros((1, 4), bool)
-  got = retrieval.hamming_retrieval(query, np.array([0]), db,
-                                    np.array([0, 1, 0, 1, 0]),
-                                    map_at=(None, 2), precision_at=(1, 2, 5),
-                                    radius=1)
-  assert got == pytest.approx({"map@all": 1.6 / 3, "map@2": 0.5,
-                               "precision@1": 0.0, "precision@2": 0.5,
-                               "precision@5": 0.6, "precision_r1": 1 / 3})
+  got = retrieval.hamming_retrieval(
+      query,
+      np.array([0]),
+      db,
+      np.array([0, 1, 0, 1, 0]),
+      map_at=(None, 2),
+      precision_at=(1, 2, 5),
+      radius=1,
+  )
+  assert got == pytest.approx({
+      "map@all": 1.6 / 3,
+      "map@2": 0.5,
+      "precision@1": 0.0,
+      "precision@2": 0.5,
+      "precision@5": 0.6,
+      "precision_r1": 1 / 3,
+  })
 
 
 def test_query_without_relevant_items_scores_zero():
   db = np.array([[1, 0], [0, 1]], bool)
-  got = retrieval.hamming_retrieval(np.array([[1, 0], [1, 0]], bool),
-                                    np.array([0, 5]), db, np.array([0, 1]),
-                                    map_at=(None,), precision_at=(1,),
-                                    radius=0)
+  got = retrieval.hamming_retrieval(
+      np.array([[1, 0], [1, 0]], bool),
+      np.array([0, 5]),
+      db,
+      np.array([0, 1]),
+      map_at=(None,),
+      precision_at=(1,),
+      radius=0,
+  )
   # Query 0: AP 1, P@1 1, P_r0 1. Query 1 (label 5): all zeros.
   assert got == {"map@all": 0.5, "precision@1": 0.5, "precision_r0": 0.5}
 
@@ -79,8 +92,9 @@ def test_hamming_map_matches_numpy_reference_with_many_ties(block_size):
   bits = centers[labels] ^ (rng.random((70, 6)) < 0.25)  # 6 bits: many ties.
   q, db = bits[:13], bits[13:]
   ql, dbl = labels[:13], labels[13:]
-  got = retrieval.hamming_retrieval(q, ql, db, dbl, map_at=(None, 20),
-                                    precision_at=(10,), block_size=block_size)
+  got = retrieval.hamming_retrieval(
+      q, ql, db, dbl, map_at=(None, 20), precision_at=(10,), block_size=block_size
+  )
   dist = (q[:, None, :] != db[None, :, :]).sum(-1)
   rel = ql[:, None] == dbl[None, :]
   map_all, p10 = _reference_metrics(dist, rel, db.shape[0], 10)
@@ -90,8 +104,14 @@ def test_hamming_map_matches_numpy_reference_with_many_ties(block_size):
   assert got["precision@10"] == pytest.approx(p10)
   # Packed words in, same numbers out.
   packed = retrieval.hamming_retrieval(
-      retrieval.pack_bits(q), ql, retrieval.pack_bits(db), dbl,
-      map_at=(None, 20), precision_at=(10,), block_size=block_size)
+      retrieval.pack_bits(q),
+      ql,
+      retrieval.pack_bits(db),
+      dbl,
+      map_at=(None, 20),
+      precision_at=(10,),
+      block_size=block_size,
+  )
   assert packed == got
 
 
@@ -100,8 +120,9 @@ def test_cosine_retrieval_matches_reference_and_multihot_labels():
   feats = rng.normal(size=(40, 5)).astype(np.float32)
   multihot = rng.random((40, 4)) > 0.6
   q, db = feats[:8], feats[8:]
-  got = retrieval.cosine_retrieval(q, multihot[:8], db, multihot[8:],
-                                   map_at=(None, 1000), precision_at=(5,))
+  got = retrieval.cosine_retrieval(
+      q, multihot[:8], db, multihot[8:], map_at=(None, 1000), precision_at=(5,)
+  )
   qn = q / np.linalg.norm(q, axis=1, keepdims=True)
   dbn = db / np.linalg.norm(db, axis=1, keepdims=True)
   rel = (multihot[:8].astype(int) @ multihot[8:].astype(int).T) > 0
@@ -115,8 +136,9 @@ def test_hamming_topk_matches_stable_sort():
   rng = np.random.default_rng(2)
   q = rng.random((5, 40)) > 0.5
   db = rng.random((101, 40)) > 0.5
-  dist, idx = retrieval.hamming_topk(retrieval.pack_bits(q),
-                                     retrieval.pack_bits(db), 7, db_block=16)
+  dist, idx = retrieval.hamming_topk(
+      retrieval.pack_bits(q), retrieval.pack_bits(db), 7, db_block=16
+  )
   full = (q[:, None, :] != db[None, :, :]).sum(-1)
   order = np.argsort(full, axis=1, kind="stable")[:, :7]
   np.testing.assert_array_equal(idx, order)
@@ -126,21 +148,18 @@ def test_hamming_topk_matches_stable_sort():
 def test_bad_inputs_raise_clear_errors():
   bits = np.ones((3, 8), bool)
   with pytest.raises(ValueError, match="database size"):
-    retrieval.hamming_retrieval(bits, np.zeros(3), bits, np.zeros(3),
-                                precision_at=(10,))
+    retrieval.hamming_retrieval(bits, np.zeros(3), bits, np.zeros(3), precision_at=(10,))
   with pytest.raises(TypeError, match="pass bool bits"):
-    retrieval.hamming_retrieval(np.ones((3, 8)), np.zeros(3), bits,
-                                np.zeros(3), precision_at=(1,))
+    retrieval.hamming_retrieval(np.ones((3, 8)), np.zeros(3), bits, np.zeros(3), precision_at=(1,))
   with pytest.raises(ValueError, match="same number of bits"):
-    retrieval.hamming_distance(retrieval.pack_bits(np.ones((2, 40), bool)),
-                               retrieval.pack_bits(bits))
+    retrieval.hamming_distance(
+        retrieval.pack_bits(np.ones((2, 40), bool)), retrieval.pack_bits(bits)
+    )
   with pytest.raises(ValueError, match="k=4"):
-    retrieval.hamming_topk(retrieval.pack_bits(bits),
-                           retrieval.pack_bits(bits), 4)
+    retrieval.hamming_topk(retrieval.pack_bits(bits), retrieval.pack_bits(bits), 4)
 
 
-@pytest.mark.parametrize("m,k,group", [(4096, 7, 16), (4096, 300, 16),
-                                       (100, 5, 16), (512, 31, 8)])
+@pytest.mark.parametrize("m,k,group", [(4096, 7, 16), (4096, 300, 16), (100, 5, 16), (512, 31, 8)])
 def test_smallest_k_is_exact_with_ties(m, k, group):
   rng = np.random.default_rng(m + k)
   values = rng.integers(0, 6, size=(4, m)).astype(np.float32)  # Many ties.
@@ -152,10 +171,11 @@ def test_smallest_k_is_exact_with_ties(m, k, group):
 
 def test_hamming_topk_grouped_blocks_with_padding():
   rng = np.random.default_rng(3)
-  q = rng.random((6, 12)) > 0.5        # 12 bits: heavy ties.
-  db = rng.random((3001, 12)) > 0.5    # Not a multiple of the block.
-  dist, idx = retrieval.hamming_topk(retrieval.pack_bits(q),
-                                     retrieval.pack_bits(db), 9, db_block=1024)
+  q = rng.random((6, 12)) > 0.5  # 12 bits: heavy ties.
+  db = rng.random((3001, 12)) > 0.5  # Not a multiple of the block.
+  dist, idx = retrieval.hamming_topk(
+      retrieval.pack_bits(q), retrieval.pack_bits(db), 9, db_block=1024
+  )
   full = (q[:, None, :] != db[None, :, :]).sum(-1)
   order = np.argsort(full, axis=1, kind="stable")[:, :9]
   np.testing.assert_array_equal(idx, order)

@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.geometry on features with a known covariance spectrum."""
+
 import os
 import types
 
@@ -49,9 +50,13 @@ def test_run_writes_plot_and_values(tmp_path):
   feats = _features(np.array([3.0, 1.0, 0.0]), n=50).astype(np.float32)
   plots = []
   ctx = types.SimpleNamespace(
-      features=lambda split: {"cls": feats, "label": np.zeros(50, int),
-                              "mask": np.ones(50, bool)},
-      out_dir=str(tmp_path), add_plot=plots.append, mesh=None, step=0, num_classes=1)
+      features=lambda split: {"cls": feats, "label": np.zeros(50, int), "mask": np.ones(50, bool)},
+      out_dir=str(tmp_path),
+      add_plot=plots.append,
+      mesh=None,
+      step=0,
+      num_classes=1,
+  )
   got = geometry.run(ctx)
   assert got["d_eff"] == pytest.approx(16 / 10, rel=1e-5)
   assert [os.path.basename(p) for p in plots] == ["explained_variance.png"]

@@ -1,4 +1,5 @@
 """Tests for the MLP probe and the 'linear' evaluator in bits_jax.evaluate.linear."""
+
 import types
 
 import numpy as np
@@ -10,7 +11,7 @@ from bits_jax.evaluate import linear
 def _xor_data(rng, n):
   """Two classes by the sign of x0 * x1: not linearly separable, easy for an MLP."""
   x = rng.normal(size=(n, 4)).astype(np.float32)
-  x = x[np.abs(x[:, 0] * x[:, 1]) > 0.3][:n // 2]
+  x = x[np.abs(x[:, 0] * x[:, 1]) > 0.3][: n // 2]
   return x, (x[:, 0] * x[:, 1] > 0).astype(np.int32)
 
 
@@ -24,8 +25,13 @@ def test_mlp_probe_solves_xor_where_linear_cannot():
   mlp = linear.mlp_probe(*args, hidden_dim=32, learning_rates=(0.003, 0.01), **kwargs)
   assert lin["linear_top1"] < 0.7
   assert mlp["mlp_top1"] > 0.9
-  assert set(mlp) == {"mlp_top1", "mlp_best_lr", "mlp_val_top1", "mlp_val_top1_lr0.003",
-                      "mlp_val_top1_lr0.01"}
+  assert set(mlp) == {
+      "mlp_top1",
+      "mlp_best_lr",
+      "mlp_val_top1",
+      "mlp_val_top1_lr0.003",
+      "mlp_val_top1_lr0.01",
+  }
   with pytest.raises(ValueError, match="hidden_dim"):
     linear.mlp_probe(*args, hidden_dim=0, **kwargs)
 
@@ -42,10 +48,19 @@ def test_run_with_fake_context():
     return {"cls": cls, "cls_last4": cls[:, ::-1].copy(), "label": labels, "mask": mask}
 
   data = {"train": split(300), "test": split(100)}
-  ctx = types.SimpleNamespace(features=data.__getitem__, out_dir=None, add_plot=None,
-                              mesh=None, step=0, num_classes=5)
-  got = linear.run(ctx, epochs=10, mlp=True, last4=True, hidden_dim=16, batch_size=64,
-                   learning_rates=(0.1,), mlp_learning_rates=(0.03,))
+  ctx = types.SimpleNamespace(
+      features=data.__getitem__, out_dir=None, add_plot=None, mesh=None, step=0, num_classes=5
+  )
+  got = linear.run(
+      ctx,
+      epochs=10,
+      mlp=True,
+      last4=True,
+      hidden_dim=16,
+      batch_size=64,
+      learning_rates=(0.1,),
+      mlp_learning_rates=(0.03,),
+  )
   for prefix in ("", "last4/"):
     assert got[prefix + "linear_top1"] > 0.8
     assert got[prefix + "mlp_top1"] > 0.8

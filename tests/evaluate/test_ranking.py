@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.ranking: exact AP@ALL / AP@k / P@k with expected ties."""
+
 import itertools
 
 import jax
@@ -14,8 +15,9 @@ def _ap_terms(rel_sorted, ks):
   rel_sorted = np.asarray(rel_sorted, float)
   hits = np.cumsum(rel_sorted)
   terms = rel_sorted * hits / np.arange(1, len(rel_sorted) + 1)
-  return np.array([hits[-1], terms.sum()] + [terms[:k].sum() for k in ks]
-                  + [hits[k - 1] for k in ks])
+  return np.array(
+      [hits[-1], terms.sum()] + [terms[:k].sum() for k in ks] + [hits[k - 1] for k in ks]
+  )
 
 
 def _brute_sums(scores, rel, ks):
@@ -49,8 +51,9 @@ def test_scored_path_matches_permutation_average_with_ties():
   queries = np.eye(4, 7, dtype=np.float32)
   database = np.zeros((7, 7), np.float32)
   database[:, :4] = scores.T
-  got = ranking.scored_sums(queries, labels_q.astype(np.int32), database,
-                            labels_db.astype(np.int32), ks=ks)
+  got = ranking.scored_sums(
+      queries, labels_q.astype(np.int32), database, labels_db.astype(np.int32), ks=ks
+  )
   want = _brute_sums(scores, rel, ks)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   summary = _metrics(got, ks)
@@ -60,15 +63,20 @@ def test_scored_path_matches_permutation_average_with_ties():
 def test_hamming_histograms_match_permutation_average_and_scored_path():
   rng = np.random.default_rng(1)
   ks = (1, 2, 6)
-  bits_q = rng.random((5, 3)) > 0.5    # 3 bits: distances 0..3, heavy ties.
+  bits_q = rng.random((5, 3)) > 0.5  # 3 bits: distances 0..3, heavy ties.
   bits_db = rng.random((6, 3)) > 0.5
   labels_q = rng.integers(0, 2, size=5).astype(np.int32)
   labels_db = rng.integers(0, 2, size=6).astype(np.int32)
   dist = (bits_q[:, None] != bits_db[None]).sum(-1)
   rel = labels_q[:, None] == labels_db[None, :]
-  (hist,) = ranking.hamming_histograms(ranking.pack_rows(bits_q), labels_q,
-                                       ranking.pack_rows(bits_db), labels_db,
-                                       variants=[(0, 1, 3)], db_block=4)
+  (hist,) = ranking.hamming_histograms(
+      ranking.pack_rows(bits_q),
+      labels_q,
+      ranking.pack_rows(bits_db),
+      labels_db,
+      variants=[(0, 1, 3)],
+      db_block=4,
+  )
   np.testing.assert_array_equal(hist[..., 1].sum(1), rel.sum(1))
   got = ranking.histogram_sums(hist, ks)
   want = _brute_sums(-dist.astype(float), rel, ks)
@@ -98,8 +106,7 @@ def test_map_all_matches_sklearn_without_ties_multilabel_and_mesh():
   sums = ranking.scored_sums(q, q_lab, db, db_lab, ks=(5,), mesh=mesh, max_elements=80)
   scores = q @ db.T
   rel = (q_hot.astype(int) @ db_hot.astype(int).T) > 0
-  want = [sk_metrics.average_precision_score(r, s) if r.any() else 0.0
-          for r, s in zip(rel, scores)]
+  want = [sk_metrics.average_precision_score(r, s) if r.any() else 0.0 for r, s in zip(rel, scores)]
   assert _metrics(sums, (5,))["map_all"] == pytest.approx(np.mean(want), rel=1e-5)
   np.testing.assert_allclose(sums[:, 0], rel.sum(1))
 
@@ -112,11 +119,18 @@ def test_query_excluding_itself():
   got = ranking.scored_sums(x, labels, x, labels, ks=(2,), query_self=np.arange(12))
   for i in range(12):
     keep = np.arange(12) != i
-    want = _brute_sums((x[i:i + 1] @ x[keep].T), (labels[keep] == labels[i])[None], (2,))
+    want = _brute_sums((x[i : i + 1] @ x[keep].T), (labels[keep] == labels[i])[None], (2,))
     np.testing.assert_allclose(got[i], want[0], rtol=1e-5)
   codes = ranking.pack_rows(x > 0)
-  (hist,) = ranking.hamming_histograms(codes, labels, codes, labels, variants=[(0, 1, 5)],
-                                       query_self=np.arange(12), self_rel=np.ones(12, bool))
+  (hist,) = ranking.hamming_histograms(
+      codes,
+      labels,
+      codes,
+      labels,
+      variants=[(0, 1, 5)],
+      query_self=np.arange(12),
+      self_rel=np.ones(12, bool),
+  )
   assert hist.sum() == 12 * 11
   np.testing.assert_array_equal(hist[..., 1].sum(1), np.full(12, 3))
 

@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.split_file."""
+
 import numpy as np
 import pytest
 
