@@ -744,13 +744,15 @@ def run(
     query_ids_file: Optional[str] = None,
     database_ids_file: Optional[str] = None,
     max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
+    max_bits: int = 4096,
 ) -> dict[str, float]:
   """The paper's retrieval protocol on ctx's features: every query against the database.
 
   Queries are the valid rows of `query_split` (or those listed in `query_ids_file`), the
   database those of `database_split` (or `database_ids_file`); when both come from the same
   split, a query's own row is left out of its ranking. Cut-offs above the database size are
-  dropped. Codes (logits > 0) are evaluated when the weights have a head and `codes` is set.
+  dropped. Codes (logits > 0) are evaluated when the weights have a head of at most
+  `max_bits` outputs (a BITS message, not DINO prototypes) and `codes` is set.
 
   Returns:
     {'map_all', 'map@k', 'precision@k', 'queries_without_relevant', 'num_queries',
@@ -792,7 +794,12 @@ def run(
       max_elements=max_elements,
   )
   curves = {features: results}
-  if codes and "logits" in q_feats and "logits" in db_feats:
+  if codes and "logits" in q_feats and np.shape(q_feats["logits"])[1] > max_bits:
+    logging.info(
+        "retrieval: %d head outputs > max_bits: not a BITS message, codes skipped.",
+        np.shape(q_feats["logits"])[1],
+    )
+  elif codes and "logits" in q_feats and "logits" in db_feats:
     results.update(
         code_retrieval(
             q_feats["logits"][q_rows],
