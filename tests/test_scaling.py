@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state
 from bits_jax import train_step
+from bits_jax import utils
 from bits_jax.objectives import coding_rate as coding_rate_lib
 from tests import helpers
 
@@ -16,25 +17,34 @@ from tests import helpers
 @pytest.fixture(scope="module")
 def config():
   config = helpers.load_config("fashion_mnist", "test")
-  config.batch_size = 16
+  config.input.batch_size = 16
   config.fsdp_min_size = 256  # shard the tiny test model's kernels too
   return config
 
 
 def _with(config, **overrides):
+  """A copy of `config` with overrides; `a__b=v` sets the nested key `config.a.b`."""
   new = config.copy_and_resolve_references()
   for key, value in overrides.items():
-    new[key] = value
+    *sections, name = key.split("__")
+    section = new
+    for part in sections:
+      section = section[part]
+    section[name] = value
   return new
+
+
+def _state_shardings(config, mesh):
+  components = train_state.build(config)
+  return sharding_lib.shardings_of(sharding_lib.abstract_state(components, config, mesh))
 
 
 def _run(config, devices, batches):
   """(host state, host metrics list) after one step per batch on `config.mesh` over devices."""
   mesh = sharding_lib.make_mesh(config, devices)
-  state_sharding = sharding_lib.state_shardings(config, mesh)
-  state = jax.jit(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)),
-                  out_shardings=state_sharding)()
-  step = train_step.compile_train_step(config, mesh, state_sharding)
+  components, state = helpers.create_state(config, mesh)  # config.seed = 0
+  state_sharding = sharding_lib.shardings_of(state)
+  step = train_step.compile_train_step(components, config, mesh, state_sharding)
   metrics = []
   for batch in batches:
     state, m = step(state, batch)
@@ -100,8 +110,8 @@ def test_micro_batch_divisibility():
 def test_fsdp_rules_shard_params_teacher_and_moments_alike(config):
   cfg = _with(config, mesh={"data": 2, "fsdp": 4})
   mesh = sharding_lib.make_mesh(cfg)
-  shardings = sharding_lib.state_shardings(cfg, mesh)
-  flat = {sharding_lib.path_name(p): s.spec
+  shardings = _state_shardings(cfg, mesh)
+  flat = {utils.path_name(p): s.spec
           for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
   kernel = "backbone/block0/mlp/fc1/kernel"   # [32, 128]: largest dim split
   assert flat[f"params/{kernel}"] == P(None, "fsdp")
@@ -117,10 +127,10 @@ def test_fsdp_rules_shard_params_teacher_and_moments_alike(config):
   # Pure data parallel: with fsdp=1 (or a 'replicated' rule) everything is replicated.
   data_mesh = sharding_lib.make_mesh(_with(cfg, mesh={"data": -1, "fsdp": 1}))
   assert all(s.spec == P() for s in jax.tree_util.tree_leaves(
-      sharding_lib.state_shardings(cfg, data_mesh)))
+      _state_shardings(cfg, data_mesh)))
   repl = _with(cfg, partition_rules=((".*", "replicated"),))
   assert all(s.spec == P() for s in jax.tree_util.tree_leaves(
-      sharding_lib.state_shardings(repl, mesh)))
+      _state_shardings(repl, mesh)))
 
 
 def test_explicit_partition_rules(config):
@@ -189,9 +199,11 @@ def test_split_micro_batches_is_strided():
 
 
 def test_grad_accumulation_matches_big_batch_bce_only(config, batches):
-  bce_only = _with(config, coding_rate_weight=0.0, mesh={"data": 2, "fsdp": 4})
+  bce_only = _with(config, objective__bits__coding_rate_weight=0.0,
+                   mesh={"data": 2, "fsdp": 4})
   _, big, big_metrics = _run(bce_only, jax.devices()[:8], batches)
-  _, acc, acc_metrics = _run(_with(bce_only, grad_accum_steps=2), jax.devices()[:8], batches)
+  _, acc, acc_metrics = _run(_with(bce_only, optim__grad_accum_steps=2), jax.devices()[:8],
+                             batches)
   for a, b in zip(big_metrics, acc_metrics):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5, atol=1e-6)
@@ -223,11 +235,12 @@ def _primitive_inputs(jaxpr, name):
 
 
 def test_bf16_trains_and_keeps_logdet_float32(config):
-  cfg = _with(config, dtype="bfloat16", learning_rate=3e-3, warmup_steps=1,
-              head_reinit_every=0, total_steps=100)
+  cfg = _with(config, dtype="bfloat16", optim__learning_rate=3e-3, optim__warmup_steps=1,
+              objective__bits__reset_every_steps=0, total_steps=100)
   batch = helpers.random_batch(cfg, seed=3)
-  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
-  step = jax.jit(lambda s, b: train_step.train_step(s, b, config=cfg))
+  components, state = helpers.create_state(cfg)
+  step_fn = train_step.make_train_step(components, cfg)
+  step = jax.jit(step_fn)
   losses = []
   for _ in range(8):
     state, metrics = step(state, batch)
@@ -237,8 +250,7 @@ def test_bf16_trains_and_keeps_logdet_float32(config):
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
   assert metrics["coding_rate"].dtype == jnp.float32
 
-  jaxpr = jax.make_jaxpr(lambda s, b: train_step.train_step(s, b, config=cfg))(
-      state, batch).jaxpr
+  jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
   cholesky = _primitive_inputs(jaxpr, "cholesky")
   assert cholesky and all(a.dtype == jnp.float32 for avals in cholesky for a in avals)
   dots = _primitive_inputs(jaxpr, "dot_general")
@@ -247,31 +259,33 @@ def test_bf16_trains_and_keeps_logdet_float32(config):
 
 def test_remat_gives_same_gradients(config):
   batch = helpers.random_batch(config)
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
-  grads = lambda cfg: jax.jit(lambda s, b: train_step.loss_and_grads(s, b, cfg)[3])(state,
-                                                                                    batch)
-  remat = _with(config, remat=True)
+  _, state = helpers.create_state(config)
+  remat = _with(config, model__remat=True)
+
+  def grads_fn(cfg):
+    components = train_state.build(cfg)
+    return lambda s, b: train_step.loss_and_grads(s, b, components, cfg)[3]
+  grads = lambda cfg: jax.jit(grads_fn(cfg))(state, batch)
   _assert_trees_close(grads(config), grads(remat), tol=1e-6)
 
   def num_remats(cfg):
-    jaxpr = jax.make_jaxpr(lambda s, b: train_step.loss_and_grads(s, b, cfg)[3])(
-        state, batch).jaxpr
+    jaxpr = jax.make_jaxpr(grads_fn(cfg))(state, batch).jaxpr
     return sum(len(_primitive_inputs(jaxpr, name)) for name in ("remat2", "checkpoint"))
   assert num_remats(config) == 0
-  assert num_remats(remat) >= config.vit_depth
+  assert num_remats(remat) >= config.model.depth
 
 
 def test_train_state_is_donated(config):
   """The compiled step aliases every state buffer to its output: ~1x state in memory."""
   mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
-  state_sharding = sharding_lib.state_shardings(config, mesh)
-  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
+  components = train_state.build(config)
+  shapes = sharding_lib.abstract_state(components, config, mesh)  # sharded shapes
+  state_sharding = sharding_lib.shardings_of(shapes)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
   batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                  helpers.random_batch(config))
-  compiled = train_step.compile_train_step(config, mesh, state_sharding).lower(
-      jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             shapes, state_sharding), batch).compile()
+  compiled = train_step.compile_train_step(components, config, mesh, state_sharding).lower(
+      shapes, batch).compile()
   memory = compiled.memory_analysis()
   assert memory.alias_size_in_bytes >= 0.95 * state_bytes, (memory, state_bytes)
 
@@ -285,13 +299,15 @@ def test_imagenet_presets(name, model):
   from bits_jax import config_validation  # pylint: disable=g-import-not-at-top
   for arg, epochs in (("ep100", 100), ("ep300", 300)):
     config = helpers.load_config(name, arg)
-    assert (config.dataset, config.model, config.patch_size) == ("imagenet2012", model, 16)
-    assert (config.num_global_crops, config.global_crop_size) == (2, 224)
-    assert (config.num_local_crops, config.local_crop_size) == (10, 96)
-    assert (config.batch_size, config.bits, config.coding_rate_eps) == (1024, 256, 0.05)
+    crops, bits = config.input.crops, config.objective.bits
+    assert (config.input.dataset, config.model.name, config.model.patch_size) == (
+        "imagenet2012", model, 16)
+    assert (crops.num_global, crops.global_size) == (2, 224)
+    assert (crops.num_local, crops.local_size) == (10, 96)
+    assert (config.input.batch_size, bits.num_bits, bits.eps) == (1024, 256, 0.05)
     steps_per_epoch = 1_281_167 // 1024
     assert config.total_steps == epochs * steps_per_epoch
-    assert config.head_reinit_every == 10 * steps_per_epoch
+    assert train_state.build(config).head_reset_every == 10 * steps_per_epoch
     assert config.dtype == "bfloat16"
   config_validation.validate_config(config)
   with pytest.raises(ValueError, match="Unknown preset 'ep50'.*ep100"):
@@ -300,8 +316,8 @@ def test_imagenet_presets(name, model):
   # FSDP over 8 devices: the state per device is about 1/8 of the whole.
   config.mesh = {"data": 1, "fsdp": 8}
   mesh = sharding_lib.make_mesh(config)
-  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
-  shardings = sharding_lib.state_shardings(config, mesh)
+  shapes = sharding_lib.abstract_state(train_state.build(config), config, mesh)
+  shardings = sharding_lib.shardings_of(shapes)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
   per_device = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(
       jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))
