@@ -17,12 +17,13 @@ import time
 
 
 def _install_hooks():
-  from bits_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from bits_jax import data  # pylint: disable=g-import-not-at-top
 
   delay = float(os.environ.get("BITS_TEST_STEP_DELAY", "0") or 0)
   nan_steps = {int(s) for s in os.environ.get("BITS_TEST_NAN_AT_STEPS", "").split(",") if s}
   if delay or nan_steps:
-    make = pipeline.make_train_iterator
+    # The loop calls `bits_jax.data.make_train_iterator` (through the package) at run time.
+    make = data.make_train_iterator
 
     def make_train_iterator(config, *, start_step=0, **kwargs):
       for i, batch in enumerate(make(config, start_step=start_step, **kwargs)):
@@ -32,7 +33,7 @@ def _install_hooks():
           batch = dict(batch, **{"global": batch["global"].copy()})
           batch["global"][0, 0, 0, 0, 0] = float("nan")
         yield batch
-    pipeline.make_train_iterator = make_train_iterator
+    data.make_train_iterator = make_train_iterator
 
   if os.environ.get("BITS_TEST_KILL_AT_COMMIT"):
     from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top

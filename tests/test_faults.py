@@ -25,13 +25,14 @@ import pytest
 
 from bits_jax import checkpoint as checkpoint_lib
 from bits_jax import config_validation
-from bits_jax import preemption
+from bits_jax import run_guard
 from bits_jax import sharding as sharding_lib
 from bits_jax import train
+from bits_jax import train_state
 from tests import helpers
 
 TOTAL_STEPS = 6  # of the fashion_mnist:test preset
-_BASE_ARGS = ("--config=configs/fashion_mnist.py:test", "--config.knn_eval=False",
+_BASE_ARGS = ("--config=configs/fashion_mnist.py:test", "--config.evals.knn.at_end=False",
               "--verbosity=-1")
 
 
@@ -118,7 +119,7 @@ def test_sigterm_then_sigkill_during_save_then_resume_is_bit_exact(env, referenc
       proc.send_signal(signal.SIGTERM)
   rc = proc.wait(timeout=300)
   out = "".join(lines)
-  assert rc == preemption.EXIT_PREEMPTED, f"{why}\n{out}"
+  assert rc == run_guard.EXIT_PREEMPTED, f"{why}\n{out}"
   stopped = int(re.search(r"Stopped by SIGTERM after step (\d+); checkpoint \1 saved", out)
                 .group(1))
   assert signal_after <= stopped < TOTAL_STEPS, f"{why}\n{out}"
@@ -194,7 +195,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(env, tmp_path):
         if p.poll() is None:
           p.kill()
   outputs = ["".join(lines), (tmp_path / "process1.log").read_text()]
-  assert codes == [preemption.EXIT_PREEMPTED] * 2, outputs
+  assert codes == [run_guard.EXIT_PREEMPTED] * 2, outputs
   stops = [int(re.search(r"after step (\d+); checkpoint \1 saved", out).group(1))
            for out in outputs]
   assert stops[0] == stops[1] and 2 <= stops[0] < TOTAL_STEPS, outputs
@@ -209,7 +210,7 @@ def test_nan_batches_skipped_counted_then_stop_after_n_in_a_row(env, reference, 
   rc, out = _run(env, workdir, "--config.checkpoint_every=1", "--config.keep_checkpoints=10",
                  "--config.max_consecutive_nonfinite=2",
                  hooks={"BITS_TEST_NAN_AT_STEPS": "2,4,5"})
-  assert rc == preemption.EXIT_NONFINITE, out
+  assert rc == run_guard.EXIT_NONFINITE, out
   assert "step 2: non-finite loss or gradients, update skipped (1 in a row" in out, out
   assert "Stopping at step 5: 2 consecutive updates had a non-finite loss" in out, out
   assert "The last good checkpoint (step 4)" in out, out
@@ -231,27 +232,27 @@ def test_two_runs_on_one_workdir_second_is_refused_before_compiling(reference, t
   config = helpers.load_config("fashion_mnist", "test")
   workdir = str(tmp_path / "busy")
   os.makedirs(workdir)
-  with preemption.WorkdirLock(workdir):
+  with run_guard.WorkdirLock(workdir):
     start = time.time()
-    with pytest.raises(preemption.WorkdirError, match=r"in use by another run \(pid \d+"):
+    with pytest.raises(run_guard.WorkdirError, match=r"in use by another run \(pid \d+"):
       train.train(config, workdir)
     assert time.time() - start < 60
-  with preemption.WorkdirLock(workdir):  # released on exit
+  with run_guard.WorkdirLock(workdir):  # released on exit
     pass
 
 
 def test_lock_of_a_killed_run_is_released(env, tmp_path):
   workdir = str(tmp_path)
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from bits_jax import preemption; "
-       f"preemption.WorkdirLock({workdir!r}).__enter__(); print('locked', flush=True); "
+      [sys.executable, "-c", "import sys, time; from bits_jax import run_guard; "
+       f"run_guard.WorkdirLock({workdir!r}).__enter__(); print('locked', flush=True); "
        "time.sleep(600)"], cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "locked"
-  with pytest.raises(preemption.WorkdirError, match=f"pid {holder.pid} on"):
-    preemption.WorkdirLock(workdir).__enter__()
+  with pytest.raises(run_guard.WorkdirError, match=f"pid {holder.pid} on"):
+    run_guard.WorkdirLock(workdir).__enter__()
   holder.kill()
   holder.wait()
-  with preemption.WorkdirLock(workdir):
+  with run_guard.WorkdirLock(workdir):
     pass
 
 
@@ -259,11 +260,11 @@ def test_lock_of_a_killed_run_is_released(env, tmp_path):
 
 
 def _restore(workdir):
-  """`initial_or_restored_state` of the test preset on 2 devices, as `train` restores."""
+  """`Checkpoints.restore_or_init` of the test preset on 2 devices, as `train` restores."""
   config = helpers.load_config("fashion_mnist", "test")
   mesh = sharding_lib.make_mesh(config, jax.devices()[:2])
-  manager = checkpoint_lib.checkpoint_manager(workdir, config)
-  return jax.device_get(checkpoint_lib.initial_or_restored_state(config, mesh, manager))
+  checkpoints = checkpoint_lib.Checkpoints(workdir, config)
+  return jax.device_get(checkpoints.restore_or_init(train_state.build(config), config, mesh))
 
 
 def _largest_file(step_dir):
@@ -341,11 +342,11 @@ def test_checkpoint_of_another_config_is_refused_not_quarantined(reference, tmp_
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   config = helpers.load_config("fashion_mnist", "test")
-  config.bits = 16
+  config.objective.bits.num_bits = 16
   mesh = sharding_lib.make_mesh(config, jax.devices()[:2])
-  manager = checkpoint_lib.checkpoint_manager(workdir, config)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, config)
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="does not fit"):
-    checkpoint_lib.initial_or_restored_state(config, mesh, manager)
+    checkpoints.restore_or_init(train_state.build(config), config, mesh)
   assert _steps(workdir) == list(range(1, TOTAL_STEPS + 1))
 
 
@@ -413,7 +414,7 @@ def test_full_and_read_only_disks_give_clear_errors_and_keep_checkpoints(small_t
                                                                          monkeypatch):
   config = helpers.load_config("fashion_mnist", "test")
   workdir = os.path.join(small_tmpfs, "run")
-  preemption.check_writable(workdir)
+  run_guard.check_writable(workdir)
   checkpoints = checkpoint_lib.Checkpoints(workdir, config)
   checkpoints.save(1, _tiny_state(1))
   checkpoints.finalize()
@@ -427,8 +428,8 @@ def test_full_and_read_only_disks_give_clear_errors_and_keep_checkpoints(small_t
   assert checkpoint_lib.manifest_problem(os.path.join(workdir, "checkpoints", "1")) is None
 
   subprocess.run(["mount", "-o", "remount,ro", small_tmpfs], check=True)
-  with pytest.raises(preemption.WorkdirError, match="read-only.*untouched"):
-    preemption.check_writable(workdir)
+  with pytest.raises(run_guard.WorkdirError, match="read-only.*untouched"):
+    run_guard.check_writable(workdir)
   assert checkpoint_lib.manifest_problem(os.path.join(workdir, "checkpoints", "1")) is None
 
 
@@ -438,27 +439,27 @@ def test_full_and_read_only_disks_give_clear_errors_and_keep_checkpoints(small_t
 def test_nonfinite_guard_policies():
   config = helpers.load_config("fashion_mnist", "test")
   config.max_consecutive_nonfinite = 3
-  guard = train.NonFiniteGuard(config)
+  guard = run_guard.NonFiniteGuard(config)
   assert [guard.observe(s, bad) for s, bad in enumerate([True, False, True, True])] == [None] * 4
   assert "3 consecutive updates" in guard.observe(5, True)
   assert guard.total == 4
   config.on_nonfinite = "stop"
-  assert "on_nonfinite='stop'" in train.NonFiniteGuard(config).observe(7, True)
-  assert train.NonFiniteGuard(config).observe(7, False) is None
+  assert "on_nonfinite='stop'" in run_guard.NonFiniteGuard(config).observe(7, True)
+  assert run_guard.NonFiniteGuard(config).observe(7, False) is None
 
 
 def test_resume_with_a_changed_config_is_refused_before_compiling(reference, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   config = helpers.load_config("fashion_mnist", "test")
-  config.knn_eval = False
+  config.evals.knn.at_end = False
   config.checkpoint_every = 1
   config.keep_checkpoints = 10
-  config.learning_rate = 3e-3
+  config.optim.learning_rate = 3e-3
   start = time.time()
   with pytest.raises(config_validation.ConfigError,
-                     match=r"(?s)learning_rate: 0\.001 in the workdir, 0\.003 now.*"
-                           r"allow_config_change=learning_rate"):
+                     match=r"(?s)optim\.learning_rate: 0\.001 in the workdir, 0\.003 now.*"
+                           r"allow_config_change=optim\.learning_rate"):
     train.train(config, workdir, devices=jax.devices()[:2])
   assert time.time() - start < 60
   assert _steps(workdir) == list(range(1, TOTAL_STEPS + 1))
