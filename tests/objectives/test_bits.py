@@ -1,4 +1,5 @@
 """BITS loss and coding rate against numpy references."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bits_jax import objectives
 from bits_jax.objectives import bits
 from bits_jax.objectives import coding_rate as cr
-from bits_jax import objectives
 
 
 def numpy_coding_rate(z, eps):
@@ -26,10 +27,10 @@ def numpy_bce(logits, targets):
 
 
 def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      bce_weight=1.0, coding_rate_weight=0.1, coding_rate_eps=0.05))
-  config.update(overrides)
-  return config
+  """`config.objective.bits` is all the loss reads."""
+  settings = dict(bce_weight=1.0, coding_rate_weight=0.1, eps=0.05)
+  settings.update(overrides)
+  return ml_collections.ConfigDict(dict(objective=dict(bits=settings)))
 
 
 @pytest.mark.parametrize("n,d", [(8, 32), (64, 16), (20, 20)])
@@ -76,8 +77,9 @@ def test_total_loss_formula():
   student = rng.randn(3, 16, 8).astype(np.float32)
   teacher = rng.randn(2, 16, 8).astype(np.float32)
   config = _config(coding_rate_weight=0.3, bce_weight=2.0)
-  loss, (_, metrics) = bits.loss(jnp.asarray(student), jnp.asarray(teacher), {},
-                                 step=0, config=config)
+  loss, (_, metrics) = bits.loss(
+      jnp.asarray(student), jnp.asarray(teacher), {}, step=0, config=config
+  )
   msgs = (teacher > 0).astype(np.float32)
   pairs = [(g, v) for g in range(2) for v in range(3) if v != g]
   bce = np.mean([numpy_bce(student[v], msgs[g]) for g, v in pairs])
@@ -114,5 +116,5 @@ def test_single_view_is_rejected():
 
 
 def test_unknown_method():
-  with pytest.raises(ValueError, match="config.method"):
-    objectives.get_objective("bitz")
+  with pytest.raises(ValueError, match="config.objective.name"):
+    objectives.get("bitz")

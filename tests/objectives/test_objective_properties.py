@@ -5,6 +5,7 @@ Range: loss and gradients are finite for logits up to 1e30 in magnitude, where a
 BCE terms over a batch still fits float32 (|x| * elements < 3.4e38); beyond, only the
 element-wise BCE is (the train step's guard skips an update with a non-finite loss).
 """
+
 import functools
 
 from hypothesis import assume
@@ -14,11 +15,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from bits_jax.objectives import bits
 from bits_jax.objectives import coding_rate as coding_rate_lib
-from tests import helpers
+import helpers
 
 V, G, B, D = 3, 2, 4, 8  # views, global views, batch, bits
 _SETTINGS = settings(max_examples=60, deadline=None, database=None)
@@ -26,8 +28,9 @@ _SETTINGS = settings(max_examples=60, deadline=None, database=None)
 
 def _floats(bound):
   bound = float(np.float32(bound))
-  return st.floats(-bound, bound, allow_nan=False, allow_infinity=False, width=32,
-                   allow_subnormal=False)  # TF sets flush-to-zero in this process
+  return st.floats(
+      -bound, bound, allow_nan=False, allow_infinity=False, width=32, allow_subnormal=False
+  )  # TF sets flush-to-zero in this process
 
 
 def _logits(shape, bound):
@@ -36,26 +39,25 @@ def _logits(shape, bound):
 
 def _config():
   config = helpers.load_config("fashion_mnist", "test")
-  config.bits = D
+  config.objective.bits.num_bits = D
   return config
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _loss_and_grad(student, teacher, config_items):
-  config = dict(config_items)
-
-  class Cfg:  # the loss reads attributes
-    bce_weight = config["bce_weight"]
-    coding_rate_weight = config["coding_rate_weight"]
-    coding_rate_eps = config["coding_rate_eps"]
+def _loss_and_grad(student, teacher, settings_items):
+  # The settings travel as a hashable tuple (a static argument); the loss reads
+  # config.objective.bits.
+  config = ml_collections.ConfigDict(dict(objective=dict(bits=dict(settings_items))))
 
   def loss(s):
-    return bits.loss(s, teacher, {}, step=0, config=Cfg)[0]
+    return bits.loss(s, teacher, {}, step=0, config=config)[0]
+
   return jax.value_and_grad(loss)(student)
 
 
 def _items(config):
-  return tuple((k, config[k]) for k in ("bce_weight", "coding_rate_weight", "coding_rate_eps"))
+  settings = config.objective.bits
+  return tuple((k, settings[k]) for k in ("bce_weight", "coding_rate_weight", "eps"))
 
 
 @_SETTINGS
@@ -85,8 +87,10 @@ _rate = jax.jit(coding_rate_lib.coding_rate, static_argnums=1)
 
 
 @_SETTINGS
-@given(z=st.one_of(_logits((6, 4), 1e6), _logits((3, 8), 1e6)),
-       eps=st.sampled_from([0.5, 0.05, 1e-3, 1e-9]))
+@given(
+    z=st.one_of(_logits((6, 4), 1e6), _logits((3, 8), 1e6)),
+    eps=st.sampled_from([0.5, 0.05, 1e-3, 1e-9]),
+)
 def test_coding_rate_is_finite_and_non_negative(z, eps):
   rate = _rate(z, eps)
   assert np.isfinite(rate) and rate >= 0.0, (z, eps, rate)
@@ -106,16 +110,17 @@ def _row_scales(n):
 def test_coding_rate_is_invariant_to_row_scaling(data, shape):
   z = data.draw(_rows_with_norm(shape))
   scales = np.asarray([m * s for m, s in data.draw(_row_scales(shape[0]))], np.float32)
-  np.testing.assert_allclose(_rate(z * scales[:, None], 0.05), _rate(z, 0.05),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(_rate(z * scales[:, None], 0.05), _rate(z, 0.05), rtol=1e-4, atol=1e-5)
 
 
 _agreement = jax.jit(bits.agreement)
 
 
 @_SETTINGS
-@given(student=_logits((V, B, D), 50.0),
-       message=hnp.arrays(np.float32, (B, D), elements=st.sampled_from([0.0, 1.0])))
+@given(
+    student=_logits((V, B, D), 50.0),
+    message=hnp.arrays(np.float32, (B, D), elements=st.sampled_from([0.0, 1.0])),
+)
 def test_bce_is_lowest_when_student_logits_agree_with_the_messages(student, message):
   """With one message for all teacher views: flipping every logit to the message's sign
   never raises the BCE (and lowers it if any sign disagreed); agreeing logits of growing
@@ -128,8 +133,10 @@ def test_bce_is_lowest_when_student_logits_agree_with_the_messages(student, mess
   assert bce_agreeing <= bce + 1e-6
   if np.any((student * signs < 0) & (np.abs(student) > 1e-3)):
     assert bce_agreeing < bce
-  confident = [float(_agreement(jnp.broadcast_to(c * signs, (V, B, D)), messages)[0])
-               for c in (0.5, 2.0, 8.0)]
+  confident = [
+      float(_agreement(jnp.broadcast_to(c * signs, (V, B, D)), messages)[0])
+      for c in (0.5, 2.0, 8.0)
+  ]
   assert confident[0] > confident[1] > confident[2] >= 0.0
   assert float(_agreement(jnp.broadcast_to(8.0 * signs, (V, B, D)), messages)[1]) == 1.0
   if np.all(np.abs(student) > 1e-3):
@@ -140,10 +147,12 @@ def test_coding_rate_cholesky_failure_is_handled_by_jitter():
   """Duplicate rows with a tiny eps: I + d/(n eps) Z Z^T is singular in float32 and the
   plain Cholesky fails (NaN); the jittered retry gives a finite value and finite grads."""
   z = jnp.ones((4, 8), jnp.float32)
-  plain = jnp.linalg.cholesky(jnp.eye(4) + 8 / (4 * 1e-12) * (z / jnp.sqrt(8.0)) @
-                              (z / jnp.sqrt(8.0)).T)
+  plain = jnp.linalg.cholesky(
+      jnp.eye(4) + 8 / (4 * 1e-12) * (z / jnp.sqrt(8.0)) @ (z / jnp.sqrt(8.0)).T
+  )
   assert not np.all(np.isfinite(plain))
   rate, grad = jax.value_and_grad(lambda x: coding_rate_lib.coding_rate(x, 1e-12))(
-      z + 1e-3 * jnp.arange(8.0))
+      z + 1e-3 * jnp.arange(8.0)
+  )
   assert np.isfinite(rate) and rate > 0 and np.all(np.isfinite(grad))
   assert np.isnan(coding_rate_lib.coding_rate(jnp.full((4, 8), jnp.nan)))

@@ -1,4 +1,5 @@
 """DINO loss, head, temperature schedule, center update and last-layer freezing."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,24 +11,31 @@ from bits_jax import train_state
 from bits_jax import train_step
 from bits_jax.models import heads
 from bits_jax.objectives import dino
-from tests import helpers
+import helpers
 
 
 def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      dino_out_dim=16, dino_student_temp=0.1, dino_teacher_temp=0.07,
-      dino_warmup_teacher_temp=0.04, dino_warmup_teacher_temp_steps=100,
-      dino_center_momentum=0.9))
-  config.update(overrides)
-  return config
+  """`config.objective.dino` is all the loss reads."""
+  settings = dict(
+      out_dim=16,
+      student_temp=0.1,
+      teacher_temp=0.07,
+      warmup_teacher_temp=0.04,
+      warmup_teacher_temp_steps=100,
+      center_momentum=0.9,
+  )
+  settings.update(overrides)
+  return ml_collections.ConfigDict(dict(objective=dict(dino=settings)))
 
 
 def numpy_dino(student, teacher, center, step, config):
   """The published DINO loss (Caron et al. 2021, Algorithm 1 + multi-crop), in float64."""
+  config = config.objective.dino
   student, teacher = np.float64(student), np.float64(teacher)
-  warm = config.dino_warmup_teacher_temp_steps
-  t_temp = config.dino_warmup_teacher_temp + min(step / warm, 1.0) * (
-      config.dino_teacher_temp - config.dino_warmup_teacher_temp)
+  warm = config.warmup_teacher_temp_steps
+  t_temp = config.warmup_teacher_temp + min(step / warm, 1.0) * (
+      config.teacher_temp - config.warmup_teacher_temp
+  )
 
   def softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
@@ -39,10 +47,10 @@ def numpy_dino(student, teacher, center, step, config):
     for v in range(student.shape[0]):
       if v == g:
         continue
-      log_p = np.log(softmax(student[v] / config.dino_student_temp))
+      log_p = np.log(softmax(student[v] / config.student_temp))
       total += np.mean(np.sum(-q * log_p, axis=-1))
       n_terms += 1
-  m = config.dino_center_momentum
+  m = config.center_momentum
   new_center = center * m + (1 - m) * teacher.reshape(-1, teacher.shape[-1]).mean(0)
   return total / n_terms, new_center
 
@@ -54,20 +62,26 @@ def test_loss_and_center_match_numpy(step):
   teacher = rng.randn(2, 8, 16).astype(np.float32)
   center = 0.3 * rng.randn(16).astype(np.float32)
   config = _config()
-  loss, (state, metrics) = dino.loss(jnp.asarray(student), jnp.asarray(teacher),
-                                     {"center": jnp.asarray(center)}, step=step, config=config)
+  loss, (state, metrics) = dino.loss(
+      jnp.asarray(student),
+      jnp.asarray(teacher),
+      {"center": jnp.asarray(center)},
+      step=step,
+      config=config,
+  )
   ref_loss, ref_center = numpy_dino(student, teacher, center, step, config)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(state["center"], ref_center, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(metrics["teacher_temperature"],
-                             0.04 + 0.03 * min(step / 100, 1.0), rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics["teacher_temperature"], 0.04 + 0.03 * min(step / 100, 1.0), rtol=1e-6
+  )
 
 
 def test_teacher_temperature_schedule():
   config = _config()
   temps = [float(dino.teacher_temperature(s, config)) for s in (0, 50, 100, 1000)]
   np.testing.assert_allclose(temps, [0.04, 0.055, 0.07, 0.07], rtol=1e-6)
-  config.dino_warmup_teacher_temp_steps = 0
+  config.objective.dino.warmup_teacher_temp_steps = 0
   assert float(dino.teacher_temperature(0, config)) == pytest.approx(0.07)
 
 
@@ -91,8 +105,9 @@ def test_center_uses_global_batch_on_8_devices():
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
   sharded = NamedSharding(mesh, P(None, "data"))
   fn = jax.jit(lambda s, t, c: dino.loss(s, t, {"center": c}, step=10, config=_config()))
-  loss, (state, _) = fn(jax.device_put(student, sharded), jax.device_put(teacher, sharded),
-                        jnp.zeros(16))
+  loss, (state, _) = fn(
+      jax.device_put(student, sharded), jax.device_put(teacher, sharded), jnp.zeros(16)
+  )
   ref_loss, ref_center = numpy_dino(student, teacher, np.zeros(16), 10, _config())
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(state["center"], ref_center, rtol=1e-5, atol=1e-7)
@@ -100,8 +115,13 @@ def test_center_uses_global_batch_on_8_devices():
 
 def test_single_view_is_a_clear_error():
   with pytest.raises(ValueError, match="at least two views"):
-    dino.loss(jnp.zeros((1, 2, 16)), jnp.zeros((1, 2, 16)), {"center": jnp.zeros(16)},
-              step=0, config=_config())
+    dino.loss(
+        jnp.zeros((1, 2, 16)),
+        jnp.zeros((1, 2, 16)),
+        {"center": jnp.zeros(16)},
+        step=0,
+        config=_config(),
+    )
 
 
 def test_head_normalized_bottleneck_and_unit_prototypes():
@@ -125,19 +145,20 @@ def test_head_normalized_bottleneck_and_unit_prototypes():
 @pytest.fixture(scope="module")
 def config():
   config = helpers.load_config("fashion_mnist", "test,dino")
-  config.freeze_last_layer_steps = 2
+  config.objective.dino.freeze_last_layer_steps = 2
   return config
 
 
 def test_preset(config):
-  assert config.method == "dino" and config.head_reinit_every == 0
-  state = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
-  assert state.objective_state["center"].shape == (config.dino_out_dim,)
+  components = train_state.build(config)
+  assert config.objective.name == "dino" and components.head_reset_every == 0
+  state = jax.eval_shape(lambda: train_state.create(components, config, jax.random.PRNGKey(0)))
+  assert state.objective_state["center"].shape == (config.objective.dino.out_dim,)
 
 
 def test_last_layer_frozen_for_first_steps(config):
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
-  step = jax.jit(lambda s, b: train_step.train_step(s, b, config=config))
+  components, state = helpers.create_state(config)
+  step = jax.jit(train_step.make_train_step(components, config))
   history = [state]
   for i in range(3):
     state, metrics = step(state, helpers.random_batch(config, seed=i))
@@ -155,6 +176,7 @@ def test_last_layer_frozen_for_first_steps(config):
 
 
 def test_config_problems_name_the_fix():
-  assert dino.config_problems(_config(dino_out_dim=8)) == []
-  problems = dino.config_problems(_config(dino_student_temp=0.0, dino_center_momentum=1.0))
-  assert len(problems) == 2 and "dino_student_temp=0.0 must be > 0" in problems[0]
+  assert dino.config_problems(_config(out_dim=8)) == []
+  problems = dino.config_problems(_config(student_temp=0.0, center_momentum=1.0))
+  assert len(problems) == 2
+  assert "config.objective.dino.student_temp=0.0 must be > 0" in problems[0]

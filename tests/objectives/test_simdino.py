@@ -1,4 +1,5 @@
 """SimDINO loss against its formula; every registered method trains through one interface."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,16 +7,16 @@ import numpy as np
 import pytest
 
 from bits_jax import objectives
-from bits_jax import train_state
 from bits_jax import train_step
 from bits_jax.objectives import simdino
-from tests import helpers
+import helpers
 
 
 def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(simdino_eps=0.5, simdino_coding_rate_weight=1.0))
-  config.update(overrides)
-  return config
+  """`config.objective.simdino` is all the loss reads."""
+  settings = dict(eps=0.5, coding_rate_weight=1.0)
+  settings.update(overrides)
+  return ml_collections.ConfigDict(dict(objective=dict(simdino=settings)))
 
 
 def numpy_simdino(student, teacher, eps, weight):
@@ -23,11 +24,17 @@ def numpy_simdino(student, teacher, eps, weight):
   student, teacher = np.float64(student), np.float64(teacher)
   normalize = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   zs, zt = normalize(student), normalize(teacher)
-  distances = [np.mean(0.5 * np.sum((zs[v] - zt[g]) ** 2, axis=-1))
-               for g in range(teacher.shape[0]) for v in range(student.shape[0]) if v != g]
+  distances = [
+      np.mean(0.5 * np.sum((zs[v] - zt[g]) ** 2, axis=-1))
+      for g in range(teacher.shape[0])
+      for v in range(student.shape[0])
+      if v != g
+  ]
   n, d = student.shape[1], student.shape[2]
-  rates = [0.5 * np.linalg.slogdet(np.eye(d) + d / (n * eps) * zs[g].T @ zs[g])[1]
-           for g in range(teacher.shape[0])]
+  rates = [
+      0.5 * np.linalg.slogdet(np.eye(d) + d / (n * eps) * zs[g].T @ zs[g])[1]
+      for g in range(teacher.shape[0])
+  ]
   return np.mean(distances) - weight * (d + n) / (d * n) * np.mean(rates), np.mean(distances)
 
 
@@ -36,9 +43,10 @@ def test_loss_matches_numpy(n, d, weight):
   rng = np.random.RandomState(n + d)
   student = rng.randn(5, n, d).astype(np.float32)  # 2 global + 3 local views
   teacher = rng.randn(2, n, d).astype(np.float32)
-  config = _config(simdino_coding_rate_weight=weight)
-  loss, (state, metrics) = simdino.loss(jnp.asarray(student), jnp.asarray(teacher), {},
-                                        step=0, config=config)
+  config = _config(coding_rate_weight=weight)
+  loss, (state, metrics) = simdino.loss(
+      jnp.asarray(student), jnp.asarray(teacher), {}, step=0, config=config
+  )
   ref, ref_distance = numpy_simdino(student, teacher, 0.5, weight)
   np.testing.assert_allclose(loss, ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(metrics["distance"], ref_distance, rtol=1e-5)
@@ -47,9 +55,13 @@ def test_loss_matches_numpy(n, d, weight):
 
 def test_identical_views_have_zero_distance():
   z = np.random.RandomState(0).randn(1, 8, 4).astype(np.float32)
-  _, (_, metrics) = simdino.loss(jnp.asarray(np.concatenate([z, z, 3 * z])),
-                                 jnp.asarray(np.concatenate([z, 2 * z])), {}, step=0,
-                                 config=_config())
+  _, (_, metrics) = simdino.loss(
+      jnp.asarray(np.concatenate([z, z, 3 * z])),
+      jnp.asarray(np.concatenate([z, 2 * z])),
+      {},
+      step=0,
+      config=_config(),
+  )
   np.testing.assert_allclose(metrics["distance"], 0.0, atol=1e-6)
   np.testing.assert_allclose(metrics["cosine_similarity"], 1.0, atol=1e-6)
 
@@ -58,38 +70,43 @@ def test_no_gradient_to_teacher():
   rng = np.random.RandomState(1)
   s = jnp.asarray(rng.randn(3, 8, 4).astype(np.float32))
   t = jnp.asarray(rng.randn(2, 8, 4).astype(np.float32))
-  gs, gt = jax.grad(lambda s, t: simdino.loss(s, t, {}, step=0, config=_config())[0],
-                    argnums=(0, 1))(s, t)
+  gs, gt = jax.grad(
+      lambda s, t: simdino.loss(s, t, {}, step=0, config=_config())[0], argnums=(0, 1)
+  )(s, t)
   assert np.all(np.isfinite(gs)) and np.abs(gs).sum() > 0
   np.testing.assert_array_equal(gt, 0.0)
 
 
-@pytest.mark.parametrize("method", sorted(objectives._REGISTRY))  # pylint: disable=protected-access
+@pytest.mark.parametrize("method", sorted(objectives.NAMES))
 def test_every_method_trains_through_the_shared_step(method):
   """One config key switches the method; backbone, data, schedule and step are shared."""
   config = helpers.load_config("fashion_mnist", f"test,{method}")
-  assert config.method == method
-  module = objectives.get_objective(method)
-  for attr in ("NAME", "make_head", "init_state", "loss"):
-    assert hasattr(module, attr), (method, attr)
-  assert module.NAME == method
+  assert config.objective.name == method
+  objective = objectives.get(method)
+  for attr in ("name", "make_head", "init_state", "loss"):
+    assert hasattr(objective, attr), (method, attr)
+  assert objective.name == method
   if method == "bits":
     return  # its train step is tests/test_train_step.py
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
-  step = jax.jit(lambda s, b: train_step.train_step(s, b, config=config))
+  components, state = helpers.create_state(config)
+  step = jax.jit(train_step.make_train_step(components, config))
   new = state
   for seed in range(2):  # step 0 has learning rate 0 (warm-up)
     new, metrics = step(new, helpers.random_batch(config, seed=seed))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["update_skipped"]) == 0.0
-  assert not np.allclose(new.params["backbone"]["patch_embed"]["kernel"],
-                         state.params["backbone"]["patch_embed"]["kernel"])
+  assert not np.allclose(
+      new.params["backbone"]["patch_embed"]["kernel"],
+      state.params["backbone"]["patch_embed"]["kernel"],
+  )
 
 
 def test_unknown_method_is_a_clear_error():
   with pytest.raises(ValueError, match="Unknown method 'byol'.*'dino'.*'simdino'"):
-    objectives.get_objective("byol")
+    objectives.get("byol")
 
 
 def test_config_problems_name_the_fix():
   assert simdino.config_problems(_config()) == []
-  assert "simdino_eps=0.0 must be > 0" in simdino.config_problems(_config(simdino_eps=0.0))[0]
+  assert (
+      "config.objective.simdino.eps=0.0 must be > 0" in simdino.config_problems(_config(eps=0.0))[0]
+  )
