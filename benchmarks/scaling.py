@@ -21,6 +21,7 @@ Usage:
   python benchmarks/scaling.py                      # CPU: ViT-T/S, 1/2/4/8 devices, DP + FSDP
   python benchmarks/scaling.py --models vit_small --devices 1 --recipe imagenet  # one GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,67 +47,85 @@ from bits_jax.models import vit  # pylint: disable=wrong-import-position
 
 # Dense bfloat16 peak TFLOP/s per chip, by a substring of `device.device_kind`.
 BF16_PEAK_TFLOPS = (
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
-    ("L4", 121.0), ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v5", 459.0), ("TPU v4", 275.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+    ("TPU v6", 918.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5", 459.0),
+    ("TPU v4", 275.0),
 )
 
 RECIPES = {
     # CPU-sized crops so a 2-core machine finishes; 'imagenet' is the paper's multi-crop.
-    "cpu": dict(global_crop_size=64, local_crop_size=32, num_global_crops=2,
-                num_local_crops=4, dtype="float32"),
-    "imagenet": dict(global_crop_size=224, local_crop_size=96, num_global_crops=2,
-                     num_local_crops=10, dtype="bfloat16"),
+    "cpu": dict(
+        crops=dict(global_size=64, local_size=32, num_global=2, num_local=4), dtype="float32"
+    ),
+    "imagenet": dict(
+        crops=dict(global_size=224, local_size=96, num_global=2, num_local=10), dtype="bfloat16"
+    ),
 }
 
 
 def bench_config(model: str, batch_size: int, recipe: str, mesh: dict, remat: bool):
+  """BITS with a 256-bit head (2048-2048-256) on `model`/16, no head re-init."""
   config = config_defaults.base_config()
-  config.update(RECIPES[recipe])
-  config.model = model
-  config.patch_size = 16
-  config.num_channels = 3
-  config.batch_size = batch_size
-  config.bits = 256
-  config.head_hidden_dim = 2048
-  config.head_bottleneck_dim = 256
-  config.head_layers = 3
+  config.dtype = RECIPES[recipe]["dtype"]
+  config.input.crops.update(RECIPES[recipe]["crops"])
+  config.input.num_channels = 3
+  config.input.batch_size = batch_size
+  config.model = dict(name=model, patch_size=16, remat=remat)
+  config.objective.name = "bits"
+  config.objective.bits.num_bits = 256
+  config.objective.bits.reset_every_steps = 0
+  config.objective.head.update(dict(hidden_dim=2048, bottleneck_dim=256, num_layers=3))
   config.total_steps = 1000
-  config.head_reinit_every = 0
   config.mesh = mesh
-  config.remat = remat
   return config
 
 
 # ------------------------------------------------------------------------------ FLOPs
 
 
-def vit_forward_flops(width: int, depth: int, image_size: int, patch: int,
-                      channels: int, mlp_ratio: float = 4.0) -> float:
+def vit_forward_flops(
+    width: int, depth: int, image_size: int, patch: int, channels: int, mlp_ratio: float = 4.0
+) -> float:
   """Multiply-adds x 2 of one ViT forward on one image (matmuls only)."""
   patches = (image_size // patch) ** 2
   tokens = patches + 1
   embed = 2 * patches * patch * patch * channels * width
-  per_block = (2 * tokens * width * width * (4 + 2 * mlp_ratio)   # qkv + out + mlp
-               + 4 * tokens * tokens * width)                     # q k^T and attn v
+  per_block = (
+      2 * tokens * width * width * (4 + 2 * mlp_ratio)  # qkv + out + mlp
+      + 4 * tokens * tokens * width
+  )  # q k^T and attn v
   return embed + depth * per_block
 
 
 def head_flops(config, width: int) -> float:
-  dims = ([width] + [config.head_hidden_dim] * (config.head_layers - 1)
-          + [config.head_bottleneck_dim, config.bits])
+  head = config.objective.head
+  dims = (
+      [width]
+      + [head.hidden_dim] * (head.num_layers - 1)
+      + [head.bottleneck_dim, config.objective.bits.num_bits]
+  )
   return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
 def train_step_flops(config) -> float:
   """Model FLOPs of one train step on the global batch (backward = 2x forward)."""
-  width, depth, _ = vit.VIT_SIZES[config.model[len("vit_"):]]
-  view = lambda size: (vit_forward_flops(width, depth, size, config.patch_size,
-                                         config.num_channels) + head_flops(config, width))
-  global_views = config.num_global_crops * view(config.global_crop_size)
-  local_views = config.num_local_crops * view(config.local_crop_size)
+  width, depth, _ = vit.VIT_SIZES[config.model.name[len("vit_") :]]
+  crops = config.input.crops
+  view = lambda size: (
+      vit_forward_flops(width, depth, size, config.model.patch_size, config.input.num_channels)
+      + head_flops(config, width)
+  )
+  global_views = crops.num_global * view(crops.global_size)
+  local_views = crops.num_local * view(crops.local_size)
   per_image = global_views + 3 * (global_views + local_views)
-  return config.batch_size * per_image
+  return config.input.batch_size * per_image
 
 
 def peak_tflops(device, override: float | None) -> float | None:
@@ -124,43 +143,51 @@ def peak_tflops(device, override: float | None) -> float | None:
 
 
 def synthetic_batch(config, seed: int = 0) -> dict:
+  """Gaussian multi-crop views: {'global': [b, G, S, S, C], 'local': [b, L, s, s, C]}."""
   rng = np.random.default_rng(seed)
-  b, c = config.batch_size, config.num_channels
-  batch = {"global": rng.standard_normal(
-      (b, config.num_global_crops, config.global_crop_size, config.global_crop_size, c),
-      np.float32)}
-  if config.num_local_crops:
+  b, c, crops = config.input.batch_size, config.input.num_channels, config.input.crops
+  batch = {
+      "global": rng.standard_normal(
+          (b, crops.num_global, crops.global_size, crops.global_size, c), np.float32
+      )
+  }
+  if crops.num_local:
     batch["local"] = rng.standard_normal(
-        (b, config.num_local_crops, config.local_crop_size, config.local_crop_size, c),
-        np.float32)
+        (b, crops.num_local, crops.local_size, crops.local_size, c), np.float32
+    )
   return batch
 
 
 def _bytes_per_device(tree, shardings) -> int:
-  return int(sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(
-      jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings))))
+  return int(
+      sum(
+          np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+          for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings))
+      )
+  )
 
 
 def measure(config, devices, *, steps: int, repeats: int, peak: float | None) -> dict:
   mesh = sharding_lib.make_mesh(config, devices)
-  state_sharding = sharding_lib.state_shardings(config, mesh)
-  shapes = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
-  step_fn = train_step.compile_train_step(config, mesh, state_sharding)
+  components = train_state.build(config)
+  shapes = sharding_lib.abstract_state(components, config, mesh)  # with the rules' shardings
+  state_sharding = sharding_lib.shardings_of(shapes)
+  step_fn = train_step.compile_train_step(components, config, mesh, state_sharding)
   batch = jax.device_put(synthetic_batch(config), sharding_lib.batch_sharding(mesh))
 
   t0 = time.perf_counter()
-  compiled = step_fn.lower(
-      jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             shapes, state_sharding), batch).compile()
+  compiled = step_fn.lower(shapes, batch).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-  state = jax.jit(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)),
-                  out_shardings=state_sharding)()
-  state, _ = compiled(state, batch)            # warm-up
+  state = jax.jit(
+      lambda: train_state.create(components, config, jax.random.PRNGKey(0)),
+      out_shardings=state_sharding,
+  )()
+  state, _ = compiled(state, batch)  # warm-up
   jax.block_until_ready(state)
   timings = []
   for _ in range(repeats):
@@ -176,25 +203,40 @@ def measure(config, devices, *, steps: int, repeats: int, peak: float | None) ->
   if "peak_bytes_in_use" in stats:
     peak_bytes, memory_source = stats["peak_bytes_in_use"], "device peak"
   else:
-    peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                  - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    peak_bytes = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
     memory_source = "XLA estimate"
   flops = train_step_flops(config)
   achieved = flops / step_s
   n = mesh.devices.size
+  crops = config.input.crops
   return {
-      "model": config.model, "devices": n, "mesh": dict(mesh.shape),
-      "platform": device.platform, "device_kind": device.device_kind,
-      "batch_size": config.batch_size, "dtype": config.dtype, "remat": config.remat,
-      "crops": f"{config.num_global_crops}x{config.global_crop_size}+"
-               f"{config.num_local_crops}x{config.local_crop_size}",
-      "step_ms": 1e3 * step_s, "images_per_s": config.batch_size / step_s,
+      "model": config.model.name,
+      "devices": n,
+      "mesh": dict(mesh.shape),
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "batch_size": config.input.batch_size,
+      "dtype": config.dtype,
+      "remat": config.model.remat,
+      "crops": f"{crops.num_global}x{crops.global_size}+{crops.num_local}x{crops.local_size}",
+      "step_ms": 1e3 * step_s,
+      "images_per_s": config.input.batch_size / step_s,
       "compile_s": compile_s,
-      "memory_per_device_mib": peak_bytes / 2**20, "memory_source": memory_source,
+      "memory_per_device_mib": peak_bytes / 2**20,
+      "memory_source": memory_source,
       "state_per_device_mib": _bytes_per_device(shapes, state_sharding) / 2**20,
-      "state_total_mib": _bytes_per_device(
-          shapes, jax.tree_util.tree_map(lambda s: sharding_lib.replicated(mesh),
-                                         state_sharding)) / 2**20,
+      "state_total_mib": (
+          _bytes_per_device(
+              shapes,
+              jax.tree_util.tree_map(lambda s: sharding_lib.replicated(mesh), state_sharding),
+          )
+          / 2**20
+      ),
       "analytic_gflop_per_step": flops / 1e9,
       # XLA counts the per-device program; on one device it is the whole step.
       "xla_gflop_per_step": xla_flops / 1e9 if n == 1 else None,
@@ -205,9 +247,11 @@ def measure(config, devices, *, steps: int, repeats: int, peak: float | None) ->
 
 
 def markdown_table(rows: list[dict]) -> str:
-  head = ("| model | devices | mesh (data x fsdp) | images/s | ms/step | memory/device MiB "
-          "| state/device MiB | GFLOP/step (analytic / XLA) | TFLOP/s | MFU |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  head = (
+      "| model | devices | mesh (data x fsdp) | images/s | ms/step | memory/device MiB "
+      "| state/device MiB | GFLOP/step (analytic / XLA) | TFLOP/s | MFU |\n"
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  )
   lines = [head]
   for r in rows:
     xla = f"{r['xla_gflop_per_step']:.1f}" if r["xla_gflop_per_step"] else "-"
@@ -216,18 +260,40 @@ def markdown_table(rows: list[dict]) -> str:
         f"| {r['model']} | {r['devices']} | {r['mesh']['data']} x {r['mesh']['fsdp']} "
         f"| {r['images_per_s']:.1f} | {r['step_ms']:.0f} | {r['memory_per_device_mib']:.0f} "
         f"({r['memory_source']}) | {r['state_per_device_mib']:.1f} "
-        f"| {r['analytic_gflop_per_step']:.1f} / {xla} | {r['achieved_tflops']:.3f} | {mfu} |")
+        f"| {r['analytic_gflop_per_step']:.1f} / {xla} | {r['achieved_tflops']:.3f} | {mfu} |"
+    )
   return "\n".join(lines)
 
 
 def _measure_in_subprocess(args, model, n, kind, batch, recipe) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "row.json")
-    command = [sys.executable, os.path.abspath(__file__), "--models", model, "--devices",
-               str(n), "--meshes", kind, "--batch_size", str(batch), "--recipe", recipe,
-               "--steps", str(args.steps), "--repeats", str(args.repeats), "--isolate", "no",
-               "--json", out] + (["--remat"] if args.remat else []) + (
-                   ["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+    command = (
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--models",
+            model,
+            "--devices",
+            str(n),
+            "--meshes",
+            kind,
+            "--batch_size",
+            str(batch),
+            "--recipe",
+            recipe,
+            "--steps",
+            str(args.steps),
+            "--repeats",
+            str(args.repeats),
+            "--isolate",
+            "no",
+            "--json",
+            out,
+        ]
+        + (["--remat"] if args.remat else [])
+        + (["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+    )
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     with open(out) as f:
       return json.load(f)[0]
@@ -237,29 +303,54 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", nargs="+", default=["vit_tiny", "vit_small"])
   parser.add_argument("--devices", nargs="+", type=int, default=[1, 2, 4, 8])
-  parser.add_argument("--meshes", nargs="+", default=["data", "fsdp"],
-                      help="'data': (n x 1) pure data parallel; 'fsdp': (1 x n).")
-  parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                      help="crops and dtype; default: 'cpu' on CPU, 'imagenet' elsewhere.")
-  parser.add_argument("--batch_size", type=int, default=None,
-                      help="global batch; default 16 on CPU, 128 x devices elsewhere.")
+  parser.add_argument(
+      "--meshes",
+      nargs="+",
+      default=["data", "fsdp"],
+      help="'data': (n x 1) pure data parallel; 'fsdp': (1 x n).",
+  )
+  parser.add_argument(
+      "--recipe",
+      choices=sorted(RECIPES),
+      default=None,
+      help="crops and dtype; default: 'cpu' on CPU, 'imagenet' elsewhere.",
+  )
+  parser.add_argument(
+      "--batch_size",
+      type=int,
+      default=None,
+      help="global batch; default 16 on CPU, 128 x devices elsewhere.",
+  )
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--peak_tflops", type=float, default=None,
-                      help="peak FLOP/s per device for MFU (default: bf16 table by device).")
+  parser.add_argument(
+      "--peak_tflops",
+      type=float,
+      default=None,
+      help="peak FLOP/s per device for MFU (default: bf16 table by device).",
+  )
   parser.add_argument("--json", default=None, help="also write the rows to this file.")
-  parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
-                      help="measure each case in a fresh process (auto: on GPU/TPU, where "
-                           "the device's peak memory counter only grows).")
+  parser.add_argument(
+      "--isolate",
+      choices=("auto", "yes", "no"),
+      default="auto",
+      help=(
+          "measure each case in a fresh process (auto: on GPU/TPU, where "
+          "the device's peak memory counter only grows)."
+      ),
+  )
   args = parser.parse_args(argv)
 
   available = jax.devices()
   platform = available[0].platform
   recipe = args.recipe or ("cpu" if platform == "cpu" else "imagenet")
   peak = peak_tflops(available[0], args.peak_tflops)
-  print(f"{len(available)} {platform} devices ({available[0].device_kind}); recipe "
-        f"{recipe} {RECIPES[recipe]}; bf16 peak {peak} TFLOP/s per device", flush=True)
+  print(
+      f"{len(available)} {platform} devices ({available[0].device_kind}); recipe "
+      f"{recipe} {RECIPES[recipe]}; bf16 peak {peak} TFLOP/s per device",
+      flush=True,
+  )
   isolate = args.isolate == "yes" or (args.isolate == "auto" and platform != "cpu")
   rows = []
   for model in args.models:
@@ -276,8 +367,7 @@ def main(argv=None):
           row = _measure_in_subprocess(args, model, n, kind, batch, recipe)
         else:
           config = bench_config(model, batch, recipe, mesh, args.remat)
-          row = measure(config, available[:n], steps=args.steps, repeats=args.repeats,
-                        peak=peak)
+          row = measure(config, available[:n], steps=args.steps, repeats=args.repeats, peak=peak)
         rows.append(row)
         print(json.dumps(row), flush=True)
   print()

@@ -1,42 +1,67 @@
 """Train-step throughput of each method on one config, interleaved so load affects all alike.
 
-  python benchmarks/train_step_methods.py [--config=configs/fashion_mnist.py] \
+  python benchmarks/train_step_methods.py [--config=configs/fashion_mnist.py[:preset]] \
       [--methods=bits,dino,simdino] [--rounds=3] [--steps=5]
 
 Each method's jitted train step (same backbone, batch and views; synthetic batch, so the
 input pipeline is not measured) is compiled once, then timed in rounds A, B, C, A, B, C, ...
 of `--steps` steps; prints the median steps/s per method over the rounds.
 """
+
 import argparse
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # bits_jax and the `configs` package
 
-import jax  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from bits_jax import compare  # pylint: disable=g-import-not-at-top
-from bits_jax import train_state  # pylint: disable=g-import-not-at-top
-from bits_jax import train_step  # pylint: disable=g-import-not-at-top
-from tests import helpers  # pylint: disable=g-import-not-at-top
+from bits_jax import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bits_jax import train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bits_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bits_jax import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def synthetic_batch(config, seed: int = 0) -> dict:
+  """Gaussian multi-crop views: {'global': [b, G, S, S, C], 'local': [b, L, s, s, C]}."""
+  rng = np.random.default_rng(seed)
+  b, c, crops = config.input.batch_size, config.input.num_channels, config.input.crops
+  batch = {
+      "global": rng.standard_normal(
+          (b, crops.num_global, crops.global_size, crops.global_size, c), np.float32
+      )
+  }
+  if crops.num_local:
+    batch["local"] = rng.standard_normal(
+        (b, crops.num_local, crops.local_size, crops.local_size, c), np.float32
+    )
+  return batch
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--config", default="configs/fashion_mnist.py")
+  parser.add_argument(
+      "--config",
+      default=os.path.join(REPO, "configs", "fashion_mnist.py"),
+      help="config file, FILE.py[:preset] (as --config= of bits_jax.main).",
+  )
   parser.add_argument("--methods", default="bits,dino,simdino")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args()
   methods = args.methods.split(",")
+  base = utils.load_config_file(args.config)
   runners = {}
   for method in methods:
-    config = compare.load_config(args.config, method)
-    state = train_state.create_train_state(config, jax.random.PRNGKey(0))
-    step = jax.jit(lambda s, b, c=config: train_step.train_step(s, b, config=c))
-    batch = jax.device_put(helpers.random_batch(config))
+    config = compare.method_config(base, method)  # as `bits_jax.compare` trains it
+    components = train_state.build(config)
+    state = train_state.create(components, config, jax.random.PRNGKey(config.seed))
+    step = jax.jit(train_step.make_train_step(components, config))
+    batch = jax.device_put(synthetic_batch(config))
     t0 = time.time()
     state, _ = step(state, batch)
     jax.block_until_ready(state)
@@ -54,8 +79,10 @@ def main():
       runners[method][1] = state
   print(f"devices: {jax.devices()}, load average: {os.getloadavg()}")
   for method in methods:
-    print(f"{method}: {statistics.median(rates[method]):.3f} steps/s "
-          f"(rounds: {', '.join(f'{r:.3f}' for r in rates[method])})")
+    print(
+        f"{method}: {statistics.median(rates[method]):.3f} steps/s "
+        f"(rounds: {', '.join(f'{r:.3f}' for r in rates[method])})"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Hooks (environment variables; none changes the config, so a restart without them
                                  the first checkpoint it writes: the data are on disk, the
                                  commit is not.
 """
+
 import os
 import signal
 import time
@@ -33,10 +34,12 @@ def _install_hooks():
           batch = dict(batch, **{"global": batch["global"].copy()})
           batch["global"][0, 0, 0, 0, 0] = float("nan")
         yield batch
+
     data.make_train_iterator = make_train_iterator
 
   if os.environ.get("BITS_TEST_KILL_AT_COMMIT"):
     from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def finalize_or_die(self, *args, **kwargs):
@@ -45,11 +48,13 @@ def _install_hooks():
         print(f"fault_driver: SIGKILL before committing {final}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
       return await finalize(self, *args, **kwargs)
+
     atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from bits_jax import main  # pylint: disable=g-import-not-at-top
+
   _install_hooks()
   app.run(main.main)

@@ -5,6 +5,7 @@ hooks) in subprocesses on 2 fake CPU devices, sharing a persistent compilation c
 compare whole train states (params, teacher, optimizer, rng, step, counters) with
 `np.testing.assert_array_equal`: resumption must be bit-exact, not close.
 """
+
 import collections
 import errno
 import glob
@@ -32,8 +33,11 @@ from bits_jax import train_state
 from tests import helpers
 
 TOTAL_STEPS = 6  # of the fashion_mnist:test preset
-_BASE_ARGS = ("--config=configs/fashion_mnist.py:test", "--config.evals.knn.at_end=False",
-              "--verbosity=-1")
+_BASE_ARGS = (
+    "--config=configs/fashion_mnist.py:test",
+    "--config.evals.knn.at_end=False",
+    "--verbosity=-1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +48,36 @@ def env(tmp_path_factory):
   for hook in ("BITS_TEST_STEP_DELAY", "BITS_TEST_NAN_AT_STEPS", "BITS_TEST_KILL_AT_COMMIT"):
     environ.pop(hook, None)
   environ.update({
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-      "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_COMPILATION_CACHE_DIR": str(cache),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "CUDA_VISIBLE_DEVICES": "",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "JAX_PLATFORMS": "cpu",
+      "TF_CPP_MIN_LOG_LEVEL": "3",
+      "JAX_COMPILATION_CACHE_DIR": str(cache),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "CUDA_VISIBLE_DEVICES": "",
   })
   return environ
 
 
 def _command(workdir, *overrides):
-  return [sys.executable, "-m", "tests.fault_driver", f"--workdir={workdir}", *_BASE_ARGS,
-          *overrides]
+  return [
+      sys.executable,
+      "-m",
+      "tests.fault_driver",
+      f"--workdir={workdir}",
+      *_BASE_ARGS,
+      *overrides,
+  ]
 
 
 def _run(env, workdir, *overrides, hooks=None, timeout=480):
-  result = subprocess.run(_command(workdir, *overrides), cwd=helpers.REPO,
-                          env=dict(env, **(hooks or {})), capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(
+      _command(workdir, *overrides),
+      cwd=helpers.REPO,
+      env=dict(env, **(hooks or {})),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   return result.returncode, result.stdout + result.stderr
 
 
@@ -109,9 +127,13 @@ def test_sigterm_then_sigkill_during_save_then_resume_is_bit_exact(env, referenc
   why = f"(BITS_FAULT_SEED={seed}: SIGTERM after step {signal_after} was printed)"
 
   proc = subprocess.Popen(
-      _command(workdir, "--config.log_every=1"), cwd=helpers.REPO,
-      env=dict(env, BITS_TEST_STEP_DELAY="0.4"), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+      _command(workdir, "--config.log_every=1"),
+      cwd=helpers.REPO,
+      env=dict(env, BITS_TEST_STEP_DELAY="0.4"),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -120,17 +142,18 @@ def test_sigterm_then_sigkill_during_save_then_resume_is_bit_exact(env, referenc
   rc = proc.wait(timeout=300)
   out = "".join(lines)
   assert rc == run_guard.EXIT_PREEMPTED, f"{why}\n{out}"
-  stopped = int(re.search(r"Stopped by SIGTERM after step (\d+); checkpoint \1 saved", out)
-                .group(1))
+  stopped = int(
+      re.search(r"Stopped by SIGTERM after step (\d+); checkpoint \1 saved", out).group(1)
+  )
   assert signal_after <= stopped < TOTAL_STEPS, f"{why}\n{out}"
   assert stopped in _steps(workdir), why
-  assert os.path.exists(os.path.join(workdir, "checkpoints", str(stopped),
-                                     checkpoint_lib.MANIFEST)), why
+  assert os.path.exists(
+      os.path.join(workdir, "checkpoints", str(stopped), checkpoint_lib.MANIFEST)
+  ), why
   _assert_equal(_load(workdir, stopped), _load(reference, stopped), why)
 
   before = _steps(workdir)
-  rc, out = _run(env, workdir, "--config.log_every=1",
-                 hooks={"BITS_TEST_KILL_AT_COMMIT": "1"})
+  rc, out = _run(env, workdir, "--config.log_every=1", hooks={"BITS_TEST_KILL_AT_COMMIT": "1"})
   assert rc == -signal.SIGKILL, f"{why}\n{out}"
   assert "fault_driver: SIGKILL before committing" in out
   assert _steps(workdir) == before, f"a killed save must not appear as a checkpoint {why}"
@@ -141,8 +164,11 @@ def test_sigterm_then_sigkill_during_save_then_resume_is_bit_exact(env, referenc
   assert "Found an incomplete checkpoint write" in out, out
   assert f"Resuming from checkpoint step {stopped} " in out, out
   assert _steps(workdir)[-1] == TOTAL_STEPS
-  _assert_equal(_load(workdir, TOTAL_STEPS), _load(reference, TOTAL_STEPS),
-                f"final state after SIGTERM + SIGKILL {why}")
+  _assert_equal(
+      _load(workdir, TOTAL_STEPS),
+      _load(reference, TOTAL_STEPS),
+      f"final state after SIGTERM + SIGKILL {why}",
+  )
 
 
 @pytest.mark.slow
@@ -152,8 +178,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(env, reference, tmp_p
   kill_after = random.Random(seed).randint(1, TOTAL_STEPS - 1)
   proc = subprocess.Popen(
       _command(workdir, "--config.log_every=1", "--config.checkpoint_every=2"),
-      cwd=helpers.REPO, env=dict(env, BITS_TEST_STEP_DELAY="0.3"), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+      cwd=helpers.REPO,
+      env=dict(env, BITS_TEST_STEP_DELAY="0.3"),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   for line in proc.stdout:
     if line.startswith(f"step {kill_after}/{TOTAL_STEPS} "):
       proc.kill()
@@ -161,8 +191,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(env, reference, tmp_p
   assert proc.wait(timeout=120) == -signal.SIGKILL
   rc, out = _run(env, workdir, "--config.log_every=1", "--config.checkpoint_every=2")
   assert rc == 0, out
-  _assert_equal(_load(workdir, TOTAL_STEPS), _load(reference, TOTAL_STEPS),
-                f"BITS_FAULT_SEED={seed}, SIGKILL after step {kill_after}")
+  _assert_equal(
+      _load(workdir, TOTAL_STEPS),
+      _load(reference, TOTAL_STEPS),
+      f"BITS_FAULT_SEED={seed}, SIGKILL after step {kill_after}",
+  )
 
 
 @pytest.mark.slow
@@ -173,14 +206,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(env, tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  environ = dict(env, BITS_TEST_STEP_DELAY="0.5",
-                 XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  environ = dict(
+      env, BITS_TEST_STEP_DELAY="0.5", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+  )
 
   def launch(i, stdout):
     return subprocess.Popen(
-        _command(workdir, "--config.log_every=1", f"--coordinator_address=localhost:{port}",
-                 "--num_processes=2", f"--process_id={i}"),
-        cwd=helpers.REPO, env=environ, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+        _command(
+            workdir,
+            "--config.log_every=1",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        ),
+        cwd=helpers.REPO,
+        env=environ,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
   with open(tmp_path / "process1.log", "w") as log1:
     procs = [launch(0, subprocess.PIPE), launch(1, log1)]
     try:
@@ -196,8 +241,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(env, tmp_path):
           p.kill()
   outputs = ["".join(lines), (tmp_path / "process1.log").read_text()]
   assert codes == [run_guard.EXIT_PREEMPTED] * 2, outputs
-  stops = [int(re.search(r"after step (\d+); checkpoint \1 saved", out).group(1))
-           for out in outputs]
+  stops = [
+      int(re.search(r"after step (\d+); checkpoint \1 saved", out).group(1)) for out in outputs
+  ]
   assert stops[0] == stops[1] and 2 <= stops[0] < TOTAL_STEPS, outputs
   assert stops[0] in _steps(workdir)
 
@@ -207,9 +253,14 @@ def test_nan_batches_skipped_counted_then_stop_after_n_in_a_row(env, reference, 
   skipped (params unchanged, counted) and the run goes on; 4 and 5 in a row stop it with
   exit 65, the bad state unsaved and the last good checkpoint (4) intact."""
   workdir = str(tmp_path / "run")
-  rc, out = _run(env, workdir, "--config.checkpoint_every=1", "--config.keep_checkpoints=10",
-                 "--config.max_consecutive_nonfinite=2",
-                 hooks={"BITS_TEST_NAN_AT_STEPS": "2,4,5"})
+  rc, out = _run(
+      env,
+      workdir,
+      "--config.checkpoint_every=1",
+      "--config.keep_checkpoints=10",
+      "--config.max_consecutive_nonfinite=2",
+      hooks={"BITS_TEST_NAN_AT_STEPS": "2,4,5"},
+  )
   assert rc == run_guard.EXIT_NONFINITE, out
   assert "step 2: non-finite loss or gradients, update skipped (1 in a row" in out, out
   assert "Stopping at step 5: 2 consecutive updates had a non-finite loss" in out, out
@@ -223,8 +274,11 @@ def test_nan_batches_skipped_counted_then_stop_after_n_in_a_row(env, reference, 
       _assert_equal(states[bad][part], states[good][part], f"{part} after skipped {bad}")
     assert int(states[bad]["step"]) == bad
   assert [int(states[s]["skipped_steps"]) for s in (1, 2, 3, 4)] == [0, 1, 1, 2]
-  changed = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-      lambda a, b: bool(np.any(a != b)), states[3]["params"], states[2]["params"]))
+  changed = jax.tree_util.tree_leaves(
+      jax.tree_util.tree_map(
+          lambda a, b: bool(np.any(a != b)), states[3]["params"], states[2]["params"]
+      )
+  )
   assert any(changed), "update 3 (finite) must train on after the skipped update 2"
 
 
@@ -244,9 +298,20 @@ def test_two_runs_on_one_workdir_second_is_refused_before_compiling(reference, t
 def test_lock_of_a_killed_run_is_released(env, tmp_path):
   workdir = str(tmp_path)
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from bits_jax import run_guard; "
-       f"run_guard.WorkdirLock({workdir!r}).__enter__(); print('locked', flush=True); "
-       "time.sleep(600)"], cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "-c",
+          (
+              "import sys, time; from bits_jax import run_guard; "
+              f"run_guard.WorkdirLock({workdir!r}).__enter__(); print('locked', flush=True); "
+              "time.sleep(600)"
+          ),
+      ],
+      cwd=helpers.REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      text=True,
+  )
   assert holder.stdout.readline().strip() == "locked"
   with pytest.raises(run_guard.WorkdirError, match=f"pid {holder.pid} on"):
     run_guard.WorkdirLock(workdir).__enter__()
@@ -268,8 +333,11 @@ def _restore(workdir):
 
 
 def _largest_file(step_dir):
-  files = [p for p in glob.glob(os.path.join(step_dir, "**"), recursive=True)
-           if os.path.isfile(p) and not p.endswith(checkpoint_lib.MANIFEST)]
+  files = [
+      p
+      for p in glob.glob(os.path.join(step_dir, "**"), recursive=True)
+      if os.path.isfile(p) and not p.endswith(checkpoint_lib.MANIFEST)
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -290,17 +358,24 @@ _DAMAGE = {
     "truncated": (lambda d: _truncate(_largest_file(d)), "truncated"),
     "flipped byte": (lambda d: _flip_byte(_largest_file(d)), "does not match its SHA-256"),
     "deleted file": (lambda d: os.remove(_largest_file(d)), "missing"),
-    "garbage manifest": (lambda d: open(os.path.join(d, checkpoint_lib.MANIFEST), "w").write(
-        "{not json"), "unreadable manifest"),
+    "garbage manifest": (
+        lambda d: open(os.path.join(d, checkpoint_lib.MANIFEST), "w").write("{not json"),
+        "unreadable manifest",
+    ),
     "truncated, no manifest": (
-        lambda d: (os.remove(os.path.join(d, checkpoint_lib.MANIFEST)),
-                   _truncate(_largest_file(d))), "Orbax cannot restore it"),
+        lambda d: (
+            os.remove(os.path.join(d, checkpoint_lib.MANIFEST)),
+            _truncate(_largest_file(d)),
+        ),
+        "Orbax cannot restore it",
+    ),
 }
 
 
 @pytest.mark.parametrize("damage", sorted(_DAMAGE))
 def test_damaged_checkpoint_is_detected_moved_aside_and_previous_restored(
-    damage, reference, tmp_path, capsys):
+    damage, reference, tmp_path, capsys
+):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   apply, message = _DAMAGE[damage]
@@ -316,8 +391,7 @@ def test_damaged_checkpoint_is_detected_moved_aside_and_previous_restored(
   _assert_same_state(state, _load(reference, TOTAL_STEPS - 1))
 
 
-def test_committed_checkpoint_without_manifest_is_validated_and_kept(reference, tmp_path,
-                                                                     capsys):
+def test_committed_checkpoint_without_manifest_is_validated_and_kept(reference, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   manifest = os.path.join(workdir, "checkpoints", str(TOTAL_STEPS), checkpoint_lib.MANIFEST)
@@ -370,10 +444,13 @@ def test_old_checkpoints_deleted_only_after_the_next_one_is_complete(tmp_path, m
 
   async def disk_full(self, *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
+
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
   checkpoints.save(4, _tiny_state(4))
-  with pytest.raises(checkpoint_lib.CheckpointWriteError,
-                     match=r"step 4 .*disk is full.*Intact checkpoints: \[2, 3\]"):
+  with pytest.raises(
+      checkpoint_lib.CheckpointWriteError,
+      match=r"step 4 .*disk is full.*Intact checkpoints: \[2, 3\]",
+  ):
     checkpoints.finalize()
   monkeypatch.undo()
   for step in (2, 3):
@@ -387,10 +464,13 @@ def test_save_refused_when_the_disk_cannot_hold_it(tmp_path, monkeypatch):
   checkpoints.save(1, _tiny_state(1))
   checkpoints.finalize()
   usage = collections.namedtuple("usage", "total used free")
-  monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage",
-                      lambda path: usage(10**9, 10**9 - 1000, 1000))
-  with pytest.raises(checkpoint_lib.CheckpointWriteError,
-                     match=r"step 2 .*disk is full.*Intact checkpoints: \[1\].*rerun"):
+  monkeypatch.setattr(
+      checkpoint_lib.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000)
+  )
+  with pytest.raises(
+      checkpoint_lib.CheckpointWriteError,
+      match=r"step 2 .*disk is full.*Intact checkpoints: \[1\].*rerun",
+  ):
     checkpoints.save(2, _tiny_state(2))
   assert checkpoints.steps() == [1]
   assert not glob.glob(os.path.join(checkpoints.directory, "2*"))
@@ -401,8 +481,9 @@ def small_tmpfs(tmp_path):
   """A 1 MiB tmpfs (root in a container that allows mounts), else skip."""
   mount_point = tmp_path / "tmpfs"
   mount_point.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                    capture_output=True).returncode:
+  if subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
+  ).returncode:
     pytest.skip("cannot mount a tmpfs here")
   try:
     yield str(mount_point)
@@ -410,8 +491,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_full_and_read_only_disks_give_clear_errors_and_keep_checkpoints(small_tmpfs,
-                                                                         monkeypatch):
+def test_full_and_read_only_disks_give_clear_errors_and_keep_checkpoints(small_tmpfs, monkeypatch):
   config = helpers.load_config("fashion_mnist", "test")
   workdir = os.path.join(small_tmpfs, "run")
   run_guard.check_writable(workdir)
@@ -421,8 +501,9 @@ def test_full_and_read_only_disks_give_clear_errors_and_keep_checkpoints(small_t
   # A real ENOSPC from the writes (the up-front check is bypassed to reach them).
   monkeypatch.setattr(checkpoints, "_check_free_space", lambda step, state: None)
   big = {"w": np.random.RandomState(0).randn(512, 1024).astype(np.float32)}  # 2 MiB
-  with pytest.raises(checkpoint_lib.CheckpointWriteError,
-                     match=r"step 2 .*disk is full.*Intact.*\[1\]"):
+  with pytest.raises(
+      checkpoint_lib.CheckpointWriteError, match=r"step 2 .*disk is full.*Intact.*\[1\]"
+  ):
     checkpoints.save(2, big)
     checkpoints.finalize()
   assert checkpoint_lib.manifest_problem(os.path.join(workdir, "checkpoints", "1")) is None
@@ -457,9 +538,11 @@ def test_resume_with_a_changed_config_is_refused_before_compiling(reference, tmp
   config.keep_checkpoints = 10
   config.optim.learning_rate = 3e-3
   start = time.time()
-  with pytest.raises(config_validation.ConfigError,
-                     match=r"(?s)optim\.learning_rate: 0\.001 in the workdir, 0\.003 now.*"
-                           r"allow_config_change=optim\.learning_rate"):
+  with pytest.raises(
+      config_validation.ConfigError,
+      match=r"(?s)optim\.learning_rate: 0\.001 in the workdir, 0\.003 now.*"
+      r"allow_config_change=optim\.learning_rate",
+  ):
     train.train(config, workdir, devices=jax.devices()[:2])
   assert time.time() - start < 60
   assert _steps(workdir) == list(range(1, TOTAL_STEPS + 1))

@@ -1,10 +1,11 @@
 """Scale-out on 8 fake CPU devices: mesh, partition rules, FSDP/data parallel equivalence,
 global-batch coding rate, gradient accumulation, bf16, remat and donation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state
@@ -53,8 +54,7 @@ def _run(config, devices, batches):
 
 
 def _assert_trees_close(a, b, tol=1e-5):
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol),
-                         a, b)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +84,15 @@ def test_mesh_from_config():
   assert sharding_lib.batch_sharding(mesh).spec == P(("data", "fsdp"))
 
 
-@pytest.mark.parametrize("mesh, match", [
-    ({"data": 3, "fsdp": 2}, "needs 6 devices but 8"),
-    ({"data": -1, "fsdp": 3}, "not divisible by 3"),
-    ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
-    ({"data": 8, "model": 1}, "unknown axes.*'model'"),
-])
+@pytest.mark.parametrize(
+    "mesh, match",
+    [
+        ({"data": 3, "fsdp": 2}, "needs 6 devices but 8"),
+        ({"data": -1, "fsdp": 3}, "not divisible by 3"),
+        ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
+        ({"data": 8, "model": 1}, "unknown axes.*'model'"),
+    ],
+)
 def test_bad_mesh_config(mesh, match):
   with pytest.raises(ValueError, match=match):
     sharding_lib.mesh_shape(mesh, 8)
@@ -111,33 +114,36 @@ def test_fsdp_rules_shard_params_teacher_and_moments_alike(config):
   cfg = _with(config, mesh={"data": 2, "fsdp": 4})
   mesh = sharding_lib.make_mesh(cfg)
   shardings = _state_shardings(cfg, mesh)
-  flat = {utils.path_name(p): s.spec
-          for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-  kernel = "backbone/block0/mlp/fc1/kernel"   # [32, 128]: largest dim split
+  flat = {utils.path_name(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  kernel = "backbone/block0/mlp/fc1/kernel"  # [32, 128]: largest dim split
   assert flat[f"params/{kernel}"] == P(None, "fsdp")
   assert flat[f"teacher_params/{kernel}"] == P(None, "fsdp")
-  moments = [spec for name, spec in flat.items()
-             if name.startswith("opt_state") and name.endswith(kernel)]
+  moments = [
+      spec for name, spec in flat.items() if name.startswith("opt_state") and name.endswith(kernel)
+  ]
   assert len(moments) == 2 and all(spec == P(None, "fsdp") for spec in moments)
-  assert flat["params/backbone/block0/mlp/fc1/bias"] == P()   # 128 < fsdp_min_size
+  assert flat["params/backbone/block0/mlp/fc1/bias"] == P()  # 128 < fsdp_min_size
   assert flat["step"] == P() and flat["rng"] == P()
   sharded = [name for name, spec in flat.items() if spec != P()]
   assert len(sharded) > 20
 
   # Pure data parallel: with fsdp=1 (or a 'replicated' rule) everything is replicated.
   data_mesh = sharding_lib.make_mesh(_with(cfg, mesh={"data": -1, "fsdp": 1}))
-  assert all(s.spec == P() for s in jax.tree_util.tree_leaves(
-      _state_shardings(cfg, data_mesh)))
+  assert all(s.spec == P() for s in jax.tree_util.tree_leaves(_state_shardings(cfg, data_mesh)))
   repl = _with(cfg, partition_rules=((".*", "replicated"),))
-  assert all(s.spec == P() for s in jax.tree_util.tree_leaves(
-      _state_shardings(repl, mesh)))
+  assert all(s.spec == P() for s in jax.tree_util.tree_leaves(_state_shardings(repl, mesh)))
 
 
 def test_explicit_partition_rules(config):
   mesh = sharding_lib.make_mesh(_with(config, mesh={"data": 2, "fsdp": 4}))
-  rules = _with(config, partition_rules=(("pos_embed$", "replicated"),
-                                         ("mlp/fc1/kernel$", ("fsdp", None)),
-                                         (".*", "fsdp")))
+  rules = _with(
+      config,
+      partition_rules=(
+          ("pos_embed$", "replicated"),
+          ("mlp/fc1/kernel$", ("fsdp", None)),
+          (".*", "fsdp"),
+      ),
+  )
   spec = lambda name, shape: sharding_lib.partition_spec(name, shape, mesh, rules)
   assert spec("params/backbone/pos_embed", (1, 16, 32)) == P()
   assert spec("opt_state/0/mu/backbone/block0/mlp/fc1/kernel", (32, 128)) == P("fsdp", None)
@@ -152,8 +158,9 @@ def test_explicit_partition_rules(config):
 # --------------------------------------------------------------- sharding equivalence
 
 
-@pytest.mark.parametrize("mesh", [{"data": 2, "fsdp": 4}, {"data": 8, "fsdp": 1}],
-                         ids=["fsdp_2x4", "data_8"])
+@pytest.mark.parametrize(
+    "mesh", [{"data": 2, "fsdp": 4}, {"data": 8, "fsdp": 1}], ids=["fsdp_2x4", "data_8"]
+)
 def test_mesh_matches_single_device(config, batches, single_device_run, mesh):
   cfg = _with(config, mesh=mesh)
   state, host, metrics = _run(cfg, jax.devices()[:8], batches)
@@ -180,8 +187,9 @@ def test_coding_rate_uses_the_global_batch():
   assert len(z_sharded.sharding.device_set) == 8
   sharded = jax.jit(lambda x: coding_rate_lib.coding_rate(x, 0.05))(z_sharded)
   full = coding_rate_lib.coding_rate(jnp.asarray(z), 0.05)
-  per_device = np.mean([coding_rate_lib.coding_rate(jnp.asarray(part), 0.05)
-                        for part in np.split(z, 8)])
+  per_device = np.mean(
+      [coding_rate_lib.coding_rate(jnp.asarray(part), 0.05) for part in np.split(z, 8)]
+  )
   np.testing.assert_allclose(sharded, full, rtol=1e-5)
   assert abs(float(full) - per_device) > 1.0
 
@@ -199,11 +207,9 @@ def test_split_micro_batches_is_strided():
 
 
 def test_grad_accumulation_matches_big_batch_bce_only(config, batches):
-  bce_only = _with(config, objective__bits__coding_rate_weight=0.0,
-                   mesh={"data": 2, "fsdp": 4})
+  bce_only = _with(config, objective__bits__coding_rate_weight=0.0, mesh={"data": 2, "fsdp": 4})
   _, big, big_metrics = _run(bce_only, jax.devices()[:8], batches)
-  _, acc, acc_metrics = _run(_with(bce_only, optim__grad_accum_steps=2), jax.devices()[:8],
-                             batches)
+  _, acc, acc_metrics = _run(_with(bce_only, optim__grad_accum_steps=2), jax.devices()[:8], batches)
   for a, b in zip(big_metrics, acc_metrics):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5, atol=1e-6)
@@ -235,8 +241,14 @@ def _primitive_inputs(jaxpr, name):
 
 
 def test_bf16_trains_and_keeps_logdet_float32(config):
-  cfg = _with(config, dtype="bfloat16", optim__learning_rate=3e-3, optim__warmup_steps=1,
-              objective__bits__reset_every_steps=0, total_steps=100)
+  cfg = _with(
+      config,
+      dtype="bfloat16",
+      optim__learning_rate=3e-3,
+      optim__warmup_steps=1,
+      objective__bits__reset_every_steps=0,
+      total_steps=100,
+  )
   batch = helpers.random_batch(cfg, seed=3)
   components, state = helpers.create_state(cfg)
   step_fn = train_step.make_train_step(components, cfg)
@@ -265,12 +277,14 @@ def test_remat_gives_same_gradients(config):
   def grads_fn(cfg):
     components = train_state.build(cfg)
     return lambda s, b: train_step.loss_and_grads(s, b, components, cfg)[3]
+
   grads = lambda cfg: jax.jit(grads_fn(cfg))(state, batch)
   _assert_trees_close(grads(config), grads(remat), tol=1e-6)
 
   def num_remats(cfg):
     jaxpr = jax.make_jaxpr(grads_fn(cfg))(state, batch).jaxpr
     return sum(len(_primitive_inputs(jaxpr, name)) for name in ("remat2", "checkpoint"))
+
   assert num_remats(config) == 0
   assert num_remats(remat) >= config.model.depth
 
@@ -282,10 +296,14 @@ def test_train_state_is_donated(config):
   shapes = sharding_lib.abstract_state(components, config, mesh)  # sharded shapes
   state_sharding = sharding_lib.shardings_of(shapes)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
-  batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 helpers.random_batch(config))
-  compiled = train_step.compile_train_step(components, config, mesh, state_sharding).lower(
-      shapes, batch).compile()
+  batch = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), helpers.random_batch(config)
+  )
+  compiled = (
+      train_step.compile_train_step(components, config, mesh, state_sharding)
+      .lower(shapes, batch)
+      .compile()
+  )
   memory = compiled.memory_analysis()
   assert memory.alias_size_in_bytes >= 0.95 * state_bytes, (memory, state_bytes)
 
@@ -293,15 +311,20 @@ def test_train_state_is_donated(config):
 # ---------------------------------------------------------------- ImageNet presets
 
 
-@pytest.mark.parametrize("name, model", [("imagenet_vits16", "vit_small"),
-                                         ("imagenet_vitb16", "vit_base")])
+@pytest.mark.parametrize(
+    "name, model", [("imagenet_vits16", "vit_small"), ("imagenet_vitb16", "vit_base")]
+)
 def test_imagenet_presets(name, model):
   from bits_jax import config_validation  # pylint: disable=g-import-not-at-top
+
   for arg, epochs in (("ep100", 100), ("ep300", 300)):
     config = helpers.load_config(name, arg)
     crops, bits = config.input.crops, config.objective.bits
     assert (config.input.dataset, config.model.name, config.model.patch_size) == (
-        "imagenet2012", model, 16)
+        "imagenet2012",
+        model,
+        16,
+    )
     assert (crops.num_global, crops.global_size) == (2, 224)
     assert (crops.num_local, crops.local_size) == (10, 96)
     assert (config.input.batch_size, bits.num_bits, bits.eps) == (1024, 256, 0.05)
@@ -319,6 +342,8 @@ def test_imagenet_presets(name, model):
   shapes = sharding_lib.abstract_state(train_state.build(config), config, mesh)
   shardings = sharding_lib.shardings_of(shapes)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
-  per_device = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(
-      jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))
+  per_device = sum(
+      np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+      for x, s in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings))
+  )
   assert per_device < 0.14 * total, (per_device, total)

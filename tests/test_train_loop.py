@@ -1,4 +1,5 @@
 """The training loop end to end on the Fashion-MNIST test preset: resume and results."""
+
 import json
 import os
 
@@ -23,10 +24,14 @@ def test_resume_gives_same_params_as_uninterrupted(config, tmp_path):
   assert int(full.step) == int(resumed.step) == config.total_steps
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-      jax.device_get(full.params), jax.device_get(resumed.params))
+      jax.device_get(full.params),
+      jax.device_get(resumed.params),
+  )
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-      jax.device_get(full.teacher_params), jax.device_get(resumed.teacher_params))
+      jax.device_get(full.teacher_params),
+      jax.device_get(resumed.teacher_params),
+  )
 
 
 def test_train_and_evaluate_writes_results(config, tmp_path):
