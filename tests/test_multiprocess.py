@@ -1,5 +1,6 @@
 """Two real processes (4 fake CPU devices each, localhost coordinator) run the entry point and
 match a single process with 8 devices."""
+
 import glob
 import json
 import os
@@ -16,10 +17,16 @@ from bits_jax import checkpoint as checkpoint_lib
 from bits_jax import distributed
 from bits_jax import sharding as sharding_lib
 from bits_jax import train
+from bits_jax import train_state
 from tests import helpers
 
-_OVERRIDES = {"total_steps": 3, "head_reinit_every": 2, "mesh.data": 2, "mesh.fsdp": 4,
-              "fsdp_min_size": 256}
+_OVERRIDES = {
+    "total_steps": 3,
+    "objective.bits.reset_every_steps": 2,
+    "mesh.data": 2,
+    "mesh.fsdp": 4,
+    "fsdp_min_size": 256,
+}
 
 
 def _free_port() -> int:
@@ -29,14 +36,26 @@ def _free_port() -> int:
 
 
 def _launch(workdir: str, port: int, process_id: int) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  command = [sys.executable, "-m", "bits_jax.main", "--config=configs/fashion_mnist.py:test",
-             f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-             "--num_processes=2", f"--process_id={process_id}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  command = [
+      sys.executable,
+      "-m",
+      "bits_jax.main",
+      "--config=configs/fashion_mnist.py:test",
+      f"--workdir={workdir}",
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={process_id}",
+  ]
   command += [f"--config.{k}={v}" for k, v in _OVERRIDES.items()]
-  return subprocess.Popen(command, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+      command,
+      cwd=helpers.REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
 
 
 @pytest.mark.slow  # three training runs and three k-NN evaluations: > 2 minutes on 2 cores
@@ -66,11 +85,12 @@ def test_two_processes_match_single_process(tmp_path):
     two_process_results = json.load(f)
 
   config = helpers.load_config("fashion_mnist", "test")
-  for key, value in _OVERRIDES.items():
-    if key.startswith("mesh."):
-      config.mesh[key[len("mesh."):]] = value
-    else:
-      config[key] = value
+  for key, value in _OVERRIDES.items():  # as --config.<dotted key>=<value> does
+    *sections, name = key.split(".")
+    section = config
+    for part in sections:
+      section = section[part]
+    section[name] = value
   single_results = train.train_and_evaluate(config, str(tmp_path / "one_process"))
   # k-NN over features and labels gathered from both processes, as on one process.
   for key in ("knn_top1", "knn_top1_random_init"):
@@ -78,9 +98,10 @@ def test_two_processes_match_single_process(tmp_path):
 
   # The checkpoint the two processes wrote together, restored here on one process.
   mesh = sharding_lib.make_mesh(config)
-  target = checkpoint_lib.abstract_state(config, mesh)
+  target = sharding_lib.abstract_state(train_state.build(config), config, mesh)
   restore = lambda directory: checkpoint_lib.checkpoint_manager(directory, config).restore(
-      3, args=ocp.args.StandardRestore(target))
+      3, args=ocp.args.StandardRestore(target)
+  )
   single, restored = restore(str(tmp_path / "one_process")), restore(workdir)
   # Gloo's cross-process all-reduce sums in another order than one process does; Adam's
   # normalized update turns those 1e-7 gradient differences into ~1e-5 in a few weights.
@@ -88,7 +109,9 @@ def test_two_processes_match_single_process(tmp_path):
   # catches a wrong batch or a loss computed per process.
   tree_close = lambda a, b: jax.tree_util.tree_map(
       lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4),
-      jax.device_get(a), jax.device_get(b))
+      jax.device_get(a),
+      jax.device_get(b),
+  )
   tree_close(single.params, restored.params)
   tree_close(single.teacher_params, restored.teacher_params)
   tree_close(single.opt_state, restored.opt_state)
@@ -96,8 +119,13 @@ def test_two_processes_match_single_process(tmp_path):
 
 
 def test_distributed_args_and_detection():
-  args = distributed.args_from(environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
-                                        "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"})
+  args = distributed.args_from(
+      environ={
+          "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+          "JAX_NUM_PROCESSES": "4",
+          "JAX_PROCESS_ID": "2",
+      }
+  )
   assert args == distributed.DistributedArgs("10.0.0.1:1234", 4, 2) and args.explicit
   flags_win = distributed.args_from("h:1", 2, 0, environ={"JAX_PROCESS_ID": "5"})
   assert flags_win == distributed.DistributedArgs("h:1", 2, 0)
@@ -114,7 +142,11 @@ def test_distributed_args_and_detection():
   assert distributed.detected_cluster({"OMPI_COMM_WORLD_SIZE": "2"}) == "ompi"
   assert distributed.detected_cluster({"JAX_PLATFORMS": "cpu"}) is None
   # A single process with nothing set does not start the service.
-  assert distributed.initialize("auto", distributed.DistributedArgs(),
-                                environ={"JAX_PLATFORMS": "cpu"}) is False
+  assert (
+      distributed.initialize(
+          "auto", distributed.DistributedArgs(), environ={"JAX_PLATFORMS": "cpu"}
+      )
+      is False
+  )
   with pytest.raises(ValueError, match="use one of"):
     distributed.initialize("maybe")
