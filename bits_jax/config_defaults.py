@@ -138,6 +138,8 @@ def evals_defaults() -> ConfigDict:
                                 database_split="train", query_split="test")),
       # Statistics of the teacher's binary messages (balance, entropy, correlation, ...).
       codes=ConfigDict(dict(type="codes", every=0, at_end=False, split="test")),
+      # Eigen-spectrum of the backbone-feature covariance: d_eff, r_eff (paper Tab. 2).
+      geometry=ConfigDict(dict(type="geometry", every=0, at_end=False, split="test")),
       # Patch-token k-NN segmentation of synthetic squares.
       dense=ConfigDict(dict(type="dense", every=0, at_end=False, num_images=64)),
   ))

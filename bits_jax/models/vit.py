@@ -79,6 +79,11 @@ class ViT(nn.Module):
   # tanh GELU instead of the exact erf one (the paper's / timm's models use erf).
   gelu_approximate: bool = False
 
+  @property
+  def feature_dim(self) -> int:
+    """Width of the 'cls' features."""
+    return self.width
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     del train  # no dropout / batch statistics in this backbone
@@ -87,10 +92,10 @@ class ViT(nn.Module):
     if h % p or w % p:
       raise ValueError(
           f"Image size {h}x{w} is not divisible by patch_size {p}: choose crop sizes that "
-          f"are multiples of the patch size (config.global_crop_size / local_crop_size) or "
-          f"another config.patch_size.")
+          f"are multiples of the patch size (config.input.crops.global_size / local_size) or "
+          f"another config.model.patch_size.")
     if self.image_size % p:
-      raise ValueError(f"config.global_crop_size={self.image_size} is not divisible by "
+      raise ValueError(f"config.input.crops.global_size={self.image_size} is not divisible by "
                        f"patch_size={p}.")
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="patch_embed")(images.astype(self.dtype))
