@@ -6,7 +6,7 @@
 Presets (`:arg`): ep100 (default) | ep300, the length of the run in epochs.
 
 Recipe: 2 global crops of 224 and 10 local crops of 96 (multi-crop, SimDINO-style
-augmentations: the defaults of `bits_jax/data/pipeline.py`), global batch 1024, a 256-bit
+augmentations: the defaults of `config_defaults.input_defaults`), global batch 1024, a 256-bit
 channel, coding-rate eps 0.05, student and teacher heads re-initialized together every 10
 epochs. Optimization follows DINO's ViT recipe: AdamW, learning rate 5e-4 x batch / 256
 after 10 warmup epochs, cosine to 1e-6, weight decay 0.04 -> 0.4, gradient clipping at 3,
