@@ -14,6 +14,7 @@ Methods:
   numpy_popcount: np.bitwise_count on uint64 words, exact top-k via
                np.partition + a stable sort of the candidates.
 """
+
 import argparse
 import functools
 import math
@@ -28,8 +29,7 @@ import numpy as np
 from bits_jax.evaluate import retrieval
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("k", "db_block", "n_valid", "grouped"))
+@functools.partial(jax.jit, static_argnames=("k", "db_block", "n_valid", "grouped"))
 def _matmul_topk(q_pm1, db_pm1, *, k, db_block, n_valid, grouped):
   """Exact top-k by Hamming distance from +-1 float codes (blocked matmul).
 
@@ -76,17 +76,15 @@ def _unpack_pm1(words, *, bits):
   """[n, w] uint32 -> [n, bits] float32 +-1, built on device (no host copy)."""
   shifts = jnp.arange(32, dtype=jnp.uint32)
   on = (words[:, :, None] >> shifts) & 1
-  return (2.0 * on.reshape(words.shape[0], -1)[:, :bits] - 1.0).astype(
-      jnp.float32)
+  return (2.0 * on.reshape(words.shape[0], -1)[:, :bits] - 1.0).astype(jnp.float32)
 
 
 def _numpy_topk(q64, db64, k, query_block=4):
   """Exact top-k with np.bitwise_count; ties broken by index."""
   dists, idxs = [], []
   for start in range(0, q64.shape[0], query_block):
-    q = q64[start:start + query_block]
-    dist = np.bitwise_count(q[:, None, :] ^ db64[None, :, :]).sum(
-        axis=-1, dtype=np.int32)
+    q = q64[start : start + query_block]
+    dist = np.bitwise_count(q[:, None, :] ^ db64[None, :, :]).sum(axis=-1, dtype=np.int32)
     for row in dist:
       kth = np.partition(row, k - 1)[k - 1]
       cand = np.flatnonzero(row <= kth)  # Index order.
@@ -127,14 +125,18 @@ def _time(fn, repeats):
 def _time_matmul(q_words, db_words, args, results):
   """Times both matmul baselines; the 1 GB +-1 database lives only here."""
   n_pad = args.db_block * math.ceil(args.num_db / args.db_block)
-  db_pm1 = _unpack_pm1(jnp.pad(db_words, ((0, n_pad - args.num_db), (0, 0))),
-                       bits=args.bits)
+  db_pm1 = _unpack_pm1(jnp.pad(db_words, ((0, n_pad - args.num_db), (0, 0))), bits=args.bits)
   q_pm1 = _unpack_pm1(q_words, bits=args.bits)
   outputs = []
   for grouped, name in ((True, "same top-k"), (False, "lax.top_k")):
-    t, out = _time(lambda g=grouped: jax.block_until_ready(_matmul_topk(
-        q_pm1, db_pm1, k=args.k, db_block=args.db_block, n_valid=args.num_db,
-        grouped=g)), args.repeats)
+    t, out = _time(
+        lambda g=grouped: jax.block_until_ready(
+            _matmul_topk(
+                q_pm1, db_pm1, k=args.k, db_block=args.db_block, n_valid=args.num_db, grouped=g
+            )
+        ),
+        args.repeats,
+    )
     results[f"jax_matmul (+-1 float32, {name})"] = (args.queries, t)
     outputs.append(out)
   return outputs
@@ -145,8 +147,9 @@ def main():
   parser.add_argument("--num_db", type=int, default=1_000_000)
   parser.add_argument("--bits", type=int, default=256)
   parser.add_argument("--queries", type=int, default=512)
-  parser.add_argument("--numpy_queries", type=int, default=64,
-                      help="numpy is timed on the first this many queries.")
+  parser.add_argument(
+      "--numpy_queries", type=int, default=64, help="numpy is timed on the first this many queries."
+  )
   parser.add_argument("--k", type=int, default=100)
   parser.add_argument("--db_block", type=int, default=65536)
   parser.add_argument("--repeats", type=int, default=3)
@@ -158,30 +161,37 @@ def main():
   q_words = jnp.asarray(_random_words(rng, args.queries, args.bits))
 
   results = {}
-  t, packed = _time(lambda: jax.block_until_ready(retrieval.hamming_topk(
-      q_words, db_words, args.k, db_block=args.db_block)), args.repeats)
+  t, packed = _time(
+      lambda: jax.block_until_ready(
+          retrieval.hamming_topk(q_words, db_words, args.k, db_block=args.db_block)
+      ),
+      args.repeats,
+  )
   results["jax_packed (XOR+popcount)"] = (args.queries, t)
   print(f"jax_packed done: {t:.2f}s", flush=True)
 
   matmul, matmul_plain = _time_matmul(q_words, db_words, args, results)
 
   db64 = _to_uint64(np.asarray(db_words))
-  q64 = _to_uint64(np.asarray(q_words))[:args.numpy_queries]
+  q64 = _to_uint64(np.asarray(q_words))[: args.numpy_queries]
   t, numpy_out = _time(lambda: _numpy_topk(q64, db64, args.k), 1)
   results["numpy_popcount (uint64)"] = (args.numpy_queries, t)
 
   for other in (matmul, matmul_plain):
     np.testing.assert_array_equal(np.asarray(other[1]), np.asarray(packed[1]))
     np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(packed[0]))
-  np.testing.assert_array_equal(numpy_out[1],
-                                np.asarray(packed[1])[:args.numpy_queries])
+  np.testing.assert_array_equal(numpy_out[1], np.asarray(packed[1])[: args.numpy_queries])
 
-  print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.1f} at the end; jax {jax.__version__} on "
-        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), numpy "
-        f"{np.__version__}")
-  print(f"database {args.num_db} x {args.bits} bits, top-{args.k}, exact, "
-        "ties by index; all methods return identical neighbours\n")
+  print(
+      f"machine: {_cpu_name()}, {os.cpu_count()} cores, load average "
+      f"{os.getloadavg()[0]:.1f} at the end; jax {jax.__version__} on "
+      f"{jax.default_backend()} ({jax.devices()[0].device_kind}), numpy "
+      f"{np.__version__}"
+  )
+  print(
+      f"database {args.num_db} x {args.bits} bits, top-{args.k}, exact, "
+      "ties by index; all methods return identical neighbours\n"
+  )
   base = results["jax_packed (XOR+popcount)"]
   base_qps = base[0] / base[1]
   print("| method | queries | seconds | queries/s | packed speed-up |")

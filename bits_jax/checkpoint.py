@@ -20,6 +20,7 @@ Guarantees (tested in tests/test_faults.py):
     checkpoint's size; a failing write (full or read-only disk) raises
     `CheckpointWriteError` naming the intact steps.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -63,10 +64,13 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   """Async Orbax manager of `WORKDIR/checkpoints`; retention is done by `Checkpoints`."""
   del config
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=None, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               item_handlers=ocp.StandardCheckpointHandler(),
-                               options=options)
+      max_to_keep=None, create=True, enable_async_checkpointing=True
+  )
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      item_handlers=ocp.StandardCheckpointHandler(),
+      options=options,
+  )
 
 
 # -------------------------------------------------------------------------- manifests
@@ -102,12 +106,19 @@ def _write_atomically(path: str, text: str) -> None:
 
 def write_manifest(step_dir: str, step: int) -> dict:
   """Records size and SHA-256 of every file of a committed step; returns the manifest."""
-  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
-                 "sha256": _file_digest(os.path.join(step_dir, rel))}
-           for rel in _list_files(step_dir)}
-  manifest = {"step": int(step), "files": files,
-              "total_bytes": int(sum(f["size"] for f in files.values())),
-              "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+  files = {
+      rel: {
+          "size": os.path.getsize(os.path.join(step_dir, rel)),
+          "sha256": _file_digest(os.path.join(step_dir, rel)),
+      }
+      for rel in _list_files(step_dir)
+  }
+  manifest = {
+      "step": int(step),
+      "files": files,
+      "total_bytes": int(sum(f["size"] for f in files.values())),
+      "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+  }
   _write_atomically(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
 
@@ -159,8 +170,11 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
 def _leaf_specs(tree) -> list[tuple[tuple[int, ...], str]]:
   """Sorted (shape, dtype) of every array leaf: a structure fingerprint for Orbax metadata."""
   leaves = jax.tree_util.tree_leaves(tree)
-  return sorted((tuple(int(d) for d in x.shape), str(np.dtype(x.dtype))) for x in leaves
-                if hasattr(x, "shape") and hasattr(x, "dtype"))
+  return sorted(
+      (tuple(int(d) for d in x.shape), str(np.dtype(x.dtype)))
+      for x in leaves
+      if hasattr(x, "shape") and hasattr(x, "dtype")
+  )
 
 
 def _incompatibility(manager: ocp.CheckpointManager, step: int, target) -> str | None:
@@ -177,9 +191,11 @@ def _incompatibility(manager: ocp.CheckpointManager, step: int, target) -> str |
     return None
   only_saved = sorted(set(saved) - set(wanted))[:3]
   only_wanted = sorted(set(wanted) - set(saved))[:3]
-  return (f"it holds {len(saved)} arrays, the current config's train state has "
-          f"{len(wanted)}; (shape, dtype) only in the checkpoint: {only_saved}, only in the "
-          f"config: {only_wanted}")
+  return (
+      f"it holds {len(saved)} arrays, the current config's train state has "
+      f"{len(wanted)}; (shape, dtype) only in the checkpoint: {only_saved}, only in the "
+      f"config: {only_wanted}"
+  )
 
 
 def _restored_problem(state: TrainState, step: int) -> str | None:
@@ -197,8 +213,10 @@ def remove_incomplete_writes(directory: str) -> list[str]:
   names = sorted(n for n in os.listdir(directory) if _TMP_MARKER in n)
   if jax.process_index() == 0:
     for name in names:
-      _say(f"Found an incomplete checkpoint write {os.path.join(directory, name)} (the run "
-           f"stopped while saving): it was never a complete checkpoint; removing it.")
+      _say(
+          f"Found an incomplete checkpoint write {os.path.join(directory, name)} (the run "
+          "stopped while saving): it was never a complete checkpoint; removing it."
+      )
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
   utils.sync_processes("bits_jax_remove_incomplete_writes")
   return names
@@ -213,8 +231,10 @@ def quarantine(manager: ocp.CheckpointManager, step: int, problem: str) -> str:
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.move(source, dest)
-    _say(f"Checkpoint step {step} in {manager.directory} is damaged: {problem}. Moved it to "
-         f"{dest}; falling back to the previous checkpoint.")
+    _say(
+        f"Checkpoint step {step} in {manager.directory} is damaged: {problem}. Moved it to "
+        f"{dest}; falling back to the previous checkpoint."
+    )
   utils.sync_processes(f"bits_jax_quarantined_{step}")
   manager.reload()
   return dest
@@ -241,7 +261,8 @@ def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | 
         raise CheckpointMismatchError(
             f"Checkpoint step {step} in {manager.directory} does not fit the train state of "
             f"the current config: {mismatch}. Resume with the config it was written with "
-            f"(workdir/config.json), or use a new --workdir.")
+            "(workdir/config.json), or use a new --workdir."
+        )
       try:
         state = manager.restore(step, args=ocp.args.StandardRestore(target))
         problem = _restored_problem(state, step)
@@ -252,19 +273,25 @@ def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | 
       if not verified:
         if jax.process_index() == 0:
           write_manifest(step_dir, step)
-        _say(f"Checkpoint step {step} had no manifest (the run stopped between commit and "
-             f"manifest); it restored and validated, manifest written.")
+        _say(
+            f"Checkpoint step {step} had no manifest (the run stopped between commit and "
+            "manifest); it restored and validated, manifest written."
+        )
       if damaged:
-        _say(f"Resuming from checkpoint step {step} in {manager.directory}, the newest intact "
-             f"one (damaged: {damaged}, moved to {QUARANTINE}/).")
+        _say(
+            f"Resuming from checkpoint step {step} in {manager.directory}, the newest intact "
+            f"one (damaged: {damaged}, moved to {QUARANTINE}/)."
+        )
       else:
         _say(f"Resuming from checkpoint step {step} in {manager.directory}", warn=False)
       return state
     quarantine(manager, step, problem)
     damaged.append(step)
   if damaged:
-    _say(f"No intact checkpoint left in {manager.directory} (damaged: {damaged}, moved to "
-         f"{QUARANTINE}/): starting from step 0.")
+    _say(
+        f"No intact checkpoint left in {manager.directory} (damaged: {damaged}, moved to "
+        f"{QUARANTINE}/): starting from step 0."
+    )
   return None
 
 
@@ -274,9 +301,10 @@ def initial_or_restored_state(components, config, mesh, manager) -> TrainState:
   restored = restore_latest_good(manager, target)
   if restored is not None:
     return restored
-  init = jax.jit(lambda: train_state_lib.create(components, config,
-                                                jax.random.PRNGKey(config.seed)),
-                 out_shardings=sharding_lib.shardings_of(target))
+  init = jax.jit(
+      lambda: train_state_lib.create(components, config, jax.random.PRNGKey(config.seed)),
+      out_shardings=sharding_lib.shardings_of(target),
+  )
   return init()
 
 
@@ -284,8 +312,13 @@ def initial_or_restored_state(components, config, mesh, manager) -> TrainState:
 
 
 def _state_bytes(state) -> int:
-  return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state)
-                 if hasattr(x, "dtype")))
+  return int(
+      sum(
+          x.size * np.dtype(x.dtype).itemsize
+          for x in jax.tree_util.tree_leaves(state)
+          if hasattr(x, "dtype")
+      )
+  )
 
 
 def _os_error_in(e: BaseException) -> OSError | None:
@@ -340,8 +373,9 @@ class Checkpoints:
     return CheckpointWriteError(
         f"Cannot write checkpoint step {step} to {self.directory}: "
         f"{_describe_os_error(e)}. Intact checkpoints: {intact or 'none'}. Free space (or "
-        f"fix the disk) and rerun the same command to resume from step "
-        f"{max(intact) if intact else 0}.")
+        "fix the disk) and rerun the same command to resume from step "
+        f"{max(intact) if intact else 0}."
+    )
 
   def _check_free_space(self, step: int, state) -> None:
     """Refuses a save that cannot fit: the previous checkpoint's size, else the raw state."""
@@ -350,8 +384,9 @@ class Checkpoints:
     needed = int(needed * 1.1) + (64 << 10)
     free = shutil.disk_usage(self.directory).free
     if free < needed:
-      raise self._write_error(step, OSError(
-          errno.ENOSPC, f"{free} bytes free, a checkpoint needs about {needed}"))
+      raise self._write_error(
+          step, OSError(errno.ENOSPC, f"{free} bytes free, a checkpoint needs about {needed}")
+      )
 
   def save(self, step: int, state: TrainState) -> None:
     """Starts an async save of `state` as `step` (finalizing the previous save first)."""
@@ -384,7 +419,7 @@ class Checkpoints:
       raise self._write_error(step, e) from e
     utils.sync_processes(f"bits_jax_manifest_{step}")
     self.manager.reload()
-    for old in self.steps()[:-self.keep]:
+    for old in self.steps()[: -self.keep]:
       if old < step:
         self.manager.delete(old)
 

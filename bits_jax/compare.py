@@ -10,6 +10,7 @@ method trains and is evaluated (k-NN) in DIR/M exactly as `bits_jax.main` would 
 resumes); then DIR/compare.md (a Markdown table) and DIR/compare.json hold k-NN top-1, the
 random-init baseline and training steps/s (compilation excluded).
 """
+
 import json
 import os
 import time
@@ -23,16 +24,17 @@ from ml_collections import config_flags
 from bits_jax import objectives
 from bits_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, FILE.py[:preset].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, FILE.py[:preset].", lock_config=True
+)
 _METHODS = flags.DEFINE_list("methods", list(objectives.NAMES), "Methods to compare.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per "
-                               "method).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per method).")
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
   """A copy of `config` training `method` (the method's own settings stay as configured)."""
   from configs import common  # pylint: disable=g-import-not-at-top
+
   objectives.get(method)  # fails early on an unknown method
   return common.set_method(config.copy_and_resolve_references(), method)
 
@@ -40,13 +42,17 @@ def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collecti
 def markdown_table(rows: list[dict]) -> str:
   """The comparison table: one row per method."""
   k = rows[0]["knn_k"] if rows else 20
-  lines = [f"| method | k-NN top-1 (k={k}) | random init | steps | steps/s | train + eval (s) |",
-           "| --- | --- | --- | --- | --- | --- |"]
+  lines = [
+      f"| method | k-NN top-1 (k={k}) | random init | steps | steps/s | train + eval (s) |",
+      "| --- | --- | --- | --- | --- | --- |",
+  ]
   for r in rows:
     rate = f"{r['steps_per_second']:.2f}" if r.get("steps_per_second") else "n/a"
-    lines.append(f"| {r['method']} | {100 * r['knn_top1']:.2f}% | "
-                 f"{100 * r['knn_top1_random_init']:.2f}% | {r['step']} | {rate} | "
-                 f"{r['wall_seconds']:.0f} |")
+    lines.append(
+        f"| {r['method']} | {100 * r['knn_top1']:.2f}% | "
+        f"{100 * r['knn_top1_random_init']:.2f}% | {r['step']} | {rate} | "
+        f"{r['wall_seconds']:.0f} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -56,15 +62,19 @@ def compare(config: ml_collections.ConfigDict, methods, workdir: str) -> list[di
   if not any(e.type == "knn" and e.at_end for e in config.evals.values()):
     raise ValueError("compare reports k-NN top-1: keep config.evals.knn.at_end=True.")
   if not config.baseline_random_init:
-    raise ValueError("compare reports the random-init baseline: keep "
-                     "config.baseline_random_init=True.")
+    raise ValueError(
+        "compare reports the random-init baseline: keep config.baseline_random_init=True."
+    )
   rows = []
   for method, method_cfg in zip(methods, configs):
     run_dir = os.path.join(workdir, method)
     t0 = time.time()
     results = train.train_and_evaluate(method_cfg, run_dir)
-    row = {"method": method, "wall_seconds": time.time() - t0,
-           **{k: results[k] for k in ("knn_top1", "knn_top1_random_init", "knn_k", "step")}}
+    row = {
+        "method": method,
+        "wall_seconds": time.time() - t0,
+        **{k: results[k] for k in ("knn_top1", "knn_top1_random_init", "knn_k", "step")},
+    }
     speed_file = os.path.join(run_dir, "train_speed.json")
     if os.path.exists(speed_file):
       with open(speed_file) as f:
@@ -77,8 +87,16 @@ def compare(config: ml_collections.ConfigDict, methods, workdir: str) -> list[di
       f.write(f"Methods: {list(methods)}, devices: {devices}\n\n")
       f.write(table)
     with open(os.path.join(workdir, "compare.json"), "w") as f:
-      json.dump({"methods": list(methods), "devices": devices, "rows": rows,
-                 "config": json.loads(config.to_json_best_effort())}, f, indent=2)
+      json.dump(
+          {
+              "methods": list(methods),
+              "devices": devices,
+              "rows": rows,
+              "config": json.loads(config.to_json_best_effort()),
+          },
+          f,
+          indent=2,
+      )
     print(table, flush=True)
   return rows
 

@@ -16,6 +16,7 @@ line, e.g. `--config.objective.bits.eps=0.05`, `--config.input.batch_size=512`:
 registry lists them); the other sections have fixed keys, checked by
 `bits_jax.config_validation`.
 """
+
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
@@ -23,100 +24,118 @@ ConfigDict = ml_collections.ConfigDict
 
 def input_defaults() -> ConfigDict:
   """config.input: where the images come from and how they are cropped and augmented."""
-  return ConfigDict(dict(
-      # 'fashion_mnist' | a TFDS name | 'idx:/dir' | 'npz:/file.npz' | 'imagefolder:/dir'
-      dataset="fashion_mnist",
-      data_dir=None,  # TFDS data_dir (may be gs://)
-      idx_dir="/usr/share/datasets/fashion-mnist",  # offline Fashion-MNIST (Debian package)
-      train_split="train",  # the training split (TFDS slicing allowed: 'train[:90%]')
-      num_channels=3,  # channels fed to the model (images are converted to it)
-      batch_size=256,  # global, over all devices and processes
-      eval_batch_size=256,  # global batch of the evaluation pipeline
-      shuffle_buffer=10_000,  # TFDS: records shuffled in memory
-      skip_corrupt_images=False,  # imagefolder: skip undecodable files (counted, logged)
-      threads=None,  # tf.data private thread pool; None: TF's default
-      prefetch_batches=2,  # host-side batches prepared ahead
-      crops=ConfigDict(dict(
-          num_global=2,  # global crops (seen by student and teacher)
-          num_local=0,  # local crops (student only)
-          global_size=28,  # side of the global crops; the model's reference size
-          local_size=12,  # side of the local crops
-          global_scale=(0.32, 1.0),  # area range of the random-resized global crops
-          local_scale=(0.05, 0.32),  # area range of the local crops
-      )),
-      augment=ConfigDict(dict(
-          flip=True,  # random horizontal flip
-          color_jitter_prob=0.8,  # probability of the colour jitter below
-          brightness=0.4,  # jitter strengths (DINO's values)
-          contrast=0.4,  # contrast jitter strength
-          saturation=0.2,  # saturation jitter strength
-          hue=0.1,  # hue jitter strength
-          grayscale_prob=0.2,  # probability of converting a view to grayscale
-          blur_probs=(1.0, 0.1, 0.5),  # first global view, other global views, local views
-          solarize_prob=0.2,  # second global view only
-          normalize_mean=None,  # None: the dataset's known statistics, else 0.5
-          normalize_std=None,  # None: the dataset's known statistics, else 0.5
-          resize_method="bicubic",  # tf.image.resize method of every crop
-          # Antialiased downscaling (as PIL) costs ~2x the resize time; TF SSL pipelines
-          # (SimCLR, big_vision) resize without it.
-          resize_antialias=False,
-          xla=True,  # XLA-compile hue/grayscale/normalize (2-3x faster on CPU)
-      )),
-      eval_resize_size=None,  # eval: resize the short side, then center-crop
-      eval_crop_size=None,  # None: the global crop size
-  ))
+  return ConfigDict(
+      dict(
+          # 'fashion_mnist' | a TFDS name | 'idx:/dir' | 'npz:/file.npz' | 'imagefolder:/dir'
+          dataset="fashion_mnist",
+          data_dir=None,  # TFDS data_dir (may be gs://)
+          idx_dir="/usr/share/datasets/fashion-mnist",  # offline Fashion-MNIST (Debian package)
+          train_split="train",  # the training split (TFDS slicing allowed: 'train[:90%]')
+          num_channels=3,  # channels fed to the model (images are converted to it)
+          batch_size=256,  # global, over all devices and processes
+          eval_batch_size=256,  # global batch of the evaluation pipeline
+          shuffle_buffer=10_000,  # TFDS: records shuffled in memory
+          skip_corrupt_images=False,  # imagefolder: skip undecodable files (counted, logged)
+          threads=None,  # tf.data private thread pool; None: TF's default
+          prefetch_batches=2,  # host-side batches prepared ahead
+          crops=ConfigDict(
+              dict(
+                  num_global=2,  # global crops (seen by student and teacher)
+                  num_local=0,  # local crops (student only)
+                  global_size=28,  # side of the global crops; the model's reference size
+                  local_size=12,  # side of the local crops
+                  global_scale=(0.32, 1.0),  # area range of the random-resized global crops
+                  local_scale=(0.05, 0.32),  # area range of the local crops
+              )
+          ),
+          augment=ConfigDict(
+              dict(
+                  flip=True,  # random horizontal flip
+                  color_jitter_prob=0.8,  # probability of the colour jitter below
+                  brightness=0.4,  # jitter strengths (DINO's values)
+                  contrast=0.4,  # contrast jitter strength
+                  saturation=0.2,  # saturation jitter strength
+                  hue=0.1,  # hue jitter strength
+                  grayscale_prob=0.2,  # probability of converting a view to grayscale
+                  blur_probs=(1.0, 0.1, 0.5),  # first global view, other global views, local views
+                  solarize_prob=0.2,  # second global view only
+                  normalize_mean=None,  # None: the dataset's known statistics, else 0.5
+                  normalize_std=None,  # None: the dataset's known statistics, else 0.5
+                  resize_method="bicubic",  # tf.image.resize method of every crop
+                  # Antialiased downscaling (as PIL) costs ~2x the resize time; TF SSL pipelines
+                  # (SimCLR, big_vision) resize without it.
+                  resize_antialias=False,
+                  xla=True,  # XLA-compile hue/grayscale/normalize (2-3x faster on CPU)
+              )
+          ),
+          eval_resize_size=None,  # eval: resize the short side, then center-crop
+          eval_crop_size=None,  # None: the global crop size
+      )
+  )
 
 
 def objective_defaults() -> ConfigDict:
   """config.objective: the method and its settings (each method reads its own section)."""
-  return ConfigDict(dict(
-      name="bits",  # 'bits' | 'dino' | 'simdino'
-      # The projection head; its output size is the method's (bits, prototypes, dim).
-      head=ConfigDict(dict(
-          hidden_dim=2048,  # width of the hidden layers
-          bottleneck_dim=256,  # width before the last layer (DINO's bottleneck)
-          num_layers=3,  # layers before the output layer
-      )),
-      bits=ConfigDict(dict(
-          num_bits=256,  # bits per message (paper: 256)
-          bce_weight=1.0,  # weight of the cross-view binary cross-entropy
-          coding_rate_weight=0.1,  # beta (paper: 0.1)
-          eps=0.05,  # coding-rate distortion
-          # Head re-initialisation (paper: every 10 epochs): steps or epochs, 0 = never.
-          reset_every_steps=0,
-          reset_every_epochs=0,  # (either one; the other stays 0)
-      )),
-      dino=ConfigDict(dict(
-          out_dim=65536,  # prototypes in the weight-normalised last layer
-          norm_last_layer=True,  # prototypes of unit norm (weight-norm scale fixed)
-          student_temp=0.1,  # student softmax temperature
-          teacher_temp=0.07,  # after the warm-up
-          warmup_teacher_temp=0.04,  # teacher temperature at step 0
-          warmup_teacher_temp_steps=300,  # linear warm-up of the teacher temperature
-          center_momentum=0.9,  # EMA of the teacher-score center
-          freeze_last_layer_steps=0,  # first steps with no update of the prototypes
-      )),
-      simdino=ConfigDict(dict(
-          eps=0.5,  # R = 0.5 logdet(I + d / (n eps) Z^T Z)
-          coding_rate_weight=1.0,  # times the (d + n) / (d n) balancing factor
-      )),
-  ))
+  return ConfigDict(
+      dict(
+          name="bits",  # 'bits' | 'dino' | 'simdino'
+          # The projection head; its output size is the method's (bits, prototypes, dim).
+          head=ConfigDict(
+              dict(
+                  hidden_dim=2048,  # width of the hidden layers
+                  bottleneck_dim=256,  # width before the last layer (DINO's bottleneck)
+                  num_layers=3,  # layers before the output layer
+              )
+          ),
+          bits=ConfigDict(
+              dict(
+                  num_bits=256,  # bits per message (paper: 256)
+                  bce_weight=1.0,  # weight of the cross-view binary cross-entropy
+                  coding_rate_weight=0.1,  # beta (paper: 0.1)
+                  eps=0.05,  # coding-rate distortion
+                  # Head re-initialisation (paper: every 10 epochs): steps or epochs, 0 = never.
+                  reset_every_steps=0,
+                  reset_every_epochs=0,  # (either one; the other stays 0)
+              )
+          ),
+          dino=ConfigDict(
+              dict(
+                  out_dim=65536,  # prototypes in the weight-normalised last layer
+                  norm_last_layer=True,  # prototypes of unit norm (weight-norm scale fixed)
+                  student_temp=0.1,  # student softmax temperature
+                  teacher_temp=0.07,  # after the warm-up
+                  warmup_teacher_temp=0.04,  # teacher temperature at step 0
+                  warmup_teacher_temp_steps=300,  # linear warm-up of the teacher temperature
+                  center_momentum=0.9,  # EMA of the teacher-score center
+                  freeze_last_layer_steps=0,  # first steps with no update of the prototypes
+              )
+          ),
+          simdino=ConfigDict(
+              dict(
+                  eps=0.5,  # R = 0.5 logdet(I + d / (n eps) Z^T Z)
+                  coding_rate_weight=1.0,  # times the (d + n) / (d n) balancing factor
+              )
+          ),
+      )
+  )
 
 
 def optim_defaults() -> ConfigDict:
   """config.optim: AdamW with warm-up + cosine, weight-decay schedule, EMA teacher."""
-  return ConfigDict(dict(
-      learning_rate=5e-4,  # peak, after warm-up (absolute, not per 256)
-      end_learning_rate=1e-6,  # at the end of the cosine decay
-      warmup_steps=100,  # linear warm-up from 0
-      weight_decay=0.04,  # cosine to weight_decay_end
-      weight_decay_end=0.4,  # at the end of the run
-      b1=0.9,  # Adam first-moment decay
-      b2=0.999,  # Adam second-moment decay
-      clip_norm=3.0,  # global gradient-norm clipping, 0 = none
-      teacher_momentum=0.996,  # cosine to 1.0
-      grad_accum_steps=1,  # micro-batches per update (a scan inside the step)
-  ))
+  return ConfigDict(
+      dict(
+          learning_rate=5e-4,  # peak, after warm-up (absolute, not per 256)
+          end_learning_rate=1e-6,  # at the end of the cosine decay
+          warmup_steps=100,  # linear warm-up from 0
+          weight_decay=0.04,  # cosine to weight_decay_end
+          weight_decay_end=0.4,  # at the end of the run
+          b1=0.9,  # Adam first-moment decay
+          b2=0.999,  # Adam second-moment decay
+          clip_norm=3.0,  # global gradient-norm clipping, 0 = none
+          teacher_momentum=0.996,  # cosine to 1.0
+          grad_accum_steps=1,  # micro-batches per update (a scan inside the step)
+      )
+  )
 
 
 def evals_defaults() -> ConfigDict:
@@ -126,23 +145,50 @@ def evals_defaults() -> ConfigDict:
   `baseline_random_init`, on the same model at random init); `python -m bits_jax.evaluate`
   runs every entry.
   """
-  return ConfigDict(dict(
-      # Weighted k-NN top-1 (DINO protocol) of the CLS features, query split vs bank split.
-      knn=ConfigDict(dict(type="knn", every=0, at_end=True, bank_split="train",
-                          query_split="test", ks=(10, 20, 100, 200), temperature=0.07)),
-      # Linear probe on frozen CLS features (learning-rate sweep on a held-out part).
-      linear=ConfigDict(dict(type="linear", every=0, at_end=False, train_split="train",
-                             test_split="test", epochs=50, last4=False)),
-      # Retrieval mAP with the continuous features and with the binary codes (Hamming).
-      retrieval=ConfigDict(dict(type="retrieval", every=0, at_end=False,
-                                database_split="train", query_split="test")),
-      # Statistics of the teacher's binary messages (balance, entropy, correlation, ...).
-      codes=ConfigDict(dict(type="codes", every=0, at_end=False, split="test")),
-      # Eigen-spectrum of the backbone-feature covariance: d_eff, r_eff (paper Tab. 2).
-      geometry=ConfigDict(dict(type="geometry", every=0, at_end=False, split="test")),
-      # Patch-token k-NN segmentation of synthetic squares.
-      dense=ConfigDict(dict(type="dense", every=0, at_end=False, num_images=64)),
-  ))
+  return ConfigDict(
+      dict(
+          # Weighted k-NN top-1 (DINO protocol) of the CLS features, query split vs bank split.
+          knn=ConfigDict(
+              dict(
+                  type="knn",
+                  every=0,
+                  at_end=True,
+                  bank_split="train",
+                  query_split="test",
+                  ks=(10, 20, 100, 200),
+                  temperature=0.07,
+              )
+          ),
+          # Linear probe on frozen CLS features (learning-rate sweep on a held-out part).
+          linear=ConfigDict(
+              dict(
+                  type="linear",
+                  every=0,
+                  at_end=False,
+                  train_split="train",
+                  test_split="test",
+                  epochs=50,
+                  last4=False,
+              )
+          ),
+          # Retrieval mAP with the continuous features and with the binary codes (Hamming).
+          retrieval=ConfigDict(
+              dict(
+                  type="retrieval",
+                  every=0,
+                  at_end=False,
+                  database_split="train",
+                  query_split="test",
+              )
+          ),
+          # Statistics of the teacher's binary messages (balance, entropy, correlation, ...).
+          codes=ConfigDict(dict(type="codes", every=0, at_end=False, split="test")),
+          # Eigen-spectrum of the backbone-feature covariance: d_eff, r_eff (paper Tab. 2).
+          geometry=ConfigDict(dict(type="geometry", every=0, at_end=False, split="test")),
+          # Patch-token k-NN segmentation of synthetic squares.
+          dense=ConfigDict(dict(type="dense", every=0, at_end=False, num_images=64)),
+      )
+  )
 
 
 def base_config() -> ConfigDict:

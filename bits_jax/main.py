@@ -10,6 +10,7 @@ Exit status: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rer
 78 invalid config or a refused config change on resume; 73 workdir locked, read-only or full,
 or a checkpoint write failed; 65 stopped on non-finite loss/gradients (last checkpoint intact).
 """
+
 import os
 import sys
 
@@ -29,15 +30,21 @@ from bits_jax import run_guard
 from bits_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:preset]).", lock_config=True)
+    "config", None, "Experiment config file (configs/*.py[:preset]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", list(distributed.MODES),
+    "distributed",
+    "auto",
+    list(distributed.MODES),
     "auto: start jax.distributed on a detected TPU pod / SLURM / Open MPI job or when "
-    "--coordinator_address is given; on: always; off: single process.")
+    "--coordinator_address is given; on: always; off: single process.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0 (multi-process runs JAX cannot "
-    "detect; also JAX_COORDINATOR_ADDRESS).")
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0 (multi-process runs JAX cannot detect; also JAX_COORDINATOR_ADDRESS).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, N).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -50,8 +57,10 @@ def main(argv):
     # absl turns INFO on under app.run; Orbax alone would print ~5 lines per checkpoint.
     # `--verbosity=0` brings them back.
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize(_DISTRIBUTED.value, distributed.args_from(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+  distributed.initialize(
+      _DISTRIBUTED.value,
+      distributed.args_from(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value),
+  )
   logging.info("JAX devices: %s (%s)", jax.devices(), distributed.describe())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -5,6 +5,7 @@ head's moments and bias-correction count; learning rate and weight decay are inj
 hyperparameters set from the global step before every update. Weight decay applies to
 kernels, not to biases, norms, position embeddings or the CLS token.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ _NO_DECAY = ("pos_embed", "cls_token")
 @dataclasses.dataclass(frozen=True)
 class Schedules:
   """Functions of the global step."""
+
   learning_rate: optax.Schedule
   weight_decay: optax.Schedule
   teacher_momentum: optax.Schedule
@@ -33,16 +35,23 @@ def make_schedules(config) -> Schedules:
   """Warm-up + cosine learning rate, cosine weight decay and teacher momentum (to 1)."""
   optim, total = config.optim, config.total_steps
   learning_rate = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
-      decay_steps=max(total, optim.warmup_steps + 1), end_value=optim.end_learning_rate)
+      init_value=0.0,
+      peak_value=optim.learning_rate,
+      warmup_steps=optim.warmup_steps,
+      decay_steps=max(total, optim.warmup_steps + 1),
+      end_value=optim.end_learning_rate,
+  )
   if optim.weight_decay == 0:
     weight_decay = optax.constant_schedule(optim.weight_decay_end)
   else:
     weight_decay = optax.cosine_decay_schedule(
-        init_value=optim.weight_decay, decay_steps=max(total, 1),
-        alpha=optim.weight_decay_end / optim.weight_decay)
-  gap = optax.cosine_decay_schedule(init_value=1.0 - optim.teacher_momentum,
-                                    decay_steps=max(total, 1))
+        init_value=optim.weight_decay,
+        decay_steps=max(total, 1),
+        alpha=optim.weight_decay_end / optim.weight_decay,
+    )
+  gap = optax.cosine_decay_schedule(
+      init_value=1.0 - optim.teacher_momentum, decay_steps=max(total, 1)
+  )
   return Schedules(learning_rate, weight_decay, lambda step: 1.0 - gap(step))
 
 
@@ -50,6 +59,7 @@ def _decay_mask(params: PyTree) -> PyTree:
   def decays(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
     return x.ndim >= 2 and name not in _NO_DECAY
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -59,23 +69,28 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
   def group():
     return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=0.0, weight_decay=0.0, b1=optim.b1, b2=optim.b2, mask=_decay_mask)
+        learning_rate=0.0, weight_decay=0.0, b1=optim.b1, b2=optim.b2, mask=_decay_mask
+    )
 
-  clip = (optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0
-          else optax.identity())
-  return optax.chain(clip, optax.multi_transform({g: group() for g in GROUPS},
-                                                 {g: g for g in GROUPS}))
+  clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity()
+  return optax.chain(
+      clip, optax.multi_transform({g: group() for g in GROUPS}, {g: g for g in GROUPS})
+  )
 
 
 def set_hyperparams(opt_state: PyTree, learning_rate, weight_decay) -> PyTree:
   """The injected learning rate and weight decay of every group set to these values."""
   return optax.tree_utils.tree_set(
-      opt_state, learning_rate=jnp.asarray(learning_rate, jnp.float32),
-      weight_decay=jnp.asarray(weight_decay, jnp.float32))
+      opt_state,
+      learning_rate=jnp.asarray(learning_rate, jnp.float32),
+      weight_decay=jnp.asarray(weight_decay, jnp.float32),
+  )
 
 
 def reset_group(opt_state: PyTree, fresh_opt_state: PyTree, group: str) -> PyTree:
   """`opt_state` with the leaves of one parameter group taken from `fresh_opt_state`."""
   return jax.tree_util.tree_map_with_path(
       lambda path, old, new: new if utils.under_key(path, group) else old,
-      opt_state, fresh_opt_state)
+      opt_state,
+      fresh_opt_state,
+  )

@@ -15,6 +15,7 @@ Several processes must save at the same step:
   * otherwise every process all-gathers its stop flag after every step (one tiny collective)
     and all stop when any has one.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,10 +31,10 @@ import jax
 import numpy as np
 
 # sysexits.h codes, so schedulers and scripts can tell the cases apart.
-EXIT_PREEMPTED = 75   # EX_TEMPFAIL: checkpoint saved; rerun the same command to resume
-EXIT_NONFINITE = 65   # EX_DATAERR: stopped on non-finite loss/gradients; last checkpoint intact
-EXIT_WORKDIR = 73     # EX_CANTCREAT: workdir locked, read-only or full
-EXIT_CONFIG = 78      # EX_CONFIG: invalid config, or a config change refused on resume
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved; rerun the same command to resume
+EXIT_NONFINITE = 65  # EX_DATAERR: stopped on non-finite loss/gradients; last checkpoint intact
+EXIT_WORKDIR = 73  # EX_CANTCREAT: workdir locked, read-only or full
+EXIT_CONFIG = 78  # EX_CONFIG: invalid config, or a config change refused on resume
 
 LOCK_FILE = ".bits_jax.lock"
 
@@ -44,7 +45,8 @@ class Preempted(Exception):
   def __init__(self, step: int, signal_name: str, checkpoint_dir: str):
     super().__init__(
         f"Stopped by {signal_name} after step {step}; checkpoint {step} saved in "
-        f"{checkpoint_dir}. Rerun the same command to resume.")
+        f"{checkpoint_dir}. Rerun the same command to resume."
+    )
     self.step = step
     self.signal_name = signal_name
 
@@ -56,6 +58,7 @@ class WorkdirError(RuntimeError):
 def _sync_manager():
   """JAX's preemption sync manager when jax.distributed runs it, else None."""
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
   state = distributed.global_state
   if state.client is None:
     return None
@@ -81,11 +84,9 @@ class StopRequest:
       signal.raise_signal(signum)
       return
     self.signal_name = name
-    logging.warning("%s received: finishing the current step, then saving a checkpoint.",
-                    name)
+    logging.warning("%s received: finishing the current step, then saving a checkpoint.", name)
     if jax.process_index() == 0:
-      print(f"{name} received: finishing the current step, then saving a checkpoint.",
-            flush=True)
+      print(f"{name} received: finishing the current step, then saving a checkpoint.", flush=True)
 
   def _forward_to_jax(self, signum, frame):
     """SIGINT under JAX's preemption service: becomes a SIGTERM for JAX's notifier."""
@@ -95,8 +96,9 @@ class StopRequest:
       signal.raise_signal(signum)
       return
     self.signal_name = signal.Signals(signum).name
-    logging.warning("%s received: forwarded to JAX's preemption service as SIGTERM.",
-                    self.signal_name)
+    logging.warning(
+        "%s received: forwarded to JAX's preemption service as SIGTERM.", self.signal_name
+    )
     signal.raise_signal(signal.SIGTERM)
 
   def __enter__(self) -> "StopRequest":
@@ -127,11 +129,13 @@ class StopRequest:
       return self.requested
     if self._jax_service:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       if multihost_utils.reached_preemption_sync_point(step):
         self.signal_name = self.signal_name or "SIGTERM"
         return True
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
     if np.any(flags):
       self.signal_name = self.signal_name or "a stop signal on another process"
@@ -165,8 +169,9 @@ def check_writable(workdir: str) -> None:
   except OSError as e:
     raise WorkdirError(
         f"Workdir {workdir} is not writable: {_describe(e)}. Checkpoints already there are "
-        f"untouched. Fix the disk (free space, remount read-write) or pass another "
-        f"--workdir.") from e
+        "untouched. Fix the disk (free space, remount read-write) or pass another "
+        "--workdir."
+    ) from e
 
 
 class WorkdirLock:
@@ -194,12 +199,12 @@ class WorkdirLock:
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise WorkdirError(
             f"Workdir {os.path.dirname(self.path)} is in use by another run ({holder}). Wait "
-            f"for it to finish or stop it, or pass another --workdir.") from e
+            "for it to finish or stop it, or pass another --workdir."
+        ) from e
       raise WorkdirError(f"Cannot lock {self.path}: {_describe(e)}.") from e
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(),
-              0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
     self._fd = fd
     return self
 
@@ -237,13 +242,20 @@ class NonFiniteGuard:
     self.consecutive += 1
     self.total += 1
     if jax.process_index() == 0:
-      print(f"step {step}: non-finite loss or gradients, update skipped "
-            f"({self.consecutive} in a row, {self.total} in this run)", flush=True)
+      print(
+          f"step {step}: non-finite loss or gradients, update skipped "
+          f"({self.consecutive} in a row, {self.total} in this run)",
+          flush=True,
+      )
     if self.policy == "stop":
-      return (f"Stopping at step {step}: the loss or gradients are not finite "
-              f"(config.on_nonfinite='stop').")
+      return (
+          f"Stopping at step {step}: the loss or gradients are not finite "
+          "(config.on_nonfinite='stop')."
+      )
     if self.consecutive >= self.max_consecutive:
-      return (f"Stopping at step {step}: {self.consecutive} consecutive updates had a "
-              f"non-finite loss or gradients and were skipped "
-              f"(config.max_consecutive_nonfinite={self.max_consecutive}).")
+      return (
+          f"Stopping at step {step}: {self.consecutive} consecutive updates had a "
+          "non-finite loss or gradients and were skipped "
+          f"(config.max_consecutive_nonfinite={self.max_consecutive})."
+      )
     return None

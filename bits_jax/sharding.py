@@ -22,6 +22,7 @@ A spec is
                            replicated); the default rule for everything;
   a tuple, e.g. (None, 'fsdp')  an explicit PartitionSpec.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,7 +42,7 @@ BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over both axes
 
 DEFAULT_MESH = {DATA_AXIS: -1, FSDP_AXIS: 1}
 DEFAULT_PARTITION_RULES = ((".*", "fsdp"),)
-DEFAULT_FSDP_MIN_SIZE = 2 ** 16
+DEFAULT_FSDP_MIN_SIZE = 2**16
 
 
 # -------------------------------------------------------------------------------- mesh
@@ -52,8 +53,10 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
   spec = dict(DEFAULT_MESH if mesh_config is None else mesh_config)
   unknown = sorted(set(spec) - set(MESH_AXES))
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {unknown}: use only {list(MESH_AXES)}, "
-                     f"e.g. config.mesh = {{'data': -1, 'fsdp': 1}}.")
+    raise ValueError(
+        f"config.mesh has unknown axes {unknown}: use only {list(MESH_AXES)}, "
+        "e.g. config.mesh = {'data': -1, 'fsdp': 1}."
+    )
   sizes = [int(spec.get(axis, 1)) for axis in MESH_AXES]
   if any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"config.mesh={spec}: sizes must be positive or -1 (the rest).")
@@ -62,13 +65,17 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh={spec}: {num_devices} devices are not divisible by "
-                       f"{known}; pick axis sizes whose product divides {num_devices}.")
+      raise ValueError(
+          f"config.mesh={spec}: {num_devices} devices are not divisible by "
+          f"{known}; pick axis sizes whose product divides {num_devices}."
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"config.mesh={spec} needs {int(np.prod(sizes))} devices but "
-                     f"{num_devices} are used: make the product of the sizes equal "
-                     f"{num_devices} or set one axis to -1.")
+    raise ValueError(
+        f"config.mesh={spec} needs {int(np.prod(sizes))} devices but "
+        f"{num_devices} are used: make the product of the sizes equal "
+        f"{num_devices} or set one axis to -1."
+    )
   return sizes[0], sizes[1]
 
 
@@ -77,8 +84,9 @@ def make_mesh(config: ml_collections.ConfigDict | None = None, devices=None) -> 
   devices = jax.devices() if devices is None else list(devices)
   mesh_config = None if config is None else config.get("mesh", None)
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  return jax.make_mesh(
+      shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -94,26 +102,34 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
-def check_batch_divisible(global_batch: int, mesh: Mesh, name: str = "batch_size", *,
-                          micro_batches: int = 1) -> None:
+def check_batch_divisible(
+    global_batch: int, mesh: Mesh, name: str = "batch_size", *, micro_batches: int = 1
+) -> None:
   """Raises unless every micro-batch splits evenly over devices and processes."""
   if micro_batches < 1 or global_batch % micro_batches:
-    raise ValueError(f"config.{name}={global_batch} is not divisible by "
-                     f"grad_accum_steps={micro_batches}: use a batch size that is a multiple "
-                     f"of it, or change grad_accum_steps.")
+    raise ValueError(
+        f"config.{name}={global_batch} is not divisible by "
+        f"grad_accum_steps={micro_batches}: use a batch size that is a multiple "
+        "of it, or change grad_accum_steps."
+    )
   micro = global_batch // micro_batches
   n = mesh.devices.size
   if micro % n:
-    what = f"config.{name}={global_batch}" if micro_batches == 1 else (
-        f"the micro-batch {name} / grad_accum_steps = {micro}")
+    what = (
+        f"config.{name}={global_batch}"
+        if micro_batches == 1
+        else (f"the micro-batch {name} / grad_accum_steps = {micro}")
+    )
     step = n * micro_batches
     lower, upper = (global_batch // step) * step, (global_batch // step + 1) * step
     raise ValueError(
         f"{what} is not divisible by the {n} devices of the mesh: use a {name} that is a "
-        f"multiple of {step} (e.g. {lower or upper} or {upper}).")
+        f"multiple of {step} (e.g. {lower or upper} or {upper})."
+    )
   if global_batch % jax.process_count():
-    raise ValueError(f"config.{name}={global_batch} is not divisible by the "
-                     f"{jax.process_count()} processes.")
+    raise ValueError(
+        f"config.{name}={global_batch} is not divisible by the {jax.process_count()} processes."
+    )
 
 
 # ----------------------------------------------------------------------- partition rules
@@ -135,18 +151,23 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
 def _explicit_spec(spec, shape, mesh: Mesh, name: str) -> P:
   spec = P(*spec)
   if len(spec) > len(shape):
-    raise ValueError(f"partition rule {tuple(spec)} for '{name}' has more entries than the "
-                     f"array's rank {len(shape)} (shape {shape}): fix config.partition_rules.")
+    raise ValueError(
+        f"partition rule {tuple(spec)} for '{name}' has more entries than the "
+        f"array's rank {len(shape)} (shape {shape}): fix config.partition_rules."
+    )
   for dim, axes in zip(shape, spec):
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     for axis in axes:
       if axis not in mesh.axis_names:
-        raise ValueError(f"partition rule for '{name}' names axis {axis!r}: use "
-                         f"{list(mesh.axis_names)} or None.")
+        raise ValueError(
+            f"partition rule for '{name}' names axis {axis!r}: use {list(mesh.axis_names)} or None."
+        )
     size = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
     if dim % size:
-      raise ValueError(f"partition rule {tuple(spec)} splits a dimension of size {dim} of "
-                       f"'{name}' {shape} over {size} devices: change the rule or the mesh.")
+      raise ValueError(
+          f"partition rule {tuple(spec)} splits a dimension of size {dim} of "
+          f"'{name}' {shape} over {size} devices: change the rule or the mesh."
+      )
   return spec
 
 
@@ -163,16 +184,20 @@ def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh, config=None) -
       if spec == "fsdp":
         return _fsdp_spec(tuple(shape), fsdp_size, min_size)
       if isinstance(spec, str):
-        raise ValueError(f"partition rule spec {spec!r} (pattern {pattern!r}): use "
-                         "'replicated', 'fsdp' or a tuple of mesh axis names / None.")
+        raise ValueError(
+            f"partition rule spec {spec!r} (pattern {pattern!r}): use "
+            "'replicated', 'fsdp' or a tuple of mesh axis names / None."
+        )
       return _explicit_spec(spec, tuple(shape), mesh, name)
   return P()
 
 
 def tree_shardings(tree, mesh: Mesh, config=None):
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) from the rules."""
+
   def one(path, x):
     return NamedSharding(mesh, partition_spec(utils.path_name(path), np.shape(x), mesh, config))
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -184,10 +209,12 @@ def abstract_state(components, config, mesh: Mesh):
   parallel) straight into this mesh's layout.
   """
   from bits_jax import train_state  # pylint: disable=g-import-not-at-top
+
   shapes = jax.eval_shape(lambda: train_state.create(components, config, jax.random.PRNGKey(0)))
   shardings = tree_shardings(shapes, mesh, config)
   return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
 
 
 def shardings_of(tree):

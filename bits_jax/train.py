@@ -6,6 +6,7 @@ the `config.evals` entries that have `every` > 0; `train_and_evaluate` then runs
 evaluators on the trained teacher (and, with `baseline_random_init`, on the same model at
 random init) and writes `WORKDIR/results.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ def _format_eta(seconds: float) -> str:
 def steps_per_epoch(config) -> int:
   """Updates per pass over the training split."""
   from bits_jax import data  # pylint: disable=g-import-not-at-top
+
   info = data.get_dataset_info(config)
   examples = info.num_examples.get(config.input.train_split)
   if not examples:
@@ -66,8 +68,13 @@ def _store_config(config, workdir: str, resuming: bool) -> None:
     os.replace(tmp, path)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_at_step: int | None = None, devices=None) -> TrainState:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    devices=None,
+) -> TrainState:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the final state.
 
   Before anything is built: the config is validated (`ConfigError`), the workdir must be
@@ -82,8 +89,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return _train(config, workdir, stop, stop_at_step=stop_at_step, devices=devices)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.StopRequest, *,
-           stop_at_step: int | None = None, devices=None) -> TrainState:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stop: run_guard.StopRequest,
+    *,
+    stop_at_step: int | None = None,
+    devices=None,
+) -> TrainState:
   """The loop of `train`, inside the workdir lock and the signal handlers.
 
   `stop_at_step` ends the run early (with a checkpoint) without changing the schedules,
@@ -101,23 +114,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
   state = checkpoints.restore_or_init(components, config, mesh)
   if config.init_from and int(state.step) == 0:
     state = init_backbone_from(state, config)
-  step_fn = train_step_lib.compile_train_step(components, config, mesh,
-                                              sharding_lib.shardings_of(state))
+  step_fn = train_step_lib.compile_train_step(
+      components, config, mesh, sharding_lib.shardings_of(state)
+  )
   start_step = int(state.step)
   periodic = {name: entry for name, entry in config.evals.items() if entry.every > 0}
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config_validation.flat_items(config)
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams({
+        k: v
+        for k, v in config_validation.flat_items(config)
+        if isinstance(v, (int, float, str, bool))
+    })
 
   batches = prefetch.prefetch_to_mesh(
       data.make_train_iterator(config, start_step=start_step),
-      sharding_lib.batch_sharding(mesh), size=2)
+      sharding_lib.batch_sharding(mesh),
+      size=2,
+  )
   t0, steps_timed = time.time(), 0
-  last_step = config.total_steps if stop_at_step is None else min(stop_at_step,
-                                                                    config.total_steps)
+  last_step = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
   run_t0 = None
   guard = run_guard.NonFiniteGuard(config)
   pending = None  # (step, update_skipped) read one step late, so one step stays in flight
@@ -136,8 +153,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
       raise run_guard.NonFiniteError(
           f"{reason} The last good checkpoint ({f'step {intact[-1]}' if intact else 'none'}) "
           f"in {checkpoints.directory} is intact. Fix the cause (a lower optim.learning_rate, "
-          f"NaN/Inf in the data, float32 instead of bfloat16), then rerun the same command "
-          f"to resume from it.")
+          "NaN/Inf in the data, float32 instead of bfloat16), then rerun the same command "
+          "to resume from it."
+      )
 
   stopping = False
   for step in range(start_step, last_step):
@@ -163,11 +181,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
       if histograms:
         writer.write_histograms(done, histograms)
       if jax.process_index() == 0:
-        print(f"step {done}/{config.total_steps} | loss {scalars['loss']:.4f} | "
-              f"bit acc {scalars.get('agreement_accuracy', float('nan')):.3f} | "
-              f"lr {scalars['learning_rate']:.2e} | {rate:.2f} steps/s | "
-              f"ETA {_format_eta((config.total_steps - done) / rate) if steps_timed else '?'}",
-              flush=True)
+        print(
+            f"step {done}/{config.total_steps} | loss {scalars['loss']:.4f} | "
+            f"bit acc {scalars.get('agreement_accuracy', float('nan')):.3f} | "
+            f"lr {scalars['learning_rate']:.2e} | {rate:.2f} steps/s | "
+            f"ETA {_format_eta((config.total_steps - done) / rate) if steps_timed else '?'}",
+            flush=True,
+        )
       t0, steps_timed = time.time(), 0
     due = [name for name, entry in periodic.items() if done % entry.every == 0]
     if due:
@@ -190,9 +210,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: run_guard.Stop
     jax.block_until_ready(state)
     seconds = time.time() - run_t0
     with open(os.path.join(workdir, "train_speed.json"), "w") as f:
-      json.dump({"steps": timed_steps, "seconds": seconds,
-                 "steps_per_second": timed_steps / seconds,
-                 "devices": [str(d) for d in mesh.devices.flat]}, f, indent=2)
+      json.dump(
+          {
+              "steps": timed_steps,
+              "seconds": seconds,
+              "steps_per_second": timed_steps / seconds,
+              "devices": [str(d) for d in mesh.devices.flat],
+          },
+          f,
+          indent=2,
+      )
   return state
 
 
@@ -210,11 +237,13 @@ def _log_views(writer, batch: dict, num_examples: int = 8) -> None:
     writer.write_images(0, {f"views/{name}": grid})
 
 
-def _log_evals(components: Components, config, mesh, state: TrainState, step: int, names,
-               writer) -> dict:
+def _log_evals(
+    components: Components, config, mesh, state: TrainState, step: int, names, writer
+) -> dict:
   """Runs the evaluators `names` on the current teacher; logs their scalars at `step`."""
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import run as run_lib  # pylint: disable=g-import-not-at-top
+
   ctx = common.EvalContext(config, components, teacher_variables(state), mesh, step=step)
   results = common.run_evaluators(ctx, config.evals, names)
   writer.write_scalars(step, run_lib.scalars(results, "eval/"))
@@ -227,21 +256,31 @@ def init_backbone_from(state: TrainState, config) -> TrainState:
   The head stays fresh: the new run learns its own code on the new data.
   """
   from bits_jax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+
   loaded, step = weights_lib.load_params(config.init_from)
   place = lambda new, old: jax.tree_util.tree_map(
-      lambda n, o: jax.device_put(n, o.sharding), new, old)
-  backbone = place(weights_lib.adapt_params(loaded["backbone"], state.params["backbone"]),
-                   state.params["backbone"])
-  replace = {"params": dict(state.params, backbone=backbone),
-             "teacher_params": dict(state.teacher_params, backbone=backbone)}
+      lambda n, o: jax.device_put(n, o.sharding), new, old
+  )
+  backbone = place(
+      weights_lib.adapt_params(loaded["backbone"], state.params["backbone"]),
+      state.params["backbone"],
+  )
+  replace = {
+      "params": dict(state.params, backbone=backbone),
+      "teacher_params": dict(state.teacher_params, backbone=backbone),
+  }
   if state.batch_stats and "batch_stats" in loaded:
-    stats = place(weights_lib.adapt_params(loaded["batch_stats"]["backbone"],
-                                           state.batch_stats["backbone"]),
-                  state.batch_stats["backbone"])
+    stats = place(
+        weights_lib.adapt_params(loaded["batch_stats"]["backbone"], state.batch_stats["backbone"]),
+        state.batch_stats["backbone"],
+    )
     replace["batch_stats"] = dict(state.batch_stats, backbone=stats)
     replace["teacher_batch_stats"] = dict(state.teacher_batch_stats, backbone=stats)
-  print(f"Initialized the backbone from {config.init_from}"
-        + (f" (step {step})" if step is not None else ""), flush=True)
+  print(
+      f"Initialized the backbone from {config.init_from}"
+      + (f" (step {step})" if step is not None else ""),
+      flush=True,
+  )
   return state.replace(**replace)
 
 
@@ -263,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import run as run_lib  # pylint: disable=g-import-not-at-top
+
   state = train(config, workdir)
   names = [name for name, entry in config.evals.items() if entry.at_end]
   if not names:
@@ -271,21 +311,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   components = train_state_lib.build(config, steps_per_epoch(config))
   evaluated = {"trained": teacher_variables(state)}
   if config.baseline_random_init:
-    params, stats = train_state_lib.init_variables(components,
-                                                   jax.random.PRNGKey(config.seed + 1))
+    params, stats = train_state_lib.init_variables(components, jax.random.PRNGKey(config.seed + 1))
     evaluated["random_init"] = dict(params, **({"batch_stats": stats} if stats else {}))
   if config.init_from:
     # SSL adaptation: the same evaluation before (loaded weights) and after training.
     evaluated["init_from"], _ = run_lib.load_variables(config, components, config.init_from)
-  results = {"step": int(state.step), "method": config.objective.name,
-             "dataset": config.input.dataset}
+  results = {
+      "step": int(state.step),
+      "method": config.objective.name,
+      "dataset": config.input.dataset,
+  }
   plots = []
   for label, variables in evaluated.items():
     out_dir = os.path.join(workdir, "eval") if label == "trained" else None
-    ctx = common.EvalContext(config, components, variables, mesh, step=int(state.step),
-                             out_dir=out_dir if jax.process_index() == 0 else None)
-    results.update({f"{label}/{k}": v
-                    for k, v in common.run_evaluators(ctx, config.evals, names).items()})
+    ctx = common.EvalContext(
+        config,
+        components,
+        variables,
+        mesh,
+        step=int(state.step),
+        out_dir=out_dir if jax.process_index() == 0 else None,
+    )
+    results.update(
+        {f"{label}/{k}": v for k, v in common.run_evaluators(ctx, config.evals, names).items()}
+    )
     plots += ctx.plots
   headline = _knn_headline(results, config)
   if headline:
@@ -297,10 +346,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_lib.write_results(results, workdir, step=int(state.step), plots=plots, prefix="")
   if headline and jax.process_index() == 0:
     split = next(e.query_split for e in config.evals.values() if e.type == "knn")
-    print(f"k-NN top-1 (k={k}) on {config.input.dataset}:{split}: "
-          f"{config.objective.name}-trained {100 * results['knn_top1']:.2f}%"
-          + (f" | random init {100 * results['knn_top1_random_init']:.2f}%"
-             if "knn_top1_random_init" in results else "")
-          + (f" | before (init_from) {100 * results['knn_top1_init_from']:.2f}%"
-             if "knn_top1_init_from" in results else ""), flush=True)
+    print(
+        f"k-NN top-1 (k={k}) on {config.input.dataset}:{split}: "
+        f"{config.objective.name}-trained {100 * results['knn_top1']:.2f}%"
+        + (
+            f" | random init {100 * results['knn_top1_random_init']:.2f}%"
+            if "knn_top1_random_init" in results
+            else ""
+        )
+        + (
+            f" | before (init_from) {100 * results['knn_top1_init_from']:.2f}%"
+            if "knn_top1_init_from" in results
+            else ""
+        ),
+        flush=True,
+    )
   return results

@@ -5,6 +5,7 @@ structure. All randomness and schedules are functions of the stored rng and step
 resumed run is identical to an uninterrupted one. `Components` (models, objective, optimizer,
 schedules) are built once from the config, outside `jit`; the train step closes over them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ class Student(nn.Module):
 
   `__call__(views: [batch, V, H, W, C]) -> head_out [V, batch, dim]`.
   """
+
   backbone: nn.Module
   head: nn.Module
 
@@ -57,6 +59,7 @@ class Student(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class Components:
   """What a run is made of, built once from the config."""
+
   backbone: nn.Module
   head: nn.Module
   objective: objectives.Objective
@@ -81,7 +84,8 @@ def build(config, steps_per_epoch: int | None = None) -> Components:
       optimizer=optim.make_optimizer(config),
       schedules=optim.make_schedules(config),
       image_shape=(size, size, config.input.num_channels),
-      head_reset_every=objective.head_reset_every(config, steps_per_epoch))
+      head_reset_every=objective.head_reset_every(config, steps_per_epoch),
+  )
 
 
 def init_head_params(components: Components, key) -> PyTree:
@@ -96,10 +100,10 @@ def init_variables(components: Components, key) -> tuple[PyTree, PyTree]:
   """
   k_backbone, k_head = jax.random.split(key)
   variables = components.backbone.init(
-      k_backbone, jnp.zeros((1,) + components.image_shape, jnp.float32))
+      k_backbone, jnp.zeros((1,) + components.image_shape, jnp.float32)
+  )
   params = {"backbone": variables["params"], "head": init_head_params(components, k_head)}
-  batch_stats = ({"backbone": variables["batch_stats"]} if variables.get("batch_stats")
-                 else {})
+  batch_stats = {"backbone": variables["batch_stats"]} if variables.get("batch_stats") else {}
   return params, batch_stats
 
 
@@ -123,7 +127,8 @@ def create(components: Components, config, key) -> TrainState:
       rng=jax.random.fold_in(key, 1),
       skipped_steps=jnp.zeros((), jnp.int32),
       batch_stats=batch_stats,
-      teacher_batch_stats=batch_stats)
+      teacher_batch_stats=batch_stats,
+  )
 
 
 def reset_head(state: TrainState, components: Components) -> TrainState:
@@ -135,8 +140,9 @@ def reset_head(state: TrainState, components: Components) -> TrainState:
   new_head = init_head_params(components, key)
   params = dict(state.params, head=new_head)
   opt_state = optim.reset_group(state.opt_state, components.optimizer.init(params), "head")
-  return state.replace(params=params, teacher_params=dict(state.teacher_params, head=new_head),
-                       opt_state=opt_state)
+  return state.replace(
+      params=params, teacher_params=dict(state.teacher_params, head=new_head), opt_state=opt_state
+  )
 
 
 def head_reset_due(step: jax.Array, components: Components) -> jax.Array:

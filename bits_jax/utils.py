@@ -1,4 +1,5 @@
 """Small helpers shared across the package: one home each."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -50,6 +51,7 @@ def to_host(x: Any) -> np.ndarray:
   """numpy copy of `x`; global arrays spanning several processes are all-gathered."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -61,8 +63,10 @@ def to_global(x: Any, sharding: jax.sharding.NamedSharding, name: str = "batch")
   x = np.asarray(x)
   n_local = len(sharding.addressable_devices)
   if x.shape[0] % n_local:
-    raise ValueError(f"{name} has {x.shape[0]} rows, not divisible by the {n_local} local "
-                     f"devices of the mesh: pad it to a multiple of the device count.")
+    raise ValueError(
+        f"{name} has {x.shape[0]} rows, not divisible by the {n_local} local "
+        "devices of the mesh: pad it to a multiple of the device count."
+    )
   return jax.make_array_from_process_local_data(sharding, x)
 
 
@@ -70,6 +74,7 @@ def sync_processes(name: str) -> None:
   """A barrier over all processes (a no-op for one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -84,12 +89,16 @@ def steps(section, name: str, steps_per_epoch: int | None) -> int:
   by_steps = section.get(f"{name}_steps", 0) or 0
   by_epochs = section.get(f"{name}_epochs", 0) or 0
   if by_steps and by_epochs:
-    raise ValueError(f"both {name}_steps={by_steps} and {name}_epochs={by_epochs} are set: "
-                     f"set one of them (the other to 0).")
+    raise ValueError(
+        f"both {name}_steps={by_steps} and {name}_epochs={by_epochs} are set: "
+        "set one of them (the other to 0)."
+    )
   if by_epochs:
     if not steps_per_epoch:
-      raise ValueError(f"{name}_epochs={by_epochs} needs the number of training examples: "
-                       f"give {name}_steps instead.")
+      raise ValueError(
+          f"{name}_epochs={by_epochs} needs the number of training examples: "
+          f"give {name}_steps instead."
+      )
     return max(int(round(by_epochs * steps_per_epoch)), 1)
   return int(by_steps)
 
@@ -100,7 +109,8 @@ def load_config_file(spec: str):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Config file {path!r} not found: pass --config=configs/NAME.py.")
   module_spec = importlib.util.spec_from_file_location(
-      "bits_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+      "bits_jax_config_" + os.path.splitext(os.path.basename(path))[0], path
+  )
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()

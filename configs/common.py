@@ -8,6 +8,7 @@
 {'size': 'test', 'method': 'dino'}: a bare token picks the option whose choices contain it,
 `key=value` sets any option (a tuple of choices: one of them; a default's type otherwise).
 """
+
 import ml_collections
 
 METHODS = ("bits", "dino", "simdino")
@@ -44,8 +45,10 @@ def parse_arg(arg, **options) -> ml_collections.ConfigDict:
 
 
 def _describe(options) -> str:
-  return ", ".join(f"{k} in {v}" if isinstance(v, tuple) else f"{k}=<{type(v).__name__}>"
-                   for k, v in options.items())
+  return ", ".join(
+      f"{k} in {v}" if isinstance(v, tuple) else f"{k}=<{type(v).__name__}>"
+      for k, v in options.items()
+  )
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:

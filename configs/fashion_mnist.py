@@ -10,6 +10,7 @@ Presets (`:arg`, comma-separated, see `configs/common.py`):
 Offline, the data come from the Debian package `dataset-fashion-mnist` (IDX files) when the
 TFDS dataset is not prepared; with internet, TFDS downloads it.
 """
+
 from bits_jax import config_defaults
 from configs import common
 
@@ -27,8 +28,16 @@ def get_config(arg=None):
   data.num_channels = 1
   data.batch_size = 128
   data.eval_batch_size = 512
-  data.crops.update(dict(global_size=28, local_size=14, num_global=2, num_local=4,
-                         global_scale=(0.4, 1.0), local_scale=(0.1, 0.4)))
+  data.crops.update(
+      dict(
+          global_size=28,
+          local_size=14,
+          num_global=2,
+          num_local=4,
+          global_scale=(0.4, 1.0),
+          local_scale=(0.1, 0.4),
+      )
+  )
 
   config.model = dict(name="vit", patch_size=7, width=128, depth=4, num_heads=4)
   config.objective.head.update(dict(hidden_dim=512, bottleneck_dim=128, num_layers=3))

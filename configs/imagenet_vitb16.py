@@ -12,11 +12,11 @@ any current accelerator; `--config.mesh.fsdp=N` shards them (and the optimizer s
 teacher) over N devices when memory is short, `--config.model.remat=True` trades compute for
 activation memory.
 """
+
 from configs import common
 from configs import imagenet_vits16
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, length=("ep100", "ep300"))
-  return imagenet_vits16.imagenet_config("vit_base", int(arg.length[2:]),
-                                         base_lr_per_256=7.5e-4)
+  return imagenet_vits16.imagenet_config("vit_base", int(arg.length[2:]), base_lr_per_256=7.5e-4)

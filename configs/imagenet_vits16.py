@@ -17,14 +17,16 @@ The backbone has no stochastic depth (DINO uses 0.1 for ViT-S/16).
 Scale-out keys: `--config.mesh.fsdp=N` (FSDP over N devices),
 `--config.optim.grad_accum_steps=K`, `--config.model.remat=True`; see the README's "TPU and multi-GPU runs".
 """
+
 from bits_jax import config_defaults
 from configs import common
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
-def imagenet_config(model: str, epochs: int, *, base_lr_per_256: float,
-                    teacher_momentum: float = 0.996):
+def imagenet_config(
+    model: str, epochs: int, *, base_lr_per_256: float, teacher_momentum: float = 0.996
+):
   """The ImageNet-1k BITS recipe for `model` trained for `epochs` epochs."""
   config = config_defaults.base_config()
   config.seed = 0

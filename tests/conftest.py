@@ -1,4 +1,5 @@
 """Test setup: fake an 8-device CPU mesh before JAX is imported anywhere; shared fixtures."""
+
 import os
 import sys
 
@@ -23,6 +24,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 def tiny_config():
   """The fashion_mnist test preset (a 1-block ViT, 32 bits, batch 16, 6 steps)."""
   import helpers  # pylint: disable=g-import-not-at-top
+
   return helpers.load_config("fashion_mnist", "test")
 
 

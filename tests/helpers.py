@@ -1,4 +1,5 @@
 """Shared test utilities."""
+
 import os
 
 import numpy as np
@@ -10,19 +11,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, arg: str = ""):
   """`get_config(arg)` of configs/<name>.py."""
-  return utils.load_config_file(os.path.join(REPO, "configs", f"{name}.py") +
-                                (f":{arg}" if arg else ""))
+  return utils.load_config_file(
+      os.path.join(REPO, "configs", f"{name}.py") + (f":{arg}" if arg else "")
+  )
 
 
 def random_batch(config, seed: int = 0):
   """A synthetic multi-crop batch with the pipeline's structure."""
   rng = np.random.RandomState(seed)
   b, c, crops = config.input.batch_size, config.input.num_channels, config.input.crops
-  batch = {"global": rng.randn(b, crops.num_global, crops.global_size, crops.global_size,
-                               c).astype(np.float32)}
+  batch = {
+      "global": (
+          rng.randn(b, crops.num_global, crops.global_size, crops.global_size, c).astype(np.float32)
+      )
+  }
   if crops.num_local:
-    batch["local"] = rng.randn(b, crops.num_local, crops.local_size, crops.local_size,
-                               c).astype(np.float32)
+    batch["local"] = rng.randn(b, crops.num_local, crops.local_size, crops.local_size, c).astype(
+        np.float32
+    )
   return batch
 
 
@@ -31,11 +37,14 @@ def create_state(config, mesh=None):
   import jax  # pylint: disable=g-import-not-at-top
   from bits_jax import sharding  # pylint: disable=g-import-not-at-top
   from bits_jax import train_state  # pylint: disable=g-import-not-at-top
+
   components = train_state.build(config)
   key = jax.random.PRNGKey(config.seed)
   if mesh is None:
     return components, train_state.create(components, config, key)
   target = sharding.abstract_state(components, config, mesh)
-  init = jax.jit(lambda: train_state.create(components, config, key),
-                 out_shardings=sharding.shardings_of(target))
+  init = jax.jit(
+      lambda: train_state.create(components, config, key),
+      out_shardings=sharding.shardings_of(target),
+  )
   return components, init()

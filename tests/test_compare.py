@@ -1,4 +1,5 @@
 """bits_jax.compare: per-method configs from one file, overrides, the Markdown table."""
+
 import pytest
 
 from bits_jax import compare
@@ -33,10 +34,25 @@ def test_bad_arguments_are_clear_errors():
 
 
 def test_markdown_table():
-  rows = [{"method": "bits", "knn_top1": 0.8123, "knn_top1_random_init": 0.7, "knn_k": 20,
-           "step": 800, "steps_per_second": 1.234, "wall_seconds": 600.0},
-          {"method": "dino", "knn_top1": 0.75, "knn_top1_random_init": 0.7, "knn_k": 20,
-           "step": 800, "wall_seconds": 610.4}]
+  rows = [
+      {
+          "method": "bits",
+          "knn_top1": 0.8123,
+          "knn_top1_random_init": 0.7,
+          "knn_k": 20,
+          "step": 800,
+          "steps_per_second": 1.234,
+          "wall_seconds": 600.0,
+      },
+      {
+          "method": "dino",
+          "knn_top1": 0.75,
+          "knn_top1_random_init": 0.7,
+          "knn_k": 20,
+          "step": 800,
+          "wall_seconds": 610.4,
+      },
+  ]
   table = compare.markdown_table(rows).splitlines()
   assert table[0].startswith("| method | k-NN top-1 (k=20) |")
   assert table[2] == "| bits | 81.23% | 70.00% | 800 | 1.23 | 600 |"

@@ -1,4 +1,5 @@
 """Tests for bits_jax.evaluate.features."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,24 +10,27 @@ from bits_jax.evaluate import features
 
 @jax.jit
 def _apply(images):
-  return {"embedding": images.mean(axis=(1, 2)),  # [b, C]
-          "logits": images.reshape(images.shape[0], -1)[:, :5] * 2.0}
+  return {
+      "embedding": images.mean(axis=(1, 2)),  # [b, C]
+      "logits": images.reshape(images.shape[0], -1)[:, :5] * 2.0,
+  }
 
 
 def _batches(n_batches, b, seed=0):
   rng = np.random.default_rng(seed)
   for i in range(n_batches):
-    yield {"image": rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
-           "label": np.arange(i * b, (i + 1) * b, dtype=np.int32),
-           "mask": np.arange(b) < (b - i)}
+    yield {
+        "image": rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
+        "label": np.arange(i * b, (i + 1) * b, dtype=np.int32),
+        "mask": np.arange(b) < (b - i),
+    }
 
 
 def test_concatenates_outputs_labels_and_masks():
   out = features.extract_features(_apply, _batches(3, 8))
   images = np.concatenate([b["image"] for b in _batches(3, 8)])
   assert sorted(out) == ["embedding", "label", "logits", "mask"]
-  np.testing.assert_allclose(out["embedding"], images.mean(axis=(1, 2)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(out["embedding"], images.mean(axis=(1, 2)), rtol=1e-6)
   np.testing.assert_allclose(out["logits"], images.reshape(24, -1)[:, :5] * 2)
   np.testing.assert_array_equal(out["label"], np.arange(24))
   assert out["mask"].dtype == bool and out["mask"].sum() == 8 + 7 + 6
@@ -34,8 +38,7 @@ def test_concatenates_outputs_labels_and_masks():
 
 
 def test_mesh_sharded_batches_match_unsharded():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2),
-                           ("data", "model"))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
   plain = features.extract_features(_apply, _batches(2, 16))
   sharded = features.extract_features(_apply, _batches(2, 16), mesh=mesh)
   for name in plain:

@@ -6,10 +6,10 @@ the conversion tests use these modules: the same key names and shapes as
 same computation (pre-norm ViT with fused qkv, LayerNorm eps 1e-6, exact GELU, CLS token and
 1 + N learned position embeddings; ResNet v1.5 bottlenecks with BatchNorm eps 1e-5).
 """
+
 import torch
 from torch import nn
 import torch.nn.functional as F
-
 
 # --------------------------------------------------------------------------------- ViT
 
@@ -69,8 +69,16 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
   """timm-layout ViT; `forward_features` returns the normed tokens [B, 1 + N, D]."""
 
-  def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12,
-               num_heads=6, num_classes=1000):
+  def __init__(
+      self,
+      img_size=224,
+      patch_size=16,
+      in_chans=3,
+      embed_dim=384,
+      depth=12,
+      num_heads=6,
+      num_classes=1000,
+  ):
     super().__init__()
     n = (img_size // patch_size) ** 2
     self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
@@ -110,8 +118,8 @@ class Bottleneck(nn.Module):
     self.downsample = None
     if stride != 1 or inplanes != planes * 4:
       self.downsample = nn.Sequential(
-          nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
-          nn.BatchNorm2d(planes * 4))
+          nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4)
+      )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))

@@ -29,6 +29,7 @@ The context (`EvalContext`, built by `bits_jax.evaluate.run`) offers:
   ctx.normalize(images_uint8) -> float32 images normalised as in training
   ctx.add_plot(path) registers a written PNG for TensorBoard
 """
+
 from __future__ import annotations
 
 import importlib
@@ -87,8 +88,9 @@ class EvalContext:
     out_dir: where evaluators write figures (None: nowhere).
   """
 
-  def __init__(self, config, components, variables, mesh, *, step: int = 0,
-               out_dir: str | None = None):
+  def __init__(
+      self, config, components, variables, mesh, *, step: int = 0, out_dir: str | None = None
+  ):
     self.config, self.mesh, self.step, self.out_dir = config, mesh, int(step or 0), out_dir
     self.plots: list[str] = []
     self._components = components
@@ -110,6 +112,7 @@ class EvalContext:
   def info(self):
     if self._info is None:
       from bits_jax import data  # pylint: disable=g-import-not-at-top
+
       self._info = data.get_dataset_info(self.config)
     return self._info
 
@@ -124,9 +127,12 @@ class EvalContext:
     backbone = train_state_lib.backbone_variables(variables, variables.get("batch_stats"))
     want_keys = "last_keys" in outputs
     out = self._components.backbone.apply(
-        backbone, images, train=False,
+        backbone,
+        images,
+        train=False,
         capture_intermediates=_last_keys_filter if want_keys else False,
-        mutable=["intermediates"] if want_keys else False)
+        mutable=["intermediates"] if want_keys else False,
+    )
     if want_keys:
       out, state = out
       out = dict(out, last_keys=_last_keys(state["intermediates"]))
@@ -135,7 +141,8 @@ class EvalContext:
       if not self.has_head:
         raise ValueError("these weights have no projection head: 'logits' are not available.")
       result["logits"] = self._components.head.apply(
-          {"params": variables["head"]}, out["cls"]).astype(jnp.float32)
+          {"params": variables["head"]}, out["cls"]
+      ).astype(jnp.float32)
     missing = sorted(set(outputs) - set(result))
     if missing:
       raise ValueError(f"the backbone does not output {missing}.")
@@ -154,34 +161,39 @@ class EvalContext:
     devices = self.mesh.devices.size
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, chunk):
-      block = images[start:start + chunk]
+      block = images[start : start + chunk]
       pad = -len(block) % devices
       if pad:
         block = np.concatenate([block, np.zeros((pad,) + block.shape[1:], block.dtype)])
       out = self.predict_batch(block, outputs)
       for key, value in out.items():
-        parts.setdefault(key, []).append(utils.to_host(value)[:len(block) - pad])
+        parts.setdefault(key, []).append(utils.to_host(value)[: len(block) - pad])
     return {k: np.concatenate(v) for k, v in parts.items()}
 
   def normalize(self, images) -> np.ndarray:
     """uint8 `images: [n, H, W, C]` -> float32, normalised as the training pipeline does."""
     from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
+
     spec = augment.color_spec(self.config.input)
     mean, std = spec.mean, spec.std
     return (np.asarray(images, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
-        std, np.float32)
+        std, np.float32
+    )
 
   def features(self, split: str) -> dict[str, np.ndarray]:
     """Frozen features of `split` (cached): 'cls', 'cls_last4'?, 'logits'?, 'label', 'mask'."""
     if split not in self._features:
       from bits_jax import data  # pylint: disable=g-import-not-at-top
       from bits_jax.evaluate import features as features_lib  # pylint: disable=g-import-not-at-top
+
       outputs = ("cls", "cls_last4") + (("logits",) if self.has_head else ())
       if not isinstance(self._components.backbone, vit_lib.ViT):
         outputs = tuple(o for o in outputs if o != "cls_last4")
       self._features[split] = features_lib.extract_features(
           lambda images: self.predict_batch(images, outputs),
-          data.make_eval_iterator(self.config, split), mesh=self.mesh)
+          data.make_eval_iterator(self.config, split),
+          mesh=self.mesh,
+      )
     return self._features[split]
 
 
@@ -193,8 +205,9 @@ def _last_keys_filter(module, method_name: str) -> bool:
 
 def _last_keys(intermediates) -> jax.Array:
   """Keys of the last attention block's patch tokens, heads concatenated: [n, h*w, D]."""
-  blocks = sorted((k for k in intermediates if k.startswith("block")),
-                  key=lambda k: int(k[len("block"):]))
+  blocks = sorted(
+      (k for k in intermediates if k.startswith("block")), key=lambda k: int(k[len("block") :])
+  )
   keys = intermediates[blocks[-1]]["attn"]["key"]["__call__"][0]  # [n, 1 + h*w, heads, dh]
   return keys[:, 1:].reshape(keys.shape[0], keys.shape[1] - 1, -1).astype(jnp.float32)
 

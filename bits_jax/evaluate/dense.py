@@ -6,6 +6,7 @@ resolution (labels are masks downsampled to the patch grid). Also holds a
 tiny synthetic segmentation set (a bright square on noise) to show the probe
 working end to end.
 """
+
 from typing import Optional
 
 from jax.sharding import Mesh
@@ -23,12 +24,13 @@ def downsample_mask(masks, patch_size: int, num_classes: int) -> np.ndarray:
   masks = np.asarray(masks)
   n, height, width = masks.shape
   if height % patch_size or width % patch_size:
-    raise ValueError(f"mask size {height}x{width} is not a multiple of "
-                     f"patch_size={patch_size}: crop or resize first.")
+    raise ValueError(
+        f"mask size {height}x{width} is not a multiple of "
+        f"patch_size={patch_size}: crop or resize first."
+    )
   h, w = height // patch_size, width // patch_size
   patches = masks.reshape(n, h, patch_size, w, patch_size)
-  counts = np.stack([(patches == c).sum(axis=(2, 4))
-                     for c in range(num_classes)], axis=-1)
+  counts = np.stack([(patches == c).sum(axis=(2, 4)) for c in range(num_classes)], axis=-1)
   return counts.argmax(axis=-1).astype(np.int32)
 
 
@@ -37,13 +39,22 @@ def patch_mean(images, patch_size: int) -> np.ndarray:
   images = np.asarray(images, np.float32)
   n, height, width, c = images.shape
   h, w = height // patch_size, width // patch_size
-  return images[:, :h * patch_size, :w * patch_size].reshape(
-      n, h, patch_size, w, patch_size, c).mean(axis=(2, 4))
+  return (
+      images[:, : h * patch_size, : w * patch_size]
+      .reshape(n, h, patch_size, w, patch_size, c)
+      .mean(axis=(2, 4))
+  )
 
 
-def synthetic_squares(seed: int, n: int, *, image_size: int = 32,
-                      min_side: int = 8, max_side: int = 16,
-                      noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_squares(
+    seed: int,
+    n: int,
+    *,
+    image_size: int = 32,
+    min_side: int = 8,
+    max_side: int = 16,
+    noise: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray]:
   """Gaussian-noise images, each with one bright square: class 1 = square.
 
   Args:
@@ -58,24 +69,24 @@ def synthetic_squares(seed: int, n: int, *, image_size: int = 32,
     [n, S, S] int32 in {0, 1}.
   """
   if not 1 <= min_side <= max_side <= image_size:
-    raise ValueError(f"need 1 <= min_side ({min_side}) <= max_side "
-                     f"({max_side}) <= image_size ({image_size}).")
+    raise ValueError(
+        f"need 1 <= min_side ({min_side}) <= max_side ({max_side}) <= image_size ({image_size})."
+    )
   rng = np.random.default_rng(seed)
   masks = np.zeros((n, image_size, image_size), np.int32)
   for i in range(n):
     side = rng.integers(min_side, max_side + 1)
     top, left = rng.integers(0, image_size - side + 1, size=2)
-    masks[i, top:top + side, left:left + side] = 1
+    masks[i, top : top + side, left : left + side] = 1
   images = masks + noise * rng.normal(size=masks.shape)
   return images[..., None].astype(np.float32), masks
 
 
-def _confusion(preds: np.ndarray, labels: np.ndarray,
-               num_classes: int) -> np.ndarray:
+def _confusion(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
   """[num_classes, num_classes] counts, rows = true label, cols = predicted."""
-  return np.bincount(labels * num_classes + preds,
-                     minlength=num_classes ** 2).reshape(num_classes,
-                                                         num_classes)
+  return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
+      num_classes, num_classes
+  )
 
 
 def segmentation_scores(confusion: np.ndarray) -> dict[str, float]:
@@ -85,16 +96,27 @@ def segmentation_scores(confusion: np.ndarray) -> dict[str, float]:
   present = union > 0
   iou = tp[present] / union[present]
   total = confusion.sum()
-  return {"seg_miou": float(iou.mean()) if iou.size else 0.0,
-          "seg_pixel_acc": float(tp.sum() / total) if total else 0.0}
+  return {
+      "seg_miou": float(iou.mean()) if iou.size else 0.0,
+      "seg_pixel_acc": float(tp.sum() / total) if total else 0.0,
+  }
 
 
-def patch_knn_segmentation(bank_feats, bank_labels, query_feats,
-                           query_labels, *, num_classes: int, k: int = 10,
-                           temperature: float = 0.07, ignore_index: int = -1,
-                           max_bank_patches: Optional[int] = None,
-                           seed: int = 0, mesh: Optional[Mesh] = None,
-                           block_size: int = 4096) -> dict[str, float]:
+def patch_knn_segmentation(
+    bank_feats,
+    bank_labels,
+    query_feats,
+    query_labels,
+    *,
+    num_classes: int,
+    k: int = 10,
+    temperature: float = 0.07,
+    ignore_index: int = -1,
+    max_bank_patches: Optional[int] = None,
+    seed: int = 0,
+    mesh: Optional[Mesh] = None,
+    block_size: int = 4096,
+) -> dict[str, float]:
   """k-NN segmentation probe: label each query patch from the bank patches.
 
   Args:
@@ -118,14 +140,16 @@ def patch_knn_segmentation(bank_feats, bank_labels, query_feats,
   bank_labels = np.asarray(bank_labels)
   query_labels = np.asarray(query_labels)
   if bank_feats.ndim != 4 or query_feats.ndim != 4:
-    raise ValueError("patch features must be [n, h, w, d], got "
-                     f"{bank_feats.shape} and {query_feats.shape}.")
-  if (bank_labels.shape != bank_feats.shape[:3]
-      or query_labels.shape != query_feats.shape[:3]):
-    raise ValueError("patch labels must be [n, h, w] matching the features: "
-                     f"got {bank_labels.shape} for {bank_feats.shape} and "
-                     f"{query_labels.shape} for {query_feats.shape}; use "
-                     "downsample_mask to bring masks to the patch grid.")
+    raise ValueError(
+        f"patch features must be [n, h, w, d], got {bank_feats.shape} and {query_feats.shape}."
+    )
+  if bank_labels.shape != bank_feats.shape[:3] or query_labels.shape != query_feats.shape[:3]:
+    raise ValueError(
+        "patch labels must be [n, h, w] matching the features: "
+        f"got {bank_labels.shape} for {bank_feats.shape} and "
+        f"{query_labels.shape} for {query_feats.shape}; use "
+        "downsample_mask to bring masks to the patch grid."
+    )
   d = bank_feats.shape[-1]
   bank_x = bank_feats.reshape(-1, d)
   bank_y = bank_labels.reshape(-1)
@@ -140,11 +164,20 @@ def patch_knn_segmentation(bank_feats, bank_labels, query_feats,
   scored = query_y != ignore_index
   query_x, query_y = query_x[scored], query_y[scored]
   if query_y.size and (query_y.min() < 0 or query_y.max() >= num_classes):
-    raise ValueError(f"query labels must lie in [0, {num_classes}) or equal "
-                     f"ignore_index={ignore_index}: check num_classes.")
-  preds = knn.knn_predict(bank_x, bank_y, query_x, num_classes=num_classes,
-                          k=k, temperature=temperature, mesh=mesh,
-                          block_size=block_size)
+    raise ValueError(
+        f"query labels must lie in [0, {num_classes}) or equal "
+        f"ignore_index={ignore_index}: check num_classes."
+    )
+  preds = knn.knn_predict(
+      bank_x,
+      bank_y,
+      query_x,
+      num_classes=num_classes,
+      k=k,
+      temperature=temperature,
+      mesh=mesh,
+      block_size=block_size,
+  )
   return segmentation_scores(_confusion(preds, query_y, num_classes))
 
 
@@ -159,13 +192,19 @@ def run(ctx, *, num_images: int = 64, k: int = 10) -> dict[str, float]:
   channels = ctx.config.input.num_channels
 
   def patch_features(images):
-    tokens = ctx.predict(np.repeat(images, channels, axis=-1),
-                         outputs=("patch_tokens",))["patch_tokens"]
+    tokens = ctx.predict(np.repeat(images, channels, axis=-1), outputs=("patch_tokens",))[
+        "patch_tokens"
+    ]
     grid = int(round(tokens.shape[1] ** 0.5))  # ViT: size / patch; ResNet: its output stride
     return tokens.reshape(len(images), grid, grid, -1)
 
   bank_feats, query_feats = patch_features(bank_images), patch_features(query_images)
   stride = size // bank_feats.shape[1]
   return patch_knn_segmentation(
-      bank_feats, downsample_mask(bank_masks, stride, 2),
-      query_feats, downsample_mask(query_masks, stride, 2), num_classes=2, k=k)
+      bank_feats,
+      downsample_mask(bank_masks, stride, 2),
+      query_feats,
+      downsample_mask(query_masks, stride, 2),
+      num_classes=2,
+      k=k,
+  )

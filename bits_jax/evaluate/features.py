@@ -1,4 +1,5 @@
 """Runs a frozen model over an eval iterator and collects its outputs on host."""
+
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
@@ -8,9 +9,12 @@ import numpy as np
 from bits_jax import utils
 
 
-def extract_features(apply_fn: Callable[[Any], Mapping[str, Any]],
-                     iterator: Iterable[Mapping[str, Any]], *,
-                     mesh: Optional[Mesh] = None) -> dict[str, np.ndarray]:
+def extract_features(
+    apply_fn: Callable[[Any], Mapping[str, Any]],
+    iterator: Iterable[Mapping[str, Any]],
+    *,
+    mesh: Optional[Mesh] = None,
+) -> dict[str, np.ndarray]:
   """Applies apply_fn to every batch and concatenates the outputs.
 
   Args:
@@ -31,8 +35,10 @@ def extract_features(apply_fn: Callable[[Any], Mapping[str, Any]],
   collected: dict[str, list[np.ndarray]] = {}
   for i, batch in enumerate(iterator):
     if "image" not in batch or "label" not in batch:
-      raise ValueError(f"eval batch {i} has keys {sorted(batch)}: expected "
-                       "'image', 'label' and optionally 'mask'.")
+      raise ValueError(
+          f"eval batch {i} has keys {sorted(batch)}: expected "
+          "'image', 'label' and optionally 'mask'."
+      )
     images, labels = batch["image"], batch["label"]
     mask = batch.get("mask")
     if mask is None:
@@ -43,20 +49,25 @@ def extract_features(apply_fn: Callable[[Any], Mapping[str, Any]],
       mask = utils.to_global(mask, sharding, "batch['mask']")
     outputs = apply_fn(images)
     if not isinstance(outputs, Mapping):
-      raise TypeError("apply_fn must return a dict of [b, ...] arrays, got "
-                      f"{type(outputs).__name__}.")
+      raise TypeError(
+          f"apply_fn must return a dict of [b, ...] arrays, got {type(outputs).__name__}."
+      )
     for reserved in ("label", "mask"):
       if reserved in outputs:
-        raise ValueError(f"apply_fn output key '{reserved}' clashes with the "
-                         "batch field of that name: rename the output.")
+        raise ValueError(
+            f"apply_fn output key '{reserved}' clashes with the "
+            "batch field of that name: rename the output."
+        )
     host = {name: utils.to_host(value) for name, value in outputs.items()}
     host["label"] = utils.to_host(labels)
     host["mask"] = utils.to_host(mask).astype(bool)
     b = host["label"].shape[0]
     for name, value in host.items():
       if value.shape[:1] != (b,):
-        raise ValueError(f"apply_fn output '{name}' has shape {value.shape}; "
-                         f"expected a leading batch dim of {b}.")
+        raise ValueError(
+            f"apply_fn output '{name}' has shape {value.shape}; "
+            f"expected a leading batch dim of {b}."
+        )
       collected.setdefault(name, []).append(value)
   if not collected:
     raise ValueError("the eval iterator yielded no batches.")

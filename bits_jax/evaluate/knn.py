@@ -7,6 +7,7 @@ processed in fixed-size blocks and the bank in fixed-size chunks, so a
 sharded over all devices: each device keeps its local top-k, then the
 per-device candidates are gathered and merged.
 """
+
 import dataclasses
 import functools
 import math
@@ -54,8 +55,7 @@ def _chunked_topk(queries, bank, bank_labels, bank_valid, *, k, chunk):
 
   def step(carry, xs):
     chunk_feats, chunk_labels, chunk_valid = xs
-    sims = jnp.matmul(queries, chunk_feats.T,
-                      precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.matmul(queries, chunk_feats.T, precision=jax.lax.Precision.HIGHEST)
     sims = jnp.where(chunk_valid[None, :], sims, _NEG_INF)
     new_labels = jnp.broadcast_to(chunk_labels[None, :], sims.shape)
     kk = min(k, chunk)
@@ -76,21 +76,18 @@ def _votes(sims, labels, *, k, num_classes, temperature):
   return votes.at[rows, labels[:, :k]].add(weights)
 
 
-def _vote_counts(sims, labels, query_labels, query_valid, *, ks, num_classes,
-                 temperature):
+def _vote_counts(sims, labels, query_labels, query_valid, *, ks, num_classes, temperature):
   """Correct-prediction counts per k: [len(ks), 2] (top-1, top-5)."""
   counts = []
   for k in ks:
-    votes = _votes(sims, labels, k=k, num_classes=num_classes,
-                   temperature=temperature)
+    votes = _votes(sims, labels, k=k, num_classes=num_classes, temperature=temperature)
     top1 = jnp.argmax(votes, axis=1) == query_labels
     if num_classes >= 5:
       _, top5_idx = jax.lax.top_k(votes, 5)
       top5 = jnp.any(top5_idx == query_labels[:, None], axis=1)
     else:
       top5 = top1
-    counts.append(jnp.stack([jnp.sum(top1 & query_valid),
-                             jnp.sum(top5 & query_valid)]))
+    counts.append(jnp.stack([jnp.sum(top1 & query_valid), jnp.sum(top5 & query_valid)]))
   return jnp.stack(counts).astype(jnp.int32)
 
 
@@ -98,13 +95,11 @@ def _neighbours(queries, bank, bank_labels, bank_valid, *, k, chunk, mesh):
   """Top-k (sims, labels) [b, k] of raw queries against the prepared bank."""
   queries = utils.l2_normalize(queries.astype(jnp.float32))
   if mesh is None:
-    return _chunked_topk(queries, bank, bank_labels, bank_valid, k=k,
-                         chunk=chunk)
+    return _chunked_topk(queries, bank, bank_labels, bank_valid, k=k, chunk=chunk)
   axes = tuple(mesh.axis_names)
 
   def local_then_merge(q, bank, bank_labels, bank_valid):
-    sims, labels = _chunked_topk(q, bank, bank_labels, bank_valid, k=k,
-                                 chunk=chunk)
+    sims, labels = _chunked_topk(q, bank, bank_labels, bank_valid, k=k, chunk=chunk)
     # [devices, b, k], gathered in shard order so ties keep index order.
     sims = jax.lax.all_gather(sims, axes)
     labels = jax.lax.all_gather(labels, axes)
@@ -114,34 +109,51 @@ def _neighbours(queries, bank, bank_labels, bank_valid, *, k, chunk, mesh):
     return sims, jnp.take_along_axis(labels, idx, axis=1)
 
   return jax.shard_map(
-      local_then_merge, mesh=mesh,
+      local_then_merge,
+      mesh=mesh,
       in_specs=(P(), P(axes), P(axes), P(axes)),
-      out_specs=(P(), P()), check_vma=False)(
-          queries, bank, bank_labels, bank_valid)
+      out_specs=(P(), P()),
+      check_vma=False,
+  )(queries, bank, bank_labels, bank_valid)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("ks", "num_classes", "temperature", "chunk", "mesh"))
-def _knn_block(queries, query_labels, query_valid, bank, bank_labels,
-               bank_valid, *, ks, num_classes, temperature, chunk, mesh):
+@functools.partial(jax.jit, static_argnames=("ks", "num_classes", "temperature", "chunk", "mesh"))
+def _knn_block(
+    queries,
+    query_labels,
+    query_valid,
+    bank,
+    bank_labels,
+    bank_valid,
+    *,
+    ks,
+    num_classes,
+    temperature,
+    chunk,
+    mesh,
+):
   """Counts correct top-1/top-5 predictions for one block of queries."""
-  sims, labels = _neighbours(queries, bank, bank_labels, bank_valid,
-                             k=max(ks), chunk=chunk, mesh=mesh)
-  return _vote_counts(sims, labels, query_labels, query_valid, ks=ks,
-                      num_classes=num_classes, temperature=temperature)
+  sims, labels = _neighbours(
+      queries, bank, bank_labels, bank_valid, k=max(ks), chunk=chunk, mesh=mesh
+  )
+  return _vote_counts(
+      sims,
+      labels,
+      query_labels,
+      query_valid,
+      ks=ks,
+      num_classes=num_classes,
+      temperature=temperature,
+  )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("k", "num_classes", "temperature", "chunk",
-                              "mesh"))
-def _predict_block(queries, bank, bank_labels, bank_valid, *, k, num_classes,
-                   temperature, chunk, mesh):
+@functools.partial(jax.jit, static_argnames=("k", "num_classes", "temperature", "chunk", "mesh"))
+def _predict_block(
+    queries, bank, bank_labels, bank_valid, *, k, num_classes, temperature, chunk, mesh
+):
   """Predicted class [b] for one block of queries."""
-  sims, labels = _neighbours(queries, bank, bank_labels, bank_valid, k=k,
-                             chunk=chunk, mesh=mesh)
-  votes = _votes(sims, labels, k=k, num_classes=num_classes,
-                 temperature=temperature)
+  sims, labels = _neighbours(queries, bank, bank_labels, bank_valid, k=k, chunk=chunk, mesh=mesh)
+  votes = _votes(sims, labels, k=k, num_classes=num_classes, temperature=temperature)
   return jnp.argmax(votes, axis=1).astype(jnp.int32)
 
 
@@ -156,6 +168,7 @@ def _normalize_bank(bank, *, out_sharding=None):
 def _as_host(x: Any, name: str, ndim: int) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     x = multihost_utils.process_allgather(x, tiled=True)
   x = np.asarray(x)
   if x.ndim != ndim:
@@ -188,37 +201,49 @@ def _check_args(ks: tuple[int, ...], temperature: float, block_size: int):
 
 def _check_labels(name: str, labels: np.ndarray, num_classes: int):
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"{name} labels must lie in [0, {num_classes}), got "
-                     f"[{labels.min()}, {labels.max()}]: check num_classes.")
+    raise ValueError(
+        f"{name} labels must lie in [0, {num_classes}), got "
+        f"[{labels.min()}, {labels.max()}]: check num_classes."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Bank:
   """Normalized, padded (and, with a mesh, sharded) bank on device."""
-  feats: jax.Array    # [n_pad, d] L2-normalized.
-  labels: jax.Array   # [n_pad] int32.
-  valid: jax.Array    # [n_pad] bool; False for masked and padding rows.
-  chunk: int          # Bank rows per similarity block (per device).
+
+  feats: jax.Array  # [n_pad, d] L2-normalized.
+  labels: jax.Array  # [n_pad] int32.
+  valid: jax.Array  # [n_pad] bool; False for masked and padding rows.
+  chunk: int  # Bank rows per similarity block (per device).
   query_sharding: Optional[NamedSharding]
 
   @classmethod
-  def build(cls, feats: np.ndarray, labels, mask, *, num_classes: int, k: int,
-            dim: int, mesh: Optional[Mesh], block_size: int) -> "_Bank":
+  def build(
+      cls,
+      feats: np.ndarray,
+      labels,
+      mask,
+      *,
+      num_classes: int,
+      k: int,
+      dim: int,
+      mesh: Optional[Mesh],
+      block_size: int,
+  ) -> "_Bank":
     n, d = feats.shape
     if d != dim:
-      raise ValueError(f"feature dims differ: bank [{n}, {d}] vs queries "
-                       f"[..., {dim}].")
+      raise ValueError(f"feature dims differ: bank [{n}, {d}] vs queries [..., {dim}].")
     labels = _as_host(labels, "bank_labels", 1).astype(np.int32)
     if labels.shape != (n,):
       raise ValueError(f"bank_labels must be [{n}], got {labels.shape}.")
-    valid = (np.ones(n, bool) if mask is None
-             else _as_host(mask, "bank_mask", 1).astype(bool))
+    valid = np.ones(n, bool) if mask is None else _as_host(mask, "bank_mask", 1).astype(bool)
     if valid.shape != (n,):
       raise ValueError(f"bank_mask must be [{n}], got {valid.shape}.")
     n_valid = int(valid.sum())
     if k > n_valid:
-      raise ValueError(f"k={k} exceeds the {n_valid} valid bank rows: use "
-                       "smaller ks or a bigger bank.")
+      raise ValueError(
+          f"k={k} exceeds the {n_valid} valid bank rows: use smaller ks or a bigger bank."
+      )
     _check_labels("bank", labels[valid], num_classes)
     n_shards = 1 if mesh is None else mesh.devices.size
     chunk = min(block_size, math.ceil(n / n_shards))
@@ -227,21 +252,33 @@ class _Bank:
     if mesh is not None:
       bank_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
       query_sharding = NamedSharding(mesh, P())
-    bank = _normalize_bank(_put(_pad_rows(feats, n_pad), bank_sharding),
-                           out_sharding=bank_sharding)
-    return cls(bank, _put(_pad_rows(labels, n_pad), bank_sharding),
-               _put(_pad_rows(valid, n_pad), bank_sharding), chunk,
-               query_sharding)
+    bank = _normalize_bank(_put(_pad_rows(feats, n_pad), bank_sharding), out_sharding=bank_sharding)
+    return cls(
+        bank,
+        _put(_pad_rows(labels, n_pad), bank_sharding),
+        _put(_pad_rows(valid, n_pad), bank_sharding),
+        chunk,
+        query_sharding,
+    )
 
   def put_query(self, x: np.ndarray) -> jax.Array:
     return _put(x, self.query_sharding)
 
 
-def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
-                 num_classes: int, ks: Sequence[int] = (20,),
-                 temperature: float = 0.07, bank_mask=None, query_mask=None,
-                 mesh: Optional[Mesh] = None,
-                 block_size: int = 4096) -> dict[str, float]:
+def knn_classify(
+    bank_feats,
+    bank_labels,
+    query_feats,
+    query_labels,
+    *,
+    num_classes: int,
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+    bank_mask=None,
+    query_mask=None,
+    mesh: Optional[Mesh] = None,
+    block_size: int = 4096,
+) -> dict[str, float]:
   """Weighted k-NN accuracy of queries against a labelled feature bank.
 
   Args:
@@ -269,14 +306,22 @@ def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
   q = query_feats.shape[0]
   if query_labels.shape != (q,):
     raise ValueError(f"query_labels must be [{q}], got {query_labels.shape}.")
-  query_valid = (np.ones(q, bool) if query_mask is None
-                 else _as_host(query_mask, "query_mask", 1).astype(bool))
+  query_valid = (
+      np.ones(q, bool) if query_mask is None else _as_host(query_mask, "query_mask", 1).astype(bool)
+  )
   if query_valid.shape != (q,):
     raise ValueError(f"query_mask must be [{q}], got {query_valid.shape}.")
   _check_labels("query", query_labels[query_valid], num_classes)
-  bank = _Bank.build(bank_feats, bank_labels, bank_mask, num_classes=num_classes,
-                     k=ks[-1], dim=query_feats.shape[1], mesh=mesh,
-                     block_size=block_size)
+  bank = _Bank.build(
+      bank_feats,
+      bank_labels,
+      bank_mask,
+      num_classes=num_classes,
+      k=ks[-1],
+      dim=query_feats.shape[1],
+      mesh=mesh,
+      block_size=block_size,
+  )
 
   block = min(block_size, q) if q else 1
   totals = np.zeros((len(ks), 2), np.int64)
@@ -286,10 +331,18 @@ def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
     lb = _pad_rows(query_labels[start:stop], block)
     vb = _pad_rows(query_valid[start:stop], block)
     counts = _knn_block(
-        bank.put_query(qb), bank.put_query(lb), bank.put_query(vb),
-        bank.feats, bank.labels, bank.valid, ks=ks,
-        num_classes=int(num_classes), temperature=float(temperature),
-        chunk=bank.chunk, mesh=mesh)
+        bank.put_query(qb),
+        bank.put_query(lb),
+        bank.put_query(vb),
+        bank.feats,
+        bank.labels,
+        bank.valid,
+        ks=ks,
+        num_classes=int(num_classes),
+        temperature=float(temperature),
+        chunk=bank.chunk,
+        mesh=mesh,
+    )
     totals += np.asarray(counts.addressable_data(0))
 
   n_queries = max(int(query_valid.sum()), 1)
@@ -301,10 +354,18 @@ def knn_classify(bank_feats, bank_labels, query_feats, query_labels, *,
   return results
 
 
-def knn_predict(bank_feats, bank_labels, query_feats, *, num_classes: int,
-                k: int = 20, temperature: float = 0.07, bank_mask=None,
-                mesh: Optional[Mesh] = None,
-                block_size: int = 4096) -> np.ndarray:
+def knn_predict(
+    bank_feats,
+    bank_labels,
+    query_feats,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    bank_mask=None,
+    mesh: Optional[Mesh] = None,
+    block_size: int = 4096,
+) -> np.ndarray:
   """Weighted k-NN class predictions (same rule as knn_classify).
 
   Args:
@@ -318,10 +379,16 @@ def knn_predict(bank_feats, bank_labels, query_feats, *, num_classes: int,
   _check_args((int(k),), temperature, block_size)
   bank_feats = _as_host(bank_feats, "bank_feats", 2)
   query_feats = _as_host(query_feats, "query_feats", 2)
-  bank = _Bank.build(bank_feats, bank_labels, bank_mask,
-                     num_classes=num_classes, k=int(k),
-                     dim=query_feats.shape[1], mesh=mesh,
-                     block_size=block_size)
+  bank = _Bank.build(
+      bank_feats,
+      bank_labels,
+      bank_mask,
+      num_classes=num_classes,
+      k=int(k),
+      dim=query_feats.shape[1],
+      mesh=mesh,
+      block_size=block_size,
+  )
   q = query_feats.shape[0]
   block = min(block_size, q) if q else 1
   preds = []
@@ -329,18 +396,39 @@ def knn_predict(bank_feats, bank_labels, query_feats, *, num_classes: int,
     stop = min(start + block, q)
     pred = _predict_block(
         bank.put_query(_pad_rows(query_feats[start:stop], block)),
-        bank.feats, bank.labels, bank.valid, k=int(k),
-        num_classes=int(num_classes), temperature=float(temperature),
-        chunk=bank.chunk, mesh=mesh)
-    preds.append(np.asarray(pred.addressable_data(0))[:stop - start])
+        bank.feats,
+        bank.labels,
+        bank.valid,
+        k=int(k),
+        num_classes=int(num_classes),
+        temperature=float(temperature),
+        chunk=bank.chunk,
+        mesh=mesh,
+    )
+    preds.append(np.asarray(pred.addressable_data(0))[: stop - start])
   return np.concatenate(preds) if preds else np.zeros(0, np.int32)
 
 
 @common.register("knn")
-def run(ctx, *, bank_split: str = "train", query_split: str = "test",
-        ks: Sequence[int] = (20,), temperature: float = 0.07) -> dict[str, float]:
+def run(
+    ctx,
+    *,
+    bank_split: str = "train",
+    query_split: str = "test",
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+) -> dict[str, float]:
   """Weighted k-NN top-1 of the CLS features: `query_split` queries, `bank_split` bank."""
   bank, queries = ctx.features(bank_split), ctx.features(query_split)
-  return knn_classify(bank["cls"], bank["label"], queries["cls"], queries["label"],
-                      num_classes=ctx.num_classes, ks=tuple(ks), temperature=temperature,
-                      bank_mask=bank["mask"], query_mask=queries["mask"], mesh=ctx.mesh)
+  return knn_classify(
+      bank["cls"],
+      bank["label"],
+      queries["cls"],
+      queries["label"],
+      num_classes=ctx.num_classes,
+      ks=tuple(ks),
+      temperature=temperature,
+      bank_mask=bank["mask"],
+      query_mask=queries["mask"],
+      mesh=ctx.mesh,
+  )

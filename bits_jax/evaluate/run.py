@@ -5,6 +5,7 @@ weights, see `bits_jax/weights.py`), builds an `EvalContext` and runs the evalua
 (`common.run_evaluators`); `write_results` writes `results.json`, `results.md` and TensorBoard
 scalars and images. The train loop uses the same pieces.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,16 @@ def load_variables(config, components, weights: str, which: str = "teacher"):
   """({'backbone', 'head'?, 'batch_stats'?} adapted to the config's model, step)."""
   loaded, step = weights_lib.load_params(weights, which)
   params, batch_stats = jax.eval_shape(
-      lambda: train_state_lib.init_variables(components, jax.random.PRNGKey(0)))
+      lambda: train_state_lib.init_variables(components, jax.random.PRNGKey(0))
+  )
   target = dict(params)
   if "head" not in loaded:  # e.g. converted backbone-only weights
     del target["head"]
-  elif jax.tree_util.tree_structure(loaded["head"]) != jax.tree_util.tree_structure(
-      target["head"]):
-    logging.warning("Checkpoint head does not match config.objective.name=%s: codes skipped.",
-                    config.objective.name)
+  elif jax.tree_util.tree_structure(loaded["head"]) != jax.tree_util.tree_structure(target["head"]):
+    logging.warning(
+        "Checkpoint head does not match config.objective.name=%s: codes skipped.",
+        config.objective.name,
+    )
     del target["head"]
   if batch_stats:
     target["batch_stats"] = batch_stats
@@ -42,26 +45,43 @@ def load_variables(config, components, weights: str, which: str = "teacher"):
   return weights_lib.adapt_params(loaded, target), step
 
 
-def evaluate(config: ml_collections.ConfigDict, *, weights: str, out_dir: str,
-             which: str = "teacher", mesh=None, names=None) -> dict[str, Any]:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    *,
+    weights: str,
+    out_dir: str,
+    which: str = "teacher",
+    mesh=None,
+    names=None,
+) -> dict[str, Any]:
   """Runs the `config.evals` entries (all, or `names`) on `weights`; writes under `out_dir`."""
   mesh = mesh or sharding_lib.make_mesh(config)
-  sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh,
-                                     "input.eval_batch_size")
+  sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
   components = train_state_lib.build(config)
   variables, step = load_variables(config, components, weights, which)
-  ctx = common.EvalContext(config, components, variables, mesh, step=step,
-                           out_dir=out_dir if jax.process_index() == 0 else None)
-  results: dict[str, Any] = {"weights": weights, "step": step, "which": which,
-                             "dataset": config.input.dataset,
-                             "method": config.objective.name}
+  ctx = common.EvalContext(
+      config,
+      components,
+      variables,
+      mesh,
+      step=step,
+      out_dir=out_dir if jax.process_index() == 0 else None,
+  )
+  results: dict[str, Any] = {
+      "weights": weights,
+      "step": step,
+      "which": which,
+      "dataset": config.input.dataset,
+      "method": config.objective.name,
+  }
   results.update(common.run_evaluators(ctx, config.evals, names))
   write_results(results, out_dir, step=step or 0, plots=ctx.plots)
   return results
 
 
-def write_results(results: dict[str, Any], out_dir: str, *, step: int,
-                  plots=(), prefix: str = "eval/") -> None:
+def write_results(
+    results: dict[str, Any], out_dir: str, *, step: int, plots=(), prefix: str = "eval/"
+) -> None:
   """results.json, results.md, TensorBoard scalars (and the PNGs in `plots`), process 0."""
   if jax.process_index() != 0:
     return
@@ -74,15 +94,20 @@ def write_results(results: dict[str, Any], out_dir: str, *, step: int,
   writer.write_scalars(step, scalars(results, prefix))
   if plots:
     from bits_jax.evaluate import plots as plots_lib  # pylint: disable=g-import-not-at-top
+
     plots_lib.log_plots(writer, step, list(plots))
   writer.flush()
 
 
 def scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
   """The numeric entries of `results` (without 'step') as floats, keys prefixed."""
-  return {f"{prefix}{k}": float(v) for k, v in results.items()
-          if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool)
-          and k != "step"}
+  return {
+      f"{prefix}{k}": float(v)
+      for k, v in results.items()
+      if isinstance(v, (float, int, np.floating, np.integer))
+      and not isinstance(v, bool)
+      and k != "step"
+  }
 
 
 def markdown_table(results: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ depth and heads); every other dataclass field of the class may be set from `conf
 position embeddings is the global crop size and the compute dtype is `config.dtype`.
 Adding a backbone is one `BACKBONES` entry.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,10 +22,14 @@ _AUTOMATIC_FIELDS = ("parent", "name", "image_size", "dtype")
 
 BACKBONES: dict[str, tuple[type[nn.Module], dict]] = {
     "vit": (vit.ViT, {}),  # width, depth, num_heads from config.model
-    **{f"vit_{size}": (vit.ViT, dict(zip(("width", "depth", "num_heads"), dims)))
-       for size, dims in vit.VIT_SIZES.items()},
-    **{name: (resnet.ResNet, dict(block=block, stage_sizes=stages))
-       for name, (block, stages) in resnet.RESNET_SIZES.items()},
+    **{
+        f"vit_{size}": (vit.ViT, dict(zip(("width", "depth", "num_heads"), dims)))
+        for size, dims in vit.VIT_SIZES.items()
+    },
+    **{
+        name: (resnet.ResNet, dict(block=block, stage_sizes=stages))
+        for name, (block, stages) in resnet.RESNET_SIZES.items()
+    },
 }
 
 
@@ -38,8 +43,11 @@ def compute_dtype(config: ml_collections.ConfigDict):
 def model_options(name: str) -> list[str]:
   """The `config.model` keys the backbone `name` accepts (besides `name`)."""
   cls, fixed = _entry(name)
-  return [f.name for f in dataclasses.fields(cls)
-          if f.name not in _AUTOMATIC_FIELDS and f.name not in fixed]
+  return [
+      f.name
+      for f in dataclasses.fields(cls)
+      if f.name not in _AUTOMATIC_FIELDS and f.name not in fixed
+  ]
 
 
 def _entry(name: str):
@@ -55,8 +63,9 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   options = {k: v for k, v in config.model.items() if k != "name"}
   unknown = sorted(set(options) - set(model_options(name)))
   if unknown:
-    raise ValueError(f"config.model.{unknown[0]} is not an option of {name!r}: use "
-                     f"{model_options(name)}.")
+    raise ValueError(
+        f"config.model.{unknown[0]} is not an option of {name!r}: use {model_options(name)}."
+    )
   kwargs = dict(fixed, **options, dtype=compute_dtype(config))
   if "image_size" in {f.name for f in dataclasses.fields(cls)}:
     kwargs["image_size"] = config.input.crops.global_size

@@ -1,4 +1,5 @@
 """Projection heads."""
+
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ class BitsHead(nn.Module):
   (num_layers - 1) x (Dense + GELU) of `hidden_dim`, a linear bottleneck, then a linear map
   to one logit per bit. Logits are float32 so thresholding and the losses see full precision.
   """
+
   bits: int
   hidden_dim: int = 2048
   bottleneck_dim: int = 256
@@ -39,6 +41,7 @@ class ProjectionMLP(nn.Module):
 
   Kernels are truncated-normal(0.02), biases zero (the DINO recipe).
   """
+
   out_dim: int
   hidden_dim: int = 2048
   num_layers: int = 3
@@ -47,11 +50,13 @@ class ProjectionMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i in range(self.num_layers - 1):
-      x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal(),
-                   name=f"dense{i}")(x)
+      x = nn.Dense(
+          self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal(), name=f"dense{i}"
+      )(x)
       x = nn.gelu(x, approximate=False)
-    return nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_trunc_normal(),
-                    name="bottleneck")(x)
+    return nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_trunc_normal(), name="bottleneck")(
+        x
+    )
 
 
 class WeightNormDense(nn.Module):
@@ -60,6 +65,7 @@ class WeightNormDense(nn.Module):
   `scale_g` is fixed to 1 (not a parameter) when `learn_scale=False` (DINO's
   `norm_last_layer=True`), so every prototype has unit norm.
   """
+
   features: int
   learn_scale: bool = False
 
@@ -78,6 +84,7 @@ class DinoHead(nn.Module):
   `[batch, width] -> [batch, out_dim]` float32 prototype scores (logits before the
   temperature). The last layer is named `last_layer` so the train step can freeze it.
   """
+
   out_dim: int
   hidden_dim: int = 2048
   bottleneck_dim: int = 256
@@ -87,11 +94,11 @@ class DinoHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = ProjectionMLP(self.bottleneck_dim, self.hidden_dim, self.num_layers, self.dtype,
-                      name="mlp")(x)
+    x = ProjectionMLP(
+        self.bottleneck_dim, self.hidden_dim, self.num_layers, self.dtype, name="mlp"
+    )(x)
     x = utils.l2_normalize(x.astype(jnp.float32))
-    return WeightNormDense(self.out_dim, learn_scale=not self.norm_last_layer,
-                           name="last_layer")(x)
+    return WeightNormDense(self.out_dim, learn_scale=not self.norm_last_layer, name="last_layer")(x)
 
 
 class SimDinoHead(nn.Module):
@@ -99,6 +106,7 @@ class SimDinoHead(nn.Module):
 
   The output is not normalized here; the loss L2-normalizes it.
   """
+
   dim: int = 256
   hidden_dim: int = 2048
   num_layers: int = 3
@@ -108,4 +116,3 @@ class SimDinoHead(nn.Module):
   def __call__(self, x):
     x = ProjectionMLP(self.dim, self.hidden_dim, self.num_layers, self.dtype, name="mlp")(x)
     return x.astype(jnp.float32)
-

@@ -15,6 +15,7 @@ stores the unbiased one; the difference is a factor n / (n - 1) on the running e
 Returns the same dict as the ViT: 'cls': [batch, width] (global average pool) and
 'patch_tokens': [batch, h * w, width] (the last feature map).
 """
+
 import functools
 from typing import Any, Sequence
 
@@ -46,6 +47,7 @@ def _shortcut(x, features: int, stride: int, conv, norm):
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs; the stride is in the first."""
+
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -62,6 +64,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (stride, the torchvision "v1.5" placement) -> 1x1 (4x features)."""
+
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -83,11 +86,12 @@ class ResNet(nn.Module):
   `small_stem=True` replaces the 7x7/2 conv + 3x3/2 max-pool by one 3x3/1 conv (the usual
   CIFAR variant), for 28-64 pixel images.
   """
-  block: str                       # 'basic' | 'bottleneck'
+
+  block: str  # 'basic' | 'bottleneck'
   stage_sizes: Sequence[int]
   width: int = 64
   small_stem: bool = False
-  bn_momentum: float = 0.9         # PyTorch momentum 0.1
+  bn_momentum: float = 0.9  # PyTorch momentum 0.1
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
@@ -98,13 +102,24 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype)
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon,
+        dtype=self.dtype,
+    )
     kernel, stride = (3, 1) if self.small_stem else (7, 2)
-    x = nn.Conv(self.width, (kernel, kernel), strides=stride, padding=_pad(kernel),
-                use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
-                name="conv1")(images.astype(self.dtype))
+    x = nn.Conv(
+        self.width,
+        (kernel, kernel),
+        strides=stride,
+        padding=_pad(kernel),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_conv_init,
+        name="conv1",
+    )(images.astype(self.dtype))
     x = nn.relu(norm(name="bn1")(x))
     if not self.small_stem:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
@@ -112,9 +127,12 @@ class ResNet(nn.Module):
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = block_cls(self.width * 2 ** i, stride, dtype=self.dtype,
-                      name=f"layer{i + 1}_{j}")(x, norm)
+        x = block_cls(self.width * 2**i, stride, dtype=self.dtype, name=f"layer{i + 1}_{j}")(
+            x, norm
+        )
     b, h, w, c = x.shape
     tokens = x.reshape(b, h * w, c)
-    return {"cls": jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.dtype),
-            "patch_tokens": tokens}
+    return {
+        "cls": jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.dtype),
+        "patch_tokens": tokens,
+    }

@@ -2,6 +2,7 @@
 
 Adding a method is one module defining `OBJECTIVE` plus a line in `_REGISTRY`.
 """
+
 import importlib
 
 from bits_jax.objectives.common import Objective
@@ -17,6 +18,7 @@ NAMES = tuple(_REGISTRY)
 def get(name: str) -> Objective:
   """The objective registered under `name`."""
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown method {name!r}: set config.objective.name to one of "
-                     f"{sorted(_REGISTRY)}.")
+    raise ValueError(
+        f"Unknown method {name!r}: set config.objective.name to one of {sorted(_REGISTRY)}."
+    )
   return importlib.import_module(_REGISTRY[name]).OBJECTIVE

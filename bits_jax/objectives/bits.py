@@ -11,6 +11,7 @@ used (bits diverse and decorrelated).
 with n the global batch and d the number of bits (settings: `config.objective.bits`). The
 head is re-initialised every `reset_every_steps` / `reset_every_epochs` (BITS-reset).
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,7 +31,8 @@ def make_head(config: ml_collections.ConfigDict):
       hidden_dim=head.hidden_dim,
       bottleneck_dim=head.bottleneck_dim,
       num_layers=head.num_layers,
-      dtype=config.get("dtype", "float32"))
+      dtype=config.get("dtype", "float32"),
+  )
 
 
 def head_reset_every(config: ml_collections.ConfigDict, steps_per_epoch) -> int:
@@ -41,22 +43,27 @@ def head_reset_every(config: ml_collections.ConfigDict, steps_per_epoch) -> int:
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Impossible BITS settings, each with its fix (called by config validation)."""
   bits = config.objective.bits
-  problems = common.positive(config, "bits", ("num_bits",),
-                             "the number of bits in each message; the paper uses 256")
-  problems += common.positive(config, "bits", ("eps",),
-                              "the distortion in the coding rate, e.g. 0.05")
+  problems = common.positive(
+      config, "bits", ("num_bits",), "the number of bits in each message; the paper uses 256"
+  )
+  problems += common.positive(
+      config, "bits", ("eps",), "the distortion in the coding rate, e.g. 0.05"
+  )
   for key in ("bce_weight", "coding_rate_weight", "reset_every_steps", "reset_every_epochs"):
     if bits[key] is None or bits[key] < 0:
       problems.append(f"config.objective.bits.{key}={bits[key]} must be >= 0 (0 disables it).")
   if bits.reset_every_steps and bits.reset_every_epochs:
-    problems.append(f"config.objective.bits.reset_every_steps={bits.reset_every_steps} and "
-                    f"reset_every_epochs={bits.reset_every_epochs} are both set: set one "
-                    f"(the other to 0).")
+    problems.append(
+        f"config.objective.bits.reset_every_steps={bits.reset_every_steps} and "
+        f"reset_every_epochs={bits.reset_every_epochs} are both set: set one "
+        "(the other to 0)."
+    )
   elif 0 < (bits.reset_every_steps or 0) and bits.reset_every_steps >= config.total_steps > 0:
     problems.append(
         f"config.objective.bits.reset_every_steps={bits.reset_every_steps} is not below "
         f"config.total_steps={config.total_steps}: the head would never be re-initialized; "
-        f"set it to 0 to turn re-initialization off, or a value below total_steps.")
+        "set it to 0 to turn re-initialization off, or a value below total_steps."
+    )
   return problems
 
 
@@ -77,11 +84,14 @@ def agreement(student_logits: jax.Array, teacher_messages: jax.Array):
   pairs = common.cross_view_pairs(teacher_messages.shape[0], student_logits.shape[0], "BITS")
   s = student_logits.astype(jnp.float32)
   bce = common.mean_over_pairs(
-      lambda g, v: jnp.mean(optax.sigmoid_binary_cross_entropy(s[v], teacher_messages[g])),
-      pairs)
+      lambda g, v: jnp.mean(optax.sigmoid_binary_cross_entropy(s[v], teacher_messages[g])), pairs
+  )
   accuracy = common.mean_over_pairs(
-      lambda g, v: jnp.mean(((s[v] > 0).astype(jnp.float32) == teacher_messages[g])
-                            .astype(jnp.float32)), pairs)
+      lambda g, v: jnp.mean(
+          ((s[v] > 0).astype(jnp.float32) == teacher_messages[g]).astype(jnp.float32)
+      ),
+      pairs,
+  )
   return bce, accuracy
 
 
@@ -94,8 +104,14 @@ def bit_statistics(teacher_messages: jax.Array):
   return jnp.mean(p), jnp.mean(entropy)
 
 
-def loss(student_logits: jax.Array, teacher_logits: jax.Array, state, *, step,
-         config: ml_collections.ConfigDict):
+def loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    state,
+    *,
+    step,
+    config: ml_collections.ConfigDict,
+):
   """BITS objective.
 
   Args:
@@ -113,8 +129,7 @@ def loss(student_logits: jax.Array, teacher_logits: jax.Array, state, *, step,
   msgs = messages(teacher_logits)
   bce, accuracy = agreement(student_logits, msgs)
   n, d = student_logits.shape[1], student_logits.shape[2]
-  rates = [coding_rate_lib.coding_rate(student_logits[g], settings.eps)
-           for g in range(num_global)]
+  rates = [coding_rate_lib.coding_rate(student_logits[g], settings.eps) for g in range(num_global)]
   rate = jnp.mean(jnp.stack(rates))
   rate_scale = common.coding_rate_balance(n, d)
   total = settings.bce_weight * bce - settings.coding_rate_weight * rate_scale * rate
@@ -131,6 +146,10 @@ def loss(student_logits: jax.Array, teacher_logits: jax.Array, state, *, step,
   return total, (state, metrics)
 
 
-OBJECTIVE = common.Objective(name="bits", make_head=make_head, loss=loss,
-                             head_reset_every=head_reset_every,
-                             config_problems=config_problems)
+OBJECTIVE = common.Objective(
+    name="bits",
+    make_head=make_head,
+    loss=loss,
+    head_reset_every=head_reset_every,
+    config_problems=config_problems,
+)

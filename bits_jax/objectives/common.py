@@ -12,6 +12,7 @@ An objective module defines `OBJECTIVE = Objective(...)`:
                                                frozen prototypes); identity by default
   config_problems(config) -> list[str]         impossible settings, each with its fix
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,14 +55,17 @@ class Objective:
   config_problems: Callable[[Any], list[str]] = _no_problems
 
 
-def cross_view_pairs(num_teacher_views: int, num_student_views: int,
-                     method: str) -> list[tuple[int, int]]:
+def cross_view_pairs(
+    num_teacher_views: int, num_student_views: int, method: str
+) -> list[tuple[int, int]]:
   """(teacher view g, student view v) index pairs with v != g; an error if there are none."""
   pairs = [(g, v) for g in range(num_teacher_views) for v in range(num_student_views) if v != g]
   if not pairs:
-    raise ValueError(f"{method} needs at least two views (two global crops, or one global "
-                     f"crop and local crops): set config.input.crops.num_global=2 or "
-                     f"config.input.crops.num_local > 0.")
+    raise ValueError(
+        f"{method} needs at least two views (two global crops, or one global "
+        "crop and local crops): set config.input.crops.num_global=2 or "
+        "config.input.crops.num_local > 0."
+    )
   return pairs
 
 
@@ -73,8 +77,11 @@ def mean_over_pairs(fn: Callable[[int, int], jax.Array], pairs) -> jax.Array:
 def positive(config, section: str, keys, hint: str) -> list[str]:
   """Problems for the keys of `config.objective.<section>` that are not > 0."""
   values = config.objective[section]
-  return [f"config.objective.{section}.{k}={values[k]} must be > 0 ({hint})."
-          for k in keys if values[k] is None or not values[k] > 0]
+  return [
+      f"config.objective.{section}.{k}={values[k]} must be > 0 ({hint})."
+      for k in keys
+      if values[k] is None or not values[k] > 0
+  ]
 
 
 def coding_rate_balance(n: int, d: int) -> float:

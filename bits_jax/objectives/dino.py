@@ -14,6 +14,7 @@ Settings in `config.objective.dino`: `tau_t` warms up linearly from `warmup_teac
 The center is updated with the mean over the global batch: inside `jax.jit` on a mesh the
 mean of a batch-sharded array is reduced across devices, as DINO's all-reduce does.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,7 +33,8 @@ def make_head(config: ml_collections.ConfigDict):
       bottleneck_dim=head.bottleneck_dim,
       num_layers=head.num_layers,
       norm_last_layer=dino.norm_last_layer,
-      dtype=config.get("dtype", "float32"))
+      dtype=config.get("dtype", "float32"),
+  )
 
 
 def init_state(config: ml_collections.ConfigDict):
@@ -43,15 +45,19 @@ def init_state(config: ml_collections.ConfigDict):
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Impossible DINO settings, each with its fix (called by config validation)."""
   dino = config.objective.dino
-  problems = common.positive(config, "dino",
-                             ("student_temp", "teacher_temp", "warmup_teacher_temp"),
-                             "DINO: student 0.1, teacher 0.04 -> 0.07")
+  problems = common.positive(
+      config,
+      "dino",
+      ("student_temp", "teacher_temp", "warmup_teacher_temp"),
+      "DINO: student 0.1, teacher 0.04 -> 0.07",
+  )
   if not 0 <= dino.center_momentum < 1:
-    problems.append(f"config.objective.dino.center_momentum={dino.center_momentum} must be "
-                    f"in [0, 1) (DINO: 0.9).")
+    problems.append(
+        f"config.objective.dino.center_momentum={dino.center_momentum} must be "
+        "in [0, 1) (DINO: 0.9)."
+    )
   if dino.out_dim < 1:
-    problems.append(f"config.objective.dino.out_dim={dino.out_dim} must be >= 1 "
-                    f"(DINO: 65536).")
+    problems.append(f"config.objective.dino.out_dim={dino.out_dim} must be >= 1 (DINO: 65536).")
   return problems
 
 
@@ -78,7 +84,10 @@ def mask_updates(tree, step, config: ml_collections.ConfigDict):
   frozen = jnp.asarray(step) < steps
   return jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.where(frozen, jnp.zeros_like(x), x)
-      if utils.under_key(path, "head") and utils.under_key(path, "last_layer") else x, tree)
+      if utils.under_key(path, "head") and utils.under_key(path, "last_layer")
+      else x,
+      tree,
+  )
 
 
 def teacher_probs(teacher_out: jax.Array, center: jax.Array, temperature) -> jax.Array:
@@ -93,8 +102,14 @@ def updated_center(center: jax.Array, teacher_out: jax.Array, momentum: float) -
   return jax.lax.stop_gradient(center * momentum + batch_center * (1.0 - momentum))
 
 
-def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
-         config: ml_collections.ConfigDict):
+def loss(
+    student_out: jax.Array,
+    teacher_out: jax.Array,
+    state,
+    *,
+    step,
+    config: ml_collections.ConfigDict,
+):
   """DINO objective.
 
   Args:
@@ -111,11 +126,11 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
   temp = teacher_temperature(step, config)
   q = teacher_probs(teacher_out, state["center"], temp)
   log_p = jax.nn.log_softmax(student_out.astype(jnp.float32) / dino.student_temp, axis=-1)
-  total = common.mean_over_pairs(lambda g, v: jnp.mean(-jnp.sum(q[g] * log_p[v], axis=-1)),
-                                 pairs)
+  total = common.mean_over_pairs(lambda g, v: jnp.mean(-jnp.sum(q[g] * log_p[v], axis=-1)), pairs)
   agreement = common.mean_over_pairs(
-      lambda g, v: jnp.mean((jnp.argmax(q[g], -1) == jnp.argmax(log_p[v], -1))
-                            .astype(jnp.float32)), pairs)
+      lambda g, v: jnp.mean((jnp.argmax(q[g], -1) == jnp.argmax(log_p[v], -1)).astype(jnp.float32)),
+      pairs,
+  )
   new_state = {"center": updated_center(state["center"], teacher_out, dino.center_momentum)}
   teacher_entropy = jnp.mean(-jnp.sum(q * jnp.log(jnp.clip(q, 1e-30)), axis=-1))
   mean_q = jnp.mean(q, axis=(0, 1))
@@ -130,6 +145,11 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
   return total, (new_state, metrics)
 
 
-OBJECTIVE = common.Objective(name="dino", make_head=make_head, loss=loss,
-                             init_state=init_state, mask_updates=mask_updates,
-                             config_problems=config_problems)
+OBJECTIVE = common.Objective(
+    name="dino",
+    make_head=make_head,
+    loss=loss,
+    init_state=init_state,
+    mask_updates=mask_updates,
+    config_problems=config_problems,
+)

@@ -15,6 +15,7 @@ implementation, and `eps` enters as d / (n eps) there too (default `eps = 0.5`, 
 default). On the sphere 1/2 ||a - b||^2 = 1 - cos(a, b), so this equals the reference's
 "-cosine - expansion" loss up to the constant 1.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,7 +33,8 @@ def make_head(config: ml_collections.ConfigDict):
       dim=head.bottleneck_dim,
       hidden_dim=head.hidden_dim,
       num_layers=head.num_layers,
-      dtype=config.get("dtype", "float32"))
+      dtype=config.get("dtype", "float32"),
+  )
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -40,8 +42,14 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   return common.positive(config, "simdino", ("eps",), "SimDINO: 0.5")
 
 
-def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
-         config: ml_collections.ConfigDict):
+def loss(
+    student_out: jax.Array,
+    teacher_out: jax.Array,
+    state,
+    *,
+    step,
+    config: ml_collections.ConfigDict
+):
   """SimDINO objective.
 
   Args:
@@ -59,10 +67,14 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
   zs = utils.l2_normalize(student_out.astype(jnp.float32))
   zt = jax.lax.stop_gradient(utils.l2_normalize(teacher_out.astype(jnp.float32)))
   distance = common.mean_over_pairs(
-      lambda g, v: jnp.mean(0.5 * jnp.sum((zs[v] - zt[g]) ** 2, axis=-1)), pairs)
+      lambda g, v: jnp.mean(0.5 * jnp.sum((zs[v] - zt[g]) ** 2, axis=-1)), pairs
+  )
   num_global = teacher_out.shape[0]
-  rate = jnp.mean(jnp.stack(
-      [coding_rate_lib.coding_rate(student_out[g], simdino.eps) for g in range(num_global)]))
+  rate = jnp.mean(
+      jnp.stack(
+          [coding_rate_lib.coding_rate(student_out[g], simdino.eps) for g in range(num_global)]
+      )
+  )
   n, d = student_out.shape[1], student_out.shape[2]
   gamma = simdino.coding_rate_weight * common.coding_rate_balance(n, d)
   total = distance - gamma * rate
@@ -75,5 +87,6 @@ def loss(student_out: jax.Array, teacher_out: jax.Array, state, *, step,
   return total, (state, metrics)
 
 
-OBJECTIVE = common.Objective(name="simdino", make_head=make_head, loss=loss,
-                             config_problems=config_problems)
+OBJECTIVE = common.Objective(
+    name="simdino", make_head=make_head, loss=loss, config_problems=config_problems
+)

@@ -8,6 +8,7 @@ Meanings are the comments beside (or on the lines just above) each key in
 `--write` replaces the block between the README's `config-reference` markers; a test keeps
 the README in sync.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,8 +31,7 @@ _WRITE = flags.DEFINE_string("write", None, "Markdown file whose reference block
 def _comments(source: str) -> dict[int, str]:
   """{line number: comment text} of every comment in `source`."""
   tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-  return {t.start[0]: t.string.lstrip("#").strip() for t in tokens
-          if t.type == tokenize.COMMENT}
+  return {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
 
 
 def _meaning(line: int, comments: dict[int, str], lines: list[str]) -> str:
@@ -45,8 +45,9 @@ def _meaning(line: int, comments: dict[int, str], lines: list[str]) -> str:
   return " ".join(above)
 
 
-def _keyword_lines(call: ast.AST, prefix: str, out: dict[str, tuple[int, ...]],
-                   parents: tuple[int, ...] = ()) -> None:
+def _keyword_lines(
+    call: ast.AST, prefix: str, out: dict[str, tuple[int, ...]], parents: tuple[int, ...] = ()
+) -> None:
   """Dotted key -> (its line, lines of its enclosing keywords) in `ConfigDict(dict(...))`s."""
   if not isinstance(call, ast.Call):
     return
@@ -54,8 +55,7 @@ def _keyword_lines(call: ast.AST, prefix: str, out: dict[str, tuple[int, ...]],
     _keyword_lines(arg, prefix, out, parents)
   for keyword in call.keywords:
     if isinstance(keyword.value, ast.Call) and keyword.value.args:
-      _keyword_lines(keyword.value, f"{prefix}{keyword.arg}.", out,
-                     (keyword.lineno,) + parents)
+      _keyword_lines(keyword.value, f"{prefix}{keyword.arg}.", out, (keyword.lineno,) + parents)
     else:
       out[f"{prefix}{keyword.arg}"] = (keyword.lineno,) + parents
 
@@ -70,8 +70,11 @@ def key_lines() -> dict[str, tuple[int, ...]]:
       continue
     key = node.targets[0].attr
     value = node.value
-    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and (
-        value.func.id in functions):
+    if (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and (value.func.id in functions)
+    ):
       for inner in ast.walk(functions[value.func.id]):
         if isinstance(inner, ast.Return):
           _keyword_lines(inner.value, f"{key}.", out)
@@ -90,8 +93,9 @@ def reference_markdown() -> str:
   rows = ["| key | default | meaning |", "| --- | --- | --- |"]
   for key, value in config_validation.flat_items(config_defaults.base_config()):
     # A key without a comment of its own takes its section's (e.g. an evaluator's kwargs).
-    meaning = next((m for m in (_meaning(line, comments, lines) for line in where.get(key, ()))
-                    if m), "")
+    meaning = next(
+        (m for m in (_meaning(line, comments, lines) for line in where.get(key, ())) if m), ""
+    )
     rows.append(f"| `{key}` | `{value!r}` | {meaning.replace('|', '/')} |")
   return "\n".join(rows) + "\n"
 
