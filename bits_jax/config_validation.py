@@ -193,8 +193,11 @@ def _check_objective(c: _Checker) -> None:
   except ValueError as e:
     c.add(str(e))
     return
+  # The objective's checks read its own section and top-level loop keys (e.g. total_steps):
+  # with one of those of the wrong type, only the type problem is reported.
   section = c.config["objective.name"]
-  if not any(k in c.bad for k in c.config if k.startswith(f"objective.{section}.")):
+  if not any(k in c.bad for k in c.config
+             if k.startswith(f"objective.{section}.") or "." not in k):
     c.problems.extend(objective.config_problems(c.nested))
 
 

@@ -1,4 +1,5 @@
-"""Config validation: every bad config gets its own error naming the key and the fix."""
+"""Config validation: every bad config gets its own error naming the (dotted) key and the fix."""
+import dataclasses
 import json
 import time
 
@@ -11,74 +12,118 @@ from tests import helpers
 
 
 def _config(**changes):
-  """The test preset with `changes` applied, bypassing ConfigDict's own type checks."""
+  """The test preset with `changes` ({'optim.learning_rate': 1e-3, ...}) applied.
+
+  Dotted keys reach into the nested sections; ConfigDict's own key and type checks are
+  bypassed so that validation sees the bad value.
+  """
   config = helpers.load_config("fashion_mnist", "test")
   for key, value in changes.items():
-    with config.unlocked(), config.ignore_type():
-      config[key] = value
+    *path, leaf = key.split(".")
+    section = config
+    for part in path:
+      section = section[part]
+    with section.unlocked(), section.ignore_type():
+      section[leaf] = value
   return config
 
 
 # (changes, the one message expected). The test preset runs on the 8 fake CPU devices.
 _BAD_CONFIGS = {
-    "typo key": (dict(learnig_rate=1e-3),
-                 "unknown key config.learnig_rate: did you mean 'learning_rate'?"),
-    "unknown key": (dict(frobnicate=1), "unknown key config.frobnicate: remove it, or add it"),
-    "wrong type str": (dict(total_steps="100"),
+    "typo key": ({"optim.learnig_rate": 1e-3},
+                 "unknown key config.optim.learnig_rate: did you mean 'optim.learning_rate'?"),
+    "unknown key": ({"frobnicate": 1}, "unknown key config.frobnicate: remove it, or add it"),
+    "wrong type str": ({"total_steps": "100"},
                        "config.total_steps='100' is a str; it must be an int"),
-    "wrong type float for int": (dict(bits=32.0), "config.bits=32.0 is a float; it must be an int"),
-    "wrong type bool": (dict(knn_eval="yes"), "config.knn_eval='yes' is a str; it must be a bool"),
-    "bits zero": (dict(bits=0), "config.bits=0 must be positive (the number of bits"),
-    "bits negative": (dict(bits=-8), "config.bits=-8 must be positive"),
-    "bits None": (dict(bits=None), "config.bits=None must be positive"),
+    "wrong type float for int": (
+        {"objective.bits.num_bits": 32.0},
+        "config.objective.bits.num_bits=32.0 is a float; it must be an int"),
+    "wrong type bool": ({"evals.knn.at_end": "yes"},
+                        "config.evals.knn.at_end='yes' is a str; it must be a bool"),
+    "wrong type bool top level": (
+        {"baseline_random_init": "yes"},
+        "config.baseline_random_init='yes' is a str; it must be a bool"),
+    "bits zero": ({"objective.bits.num_bits": 0},
+                  "config.objective.bits.num_bits=0 must be > 0 (the number of bits"),
+    "bits negative": ({"objective.bits.num_bits": -8},
+                      "config.objective.bits.num_bits=-8 must be > 0"),
+    "bits None": ({"objective.bits.num_bits": None},
+                  "config.objective.bits.num_bits=None must be > 0"),
     "global crop below patch": (
-        dict(global_crop_size=4),
-        "config.global_crop_size=4 is smaller than config.patch_size=7: a ViT needs at least"),
+        {"input.crops.global_size": 4},
+        "config.input.crops.global_size=4 is smaller than config.model.patch_size=7: a ViT "
+        "needs at least"),
     "local crop below patch": (
-        dict(local_crop_size=5), "config.local_crop_size=5 is smaller than config.patch_size=7"),
+        {"input.crops.local_size": 5},
+        "config.input.crops.local_size=5 is smaller than config.model.patch_size=7"),
     "crop not a multiple of patch": (
-        dict(global_crop_size=30),
-        "config.global_crop_size=30 is not a multiple of config.patch_size=7: use 28 or 35"),
+        {"input.crops.global_size": 30},
+        "config.input.crops.global_size=30 is not a multiple of config.model.patch_size=7: use "
+        "28 or 35"),
     "batch not divisible by devices": (
-        dict(batch_size=12), "config.batch_size=12 is not divisible by the 8 devices of the mesh"),
+        {"input.batch_size": 12},
+        "config.input.batch_size=12 is not divisible by the 8 devices of the mesh"),
     "eval batch not divisible by devices": (
-        dict(eval_batch_size=100), "config.eval_batch_size=100 is not divisible by the 8 devices"),
+        {"input.eval_batch_size": 100},
+        "config.input.eval_batch_size=100 is not divisible by the 8 devices"),
     "mesh larger than devices": (
-        dict(mesh={"data": 3, "fsdp": 1}), "needs 3 devices but 8 are used"),
+        {"mesh": {"data": 3, "fsdp": 1}}, "needs 3 devices but 8 are used"),
     "warmup longer than run": (
-        dict(warmup_steps=10),
-        "config.warmup_steps=10 is longer than config.total_steps=6: the learning rate would"),
+        {"optim.warmup_steps": 10},
+        "config.optim.warmup_steps=10 is longer than config.total_steps=6: the learning rate "
+        "would"),
     "head re-init never happens": (
-        dict(head_reinit_every=6),
-        "config.head_reinit_every=6 is not below config.total_steps=6: the head would never"),
+        {"objective.bits.reset_every_steps": 6},
+        "config.objective.bits.reset_every_steps=6 is not below config.total_steps=6: the head "
+        "would never"),
     "min lr above peak": (
-        dict(min_learning_rate=1.0), "config.min_learning_rate=1.0 is above config.learning_rate"),
-    "zero steps": (dict(total_steps=0, warmup_steps=0), "config.total_steps=0 must be positive"),
-    "negative warmup": (dict(warmup_steps=-1), "config.warmup_steps=-1 must be >= 0"),
-    "momentum above one": (dict(teacher_momentum=1.5),
-                           "config.teacher_momentum=1.5 must be in [0.0, 1.0]"),
-    "coding rate eps zero": (dict(coding_rate_eps=0.0), "config.coding_rate_eps=0.0 must be"),
-    "crop scale reversed": (dict(global_crop_scale=(0.9, 0.2)),
-                            "config.global_crop_scale=(0.9, 0.2) must be (low, high)"),
-    "single view": (dict(num_global_crops=1, num_local_crops=0),
+        {"optim.end_learning_rate": 1.0},
+        "config.optim.end_learning_rate=1.0 is above config.optim.learning_rate"),
+    "zero steps": ({"total_steps": 0, "optim.warmup_steps": 0},
+                   "config.total_steps=0 must be positive"),
+    "negative warmup": ({"optim.warmup_steps": -1}, "config.optim.warmup_steps=-1 must be >= 0"),
+    "momentum above one": ({"optim.teacher_momentum": 1.5},
+                           "config.optim.teacher_momentum=1.5 must be in [0.0, 1.0]"),
+    "coding rate eps zero": ({"objective.bits.eps": 0.0},
+                             "config.objective.bits.eps=0.0 must be > 0 (the distortion"),
+    "crop scale reversed": (
+        {"input.crops.global_scale": (0.9, 0.2)},
+        "config.input.crops.global_scale=(0.9, 0.2) must be (low, high)"),
+    "single view": ({"input.crops.num_global": 1, "input.crops.num_local": 0},
                     "self-distillation needs at least two views"),
-    "unknown method": (dict(method="byol"),
-                       "Unknown method 'byol': set config.method to one of"),
-    "unknown model": (dict(model="vit_huge"), "Unknown config.model='vit_huge'"),
+    "unknown method": ({"objective.name": "byol"},
+                       "Unknown method 'byol': set config.objective.name to one of"),
+    "unknown model": ({"model.name": "vit_huge"}, "Unknown config.model.name='vit_huge'"),
+    "unknown model option": (
+        {"model.widht": 32}, "config.model.widht is not an option of 'vit'"),
     "unknown TFDS dataset": (
-        dict(dataset="fashon_mnist"),
-        "unknown dataset 'fashon_mnist' (did you mean 'fashion_mnist'?): set config.dataset to"),
-    "malformed dataset": (dict(dataset="foo:bar"), "unknown dataset 'foo:bar'"),
-    "missing npz": (dict(dataset="npz:/nonexistent/x.npz"),
+        {"input.dataset": "fashon_mnist"},
+        "unknown dataset 'fashon_mnist' (did you mean 'fashion_mnist'?): set "
+        "config.input.dataset to"),
+    "malformed dataset": ({"input.dataset": "foo:bar"}, "unknown dataset 'foo:bar'"),
+    "missing npz": ({"input.dataset": "npz:/nonexistent/x.npz"},
                     "file /nonexistent/x.npz does not exist"),
-    "missing image folder": (dict(dataset="imagefolder:/nonexistent/dir"),
+    "missing image folder": ({"input.dataset": "imagefolder:/nonexistent/dir"},
                              "directory /nonexistent/dir does not exist"),
-    "non-finite policy": (dict(on_nonfinite="ignore"),
-                          "config.on_nonfinite='ignore': use 'skip'"),
-    "zero consecutive": (dict(max_consecutive_nonfinite=0),
+    "non-finite policy": ({"on_nonfinite": "ignore"}, "config.on_nonfinite='ignore': use 'skip'"),
+    "zero consecutive": ({"max_consecutive_nonfinite": 0},
                          "config.max_consecutive_nonfinite=0 must be positive"),
-    "dtype": (dict(dtype="float16"), "config.dtype='float16': use 'float32' or 'bfloat16'"),
-    "grad accumulation": (dict(grad_accum_steps=3), "not divisible by grad_accum_steps=3"),
+    "dtype": ({"dtype": "float16"}, "config.dtype='float16': use 'float32' or 'bfloat16'"),
+    "grad accumulation": (
+        {"optim.grad_accum_steps": 3},
+        "config.input.batch_size=16 is not divisible by grad_accum_steps=3"),
+    "unknown evaluator type": (
+        {"evals.knn.type": "knm"}, "config.evals.knn.type: Unknown evaluator type 'knm'"),
+    "unknown evaluator section type": (
+        {"evals.probe": {"type": "lineer", "at_end": True}},
+        "config.evals.probe.type: Unknown evaluator type 'lineer'"),
+    "evaluator entry without type": (
+        {"evals.probe": {"at_end": True}}, "config.evals.probe must be a dict with a 'type'"),
+    "unknown evaluator kwarg": (
+        {"evals.knn.kz": (5,)},
+        "config.evals.knn.kz is not an option of the 'knn' evaluator: use ['bank_split'"),
+    "evaluator every negative": (
+        {"evals.knn.every": -1}, "config.evals.knn.every=-1 must be an int >= 0"),
 }
 
 
@@ -92,34 +137,55 @@ def test_bad_config_gives_its_own_error(case):
     config_validation.validate_config(_config(**changes))
 
 
-def test_good_presets_pass():
-  assert config_validation.config_problems(_config()) == []
-  assert config_validation.config_problems(helpers.load_config("fashion_mnist", "demo")) == []
+@pytest.mark.parametrize("preset", ["test", "demo", "test,dino", "test,simdino"])
+def test_good_presets_pass(preset):
+  assert config_validation.config_problems(helpers.load_config("fashion_mnist", preset)) == []
 
 
-def test_every_problem_is_listed_at_once():
+@pytest.mark.parametrize("changes,parts", [
+    ({"objective.bits.num_bits": 0, "optim.teacher_momentum": 1.5, "optim.learnig_rate": 1.0},
+     ("config.objective.bits.num_bits=0", "config.optim.teacher_momentum=1.5",
+      "config.optim.learnig_rate")),
+    # An unknown method has no section to check: the other problems are still listed.
+    ({"objective.name": "byol", "model.name": "vit_huge", "optim.learnig_rate": 1.0},
+     ("'byol'", "'vit_huge'", "config.optim.learnig_rate")),
+])
+def test_every_problem_is_listed_at_once(changes, parts):
   with pytest.raises(config_validation.ConfigError) as error:
-    config_validation.validate_config(_config(bits=0, method="byol", learnig_rate=1.0))
+    config_validation.validate_config(_config(**changes))
   text = str(error.value)
-  assert text.startswith("Invalid config (3 problems):")
-  for part in ("config.bits=0", "'byol'", "config.learnig_rate"):
+  assert text.startswith("Invalid config (3 problems):"), text
+  for part in parts:
     assert part in text
 
 
 def test_keys_methods_and_models_come_from_the_registries(monkeypatch):
   """Every base_config key is accepted (e.g. the DINO ones); an objective's own
   `config_problems` hook is consulted."""
-  assert config_validation.config_problems(_config(method="dino")) == []
-  module = objectives.get_objective("bits")
-  monkeypatch.setattr(module, "config_problems",
-                      lambda config: [f"config.bits={config.bits}: odd"], raising=False)
-  assert config_validation.config_problems(_config(bits=31)) == ["config.bits=31: odd"]
+  assert config_validation.config_problems(_config(**{"objective.name": "dino"})) == []
+  registered = objectives.get
+
+  def get(name):
+    return dataclasses.replace(registered(name), config_problems=lambda config: [
+        f"config.objective.bits.num_bits={config.objective.bits.num_bits}: odd"])
+
+  monkeypatch.setattr(objectives, "get", get)
+  assert config_validation.config_problems(_config(**{"objective.bits.num_bits": 31})) == [
+      "config.objective.bits.num_bits=31: odd"]
+
+
+def test_model_options_come_from_the_backbone():
+  """Any field of the backbone is a valid config.model key; other backbones' are not."""
+  assert config_validation.config_problems(_config(**{"model.remat": True})) == []
+  problems = config_validation.config_problems(_config(**{"model.small_stem": True}))
+  assert len(problems) == 1 and "config.model.small_stem is not an option of 'vit'" in (
+      problems[0]), problems
 
 
 def test_train_rejects_a_bad_config_before_building_anything(tmp_path):
   start = time.time()
-  with pytest.raises(config_validation.ConfigError, match="config.bits=0"):
-    train.train(_config(bits=0), str(tmp_path / "run"))
+  with pytest.raises(config_validation.ConfigError, match="config.objective.bits.num_bits=0"):
+    train.train(_config(**{"objective.bits.num_bits": 0}), str(tmp_path / "run"))
   assert time.time() - start < 60
   assert not (tmp_path / "run").exists()
 
@@ -134,24 +200,34 @@ def _stored(config):
 def test_resume_refuses_a_changed_key_and_names_the_fix():
   stored = _stored(_config())
   with pytest.raises(config_validation.ConfigError) as error:
-    config_validation.check_resume_config(stored, _config(total_steps=12, bits=64))
+    config_validation.check_resume_config(
+        stored, _config(**{"total_steps": 12, "objective.bits.num_bits": 64}))
   text = str(error.value)
-  assert "  - bits: 32 in the workdir, 64 now" in text
+  assert "  - objective.bits.num_bits: 32 in the workdir, 64 now" in text
   assert "  - total_steps: 6 in the workdir, 12 now" in text
-  assert "--config.allow_config_change=bits,total_steps" in text
+  assert "--config.allow_config_change=objective.bits.num_bits,total_steps" in text
 
 
 @pytest.mark.parametrize("changes,allow", [
-    (dict(log_every=1, checkpoint_every=1, keep_checkpoints=9, knn_eval=False,
-          eval_batch_size=128, on_nonfinite="stop"), ""),
-    (dict(total_steps=12), "total_steps"),
-    (dict(total_steps=12, learning_rate=1.0), "learning_rate, total_steps"),
-    (dict(total_steps=12, bits=64), "*"),
+    ({"log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 9, "evals.knn.at_end": False,
+      "evals.knn.ks": (5,), "input.eval_batch_size": 128, "on_nonfinite": "stop",
+      "mesh.data": 4, "mesh.fsdp": 2, "model.remat": True}, ""),
+    ({"total_steps": 12}, "total_steps"),
+    ({"total_steps": 12, "optim.learning_rate": 1.0}, "optim.learning_rate, total_steps"),
+    ({"total_steps": 12, "objective.bits.num_bits": 64}, "objective.bits.num_bits,total_steps"),
+    ({"total_steps": 12, "objective.bits.num_bits": 64}, "*"),
 ])
 def test_resume_accepts_safe_and_allowed_changes(changes, allow):
   differences = config_validation.check_resume_config(
       _stored(_config()), _config(allow_config_change=allow, **changes))
-  assert set(changes) <= set(differences)
+  assert set(changes) <= set(differences), differences
+
+
+def test_resume_allows_only_the_listed_key():
+  with pytest.raises(config_validation.ConfigError, match="objective.bits.num_bits: 32"):
+    config_validation.check_resume_config(
+        _stored(_config()), _config(**{"total_steps": 12, "objective.bits.num_bits": 64,
+                                       "allow_config_change": "total_steps"}))
 
 
 def test_resume_with_the_same_config_has_no_differences():
