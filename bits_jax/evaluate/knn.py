@@ -166,11 +166,7 @@ def _normalize_bank(bank, *, out_sharding=None):
 
 
 def _as_host(x: Any, name: str, ndim: int) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    x = multihost_utils.process_allgather(x, tiled=True)
-  x = np.asarray(x)
+  x = utils.to_host(x)
   if x.ndim != ndim:
     raise ValueError(f"{name} must have {ndim} dims, got shape {x.shape}.")
   return x

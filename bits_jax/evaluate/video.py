@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from bits_jax import utils
 from bits_jax.evaluate import common
 from bits_jax.evaluate import davis_metrics
 
@@ -214,11 +215,6 @@ def upsample_argmax(labels, *, grid: tuple[int, int], size: tuple[int, int], row
   return seg[rows[:, None], cols[None, :]]
 
 
-def _l2_normalize(x):
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("grid", "size", "topk", "neighborhood", "temperature", "store"),
@@ -241,7 +237,7 @@ def _step(
     store,
 ):
   """One frame: propagate, store it in context slot `slot`, and segment it."""
-  target = _l2_normalize(target)
+  target = utils.l2_normalize(target.astype(jnp.float32))
   soft = propagate_labels(
       target,
       feats,
@@ -337,7 +333,7 @@ def segment_video(
       )
     for i in range(len(batch)):
       if t == 0:
-        first = _l2_normalize(jnp.asarray(tokens[0]))
+        first = utils.l2_normalize(jnp.asarray(tokens[0], jnp.float32))
         feats = jnp.zeros((slots,) + first.shape, jnp.float32).at[0].set(first)
         labels = jnp.zeros((slots, first.shape[0], num_labels_padded), jnp.float32)
         labels = labels.at[0, :, :num_labels].set(one_hot_grid(first_mask, grid, num_labels))

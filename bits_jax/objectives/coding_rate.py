@@ -12,15 +12,13 @@ Global batch: call this on the whole (global) array inside `jax.jit`. When `z` i
 a mesh, XLA reduces the Gram matrix across devices, so the value equals the one computed on
 the full batch on one device; there is no per-device approximation.
 """
+
 import jax
 import jax.numpy as jnp
 
+from bits_jax import utils
+
 _JITTER = 1e-6
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """Rows scaled to unit L2 norm (zero rows stay zero)."""
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 def _cholesky_with_retry(matrix: jax.Array) -> jax.Array:
@@ -30,10 +28,14 @@ def _cholesky_with_retry(matrix: jax.Array) -> jax.Array:
   relative = max(k * float(jnp.finfo(matrix.dtype).eps), 1e-5)
   chol = jnp.linalg.cholesky(matrix)
   return jax.lax.cond(
-      jnp.all(jnp.isfinite(chol)), lambda m, c: c,
+      jnp.all(jnp.isfinite(chol)),
+      lambda m, c: c,
       lambda m, c: jnp.linalg.cholesky(
-          m + relative * jnp.max(jnp.diagonal(m)) * jnp.eye(k, dtype=m.dtype)),
-      matrix, chol)
+          m + relative * jnp.max(jnp.diagonal(m)) * jnp.eye(k, dtype=m.dtype)
+      ),
+      matrix,
+      chol,
+  )
 
 
 @jax.custom_jvp
@@ -47,8 +49,7 @@ def _logdet_symmetric_jvp(primals, tangents):
   # through the Cholesky instead would pull the failed factor's NaN into the gradient.
   (matrix,), (dmatrix,) = primals, tangents
   chol = _cholesky_with_retry(matrix)
-  inverse = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(matrix.shape[-1],
-                                                             dtype=matrix.dtype))
+  inverse = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(matrix.shape[-1], dtype=matrix.dtype))
   value = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
   return value, jnp.sum(inverse * dmatrix)
 
@@ -73,7 +74,7 @@ def coding_rate(z: jax.Array, eps: float = 0.05) -> jax.Array:
   if z.ndim != 2:
     raise ValueError(f"coding_rate expects z of shape [n, d], got {z.shape}.")
   n, d = z.shape
-  zn = l2_normalize(z.astype(jnp.float32))
+  zn = utils.l2_normalize(z.astype(jnp.float32))
   scale = d / (n * eps)
   hi = jax.lax.Precision.HIGHEST
   if d <= n:
