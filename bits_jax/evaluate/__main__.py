@@ -1,15 +1,16 @@
 """Evaluate weights: python -m bits_jax.evaluate --workdir=DIR [--config=configs/x.py].
 
-With --workdir the run's own config (DIR/config.json) is used, with any `--config.*`
-overrides on top; --config (a config file) is needed only for --weights that do not come
-with a config.json (e.g. converted weights). By default the latest checkpoint in --workdir
-is evaluated (the EMA teacher); --weights points at any other run, checkpoint step or
-converted params directory. --evals picks entries of config.evals (default: all). Results go
-to --out (default DIR/eval): results.json, results.md, plots/*.png, TensorBoard events.
+With --workdir the run's own config (DIR/config.json) is used. `--config.*` overrides go on
+top of it; they need --config=FILE.py too (absl defines the override flags from that file;
+only the overridden keys are taken from it). --config alone is needed only for --weights
+that do not come with a config.json (e.g. converted weights). By default the latest
+checkpoint in --workdir is evaluated (the EMA teacher); --weights points at any other run,
+checkpoint step or converted params directory. --evals picks entries of config.evals
+(default: all). Results go to --out (default DIR/eval): results.json, results.md, figures
+(*.png), TensorBoard events.
 """
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -28,30 +29,35 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval
 _EVALS = flags.DEFINE_list("evals", None, "config.evals entries to run (default: all).")
 
 
-def _overridden_keys(argv) -> list[str]:
-  """Dotted keys of the `--config.k=v` flags given on the command line."""
-  return [arg[len("--config."):].split("=", 1)[0] for arg in argv
-          if arg.startswith("--config.") and "=" in arg]
-
-
-def run_config(workdir: str | None, argv) -> ml_collections.ConfigDict:
+def run_config(workdir: str | None) -> ml_collections.ConfigDict:
   """The run's config.json (with --config.* overrides) or the --config file's config."""
   stored = os.path.join(workdir, "config.json") if workdir else None
   if stored and os.path.exists(stored):
     with open(stored) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    config = _with_tuples(config)
+      config = _with_tuples(ml_collections.ConfigDict(json.load(f)))
     if _CONFIG.value is not None:
-      for key in _overridden_keys(argv):
+      # Every override syntax absl accepts (`--config.k=v`, `--config.k v`), parsed with the
+      # types of the --config file's fields.
+      for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
         *path, leaf = key.split(".")
-        source, target = _CONFIG.value, config
+        target = config
         for part in path:
-          source, target = source[part], target[part]
-        target[leaf] = source[leaf]
+          if part not in target:
+            raise app.UsageError(f"--config.{key}: {stored} has no section {part!r}.")
+          target = target[part]
+        target[leaf] = value
     return config
   if _CONFIG.value is None:
     raise app.UsageError(f"No config.json in --workdir={workdir}: pass --config=FILE.py.")
   return _CONFIG.value
+
+
+def _check_names(config: ml_collections.ConfigDict, names) -> None:
+  """--evals must name config.evals entries (an unknown one would silently evaluate nothing)."""
+  unknown = [n for n in names or () if n not in config.evals]
+  if unknown:
+    raise app.UsageError(f"--evals={','.join(unknown)}: not in config.evals; use some of "
+                         f"{','.join(config.evals)}.")
 
 
 def _with_tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -72,7 +78,8 @@ def main(argv):
   weights = os.path.abspath(_WEIGHTS.value) if _WEIGHTS.value else workdir
   if not weights:
     raise app.UsageError("Give --workdir (a run to evaluate) or --weights.")
-  config = run_config(workdir, sys.argv)
+  config = run_config(workdir)
+  _check_names(config, _EVALS.value)
   out = os.path.abspath(_OUT.value) if _OUT.value else os.path.join(workdir or weights, "eval")
   results = run.evaluate(config, weights=weights, out_dir=out, which=_WHICH.value,
                          names=_EVALS.value)
