@@ -1,4 +1,5 @@
 """Config validation: every bad config gets its own error naming the (dotted) key and the fix."""
+
 import dataclasses
 import json
 import time
@@ -30,100 +31,157 @@ def _config(**changes):
 
 # (changes, the one message expected). The test preset runs on the 8 fake CPU devices.
 _BAD_CONFIGS = {
-    "typo key": ({"optim.learnig_rate": 1e-3},
-                 "unknown key config.optim.learnig_rate: did you mean 'optim.learning_rate'?"),
+    "typo key": (
+        {"optim.learnig_rate": 1e-3},
+        "unknown key config.optim.learnig_rate: did you mean 'optim.learning_rate'?",
+    ),
     "unknown key": ({"frobnicate": 1}, "unknown key config.frobnicate: remove it, or add it"),
-    "wrong type str": ({"total_steps": "100"},
-                       "config.total_steps='100' is a str; it must be an int"),
+    "wrong type str": (
+        {"total_steps": "100"},
+        "config.total_steps='100' is a str; it must be an int",
+    ),
     "wrong type float for int": (
         {"objective.bits.num_bits": 32.0},
-        "config.objective.bits.num_bits=32.0 is a float; it must be an int"),
-    "wrong type bool": ({"evals.knn.at_end": "yes"},
-                        "config.evals.knn.at_end='yes' is a str; it must be a bool"),
+        "config.objective.bits.num_bits=32.0 is a float; it must be an int",
+    ),
+    "wrong type bool": (
+        {"evals.knn.at_end": "yes"},
+        "config.evals.knn.at_end='yes' is a str; it must be a bool",
+    ),
     "wrong type bool top level": (
         {"baseline_random_init": "yes"},
-        "config.baseline_random_init='yes' is a str; it must be a bool"),
-    "bits zero": ({"objective.bits.num_bits": 0},
-                  "config.objective.bits.num_bits=0 must be > 0 (the number of bits"),
-    "bits negative": ({"objective.bits.num_bits": -8},
-                      "config.objective.bits.num_bits=-8 must be > 0"),
-    "bits None": ({"objective.bits.num_bits": None},
-                  "config.objective.bits.num_bits=None must be > 0"),
+        "config.baseline_random_init='yes' is a str; it must be a bool",
+    ),
+    "bits zero": (
+        {"objective.bits.num_bits": 0},
+        "config.objective.bits.num_bits=0 must be > 0 (the number of bits",
+    ),
+    "bits negative": (
+        {"objective.bits.num_bits": -8},
+        "config.objective.bits.num_bits=-8 must be > 0",
+    ),
+    "bits None": (
+        {"objective.bits.num_bits": None},
+        "config.objective.bits.num_bits=None must be > 0",
+    ),
     "global crop below patch": (
         {"input.crops.global_size": 4},
-        "config.input.crops.global_size=4 is smaller than config.model.patch_size=7: a ViT "
-        "needs at least"),
+        (
+            "config.input.crops.global_size=4 is smaller than config.model.patch_size=7: a ViT "
+            "needs at least"
+        ),
+    ),
     "local crop below patch": (
         {"input.crops.local_size": 5},
-        "config.input.crops.local_size=5 is smaller than config.model.patch_size=7"),
+        "config.input.crops.local_size=5 is smaller than config.model.patch_size=7",
+    ),
     "crop not a multiple of patch": (
         {"input.crops.global_size": 30},
-        "config.input.crops.global_size=30 is not a multiple of config.model.patch_size=7: use "
-        "28 or 35"),
+        (
+            "config.input.crops.global_size=30 is not a multiple of config.model.patch_size=7: use "
+            "28 or 35"
+        ),
+    ),
     "batch not divisible by devices": (
         {"input.batch_size": 12},
-        "config.input.batch_size=12 is not divisible by the 8 devices of the mesh"),
+        "config.input.batch_size=12 is not divisible by the 8 devices of the mesh",
+    ),
     "eval batch not divisible by devices": (
         {"input.eval_batch_size": 100},
-        "config.input.eval_batch_size=100 is not divisible by the 8 devices"),
+        "config.input.eval_batch_size=100 is not divisible by the 8 devices",
+    ),
     "mesh larger than devices": (
-        {"mesh": {"data": 3, "fsdp": 1}}, "needs 3 devices but 8 are used"),
+        {"mesh": {"data": 3, "fsdp": 1}},
+        "needs 3 devices but 8 are used",
+    ),
     "warmup longer than run": (
         {"optim.warmup_steps": 10},
-        "config.optim.warmup_steps=10 is longer than config.total_steps=6: the learning rate "
-        "would"),
+        "config.optim.warmup_steps=10 is longer than config.total_steps=6: the learning rate would",
+    ),
     "head re-init never happens": (
         {"objective.bits.reset_every_steps": 6},
-        "config.objective.bits.reset_every_steps=6 is not below config.total_steps=6: the head "
-        "would never"),
+        (
+            "config.objective.bits.reset_every_steps=6 is not below config.total_steps=6: the head "
+            "would never"
+        ),
+    ),
     "min lr above peak": (
         {"optim.end_learning_rate": 1.0},
-        "config.optim.end_learning_rate=1.0 is above config.optim.learning_rate"),
-    "zero steps": ({"total_steps": 0, "optim.warmup_steps": 0},
-                   "config.total_steps=0 must be positive"),
+        "config.optim.end_learning_rate=1.0 is above config.optim.learning_rate",
+    ),
+    "zero steps": (
+        {"total_steps": 0, "optim.warmup_steps": 0},
+        "config.total_steps=0 must be positive",
+    ),
     "negative warmup": ({"optim.warmup_steps": -1}, "config.optim.warmup_steps=-1 must be >= 0"),
-    "momentum above one": ({"optim.teacher_momentum": 1.5},
-                           "config.optim.teacher_momentum=1.5 must be in [0.0, 1.0]"),
-    "coding rate eps zero": ({"objective.bits.eps": 0.0},
-                             "config.objective.bits.eps=0.0 must be > 0 (the distortion"),
+    "momentum above one": (
+        {"optim.teacher_momentum": 1.5},
+        "config.optim.teacher_momentum=1.5 must be in [0.0, 1.0]",
+    ),
+    "coding rate eps zero": (
+        {"objective.bits.eps": 0.0},
+        "config.objective.bits.eps=0.0 must be > 0 (the distortion",
+    ),
     "crop scale reversed": (
         {"input.crops.global_scale": (0.9, 0.2)},
-        "config.input.crops.global_scale=(0.9, 0.2) must be (low, high)"),
-    "single view": ({"input.crops.num_global": 1, "input.crops.num_local": 0},
-                    "self-distillation needs at least two views"),
-    "unknown method": ({"objective.name": "byol"},
-                       "Unknown method 'byol': set config.objective.name to one of"),
+        "config.input.crops.global_scale=(0.9, 0.2) must be (low, high)",
+    ),
+    "single view": (
+        {"input.crops.num_global": 1, "input.crops.num_local": 0},
+        "self-distillation needs at least two views",
+    ),
+    "unknown method": (
+        {"objective.name": "byol"},
+        "Unknown method 'byol': set config.objective.name to one of",
+    ),
     "unknown model": ({"model.name": "vit_huge"}, "Unknown config.model.name='vit_huge'"),
-    "unknown model option": (
-        {"model.widht": 32}, "config.model.widht is not an option of 'vit'"),
+    "unknown model option": ({"model.widht": 32}, "config.model.widht is not an option of 'vit'"),
     "unknown TFDS dataset": (
         {"input.dataset": "fashon_mnist"},
-        "unknown dataset 'fashon_mnist' (did you mean 'fashion_mnist'?): set "
-        "config.input.dataset to"),
+        (
+            "unknown dataset 'fashon_mnist' (did you mean 'fashion_mnist'?): set "
+            "config.input.dataset to"
+        ),
+    ),
     "malformed dataset": ({"input.dataset": "foo:bar"}, "unknown dataset 'foo:bar'"),
-    "missing npz": ({"input.dataset": "npz:/nonexistent/x.npz"},
-                    "file /nonexistent/x.npz does not exist"),
-    "missing image folder": ({"input.dataset": "imagefolder:/nonexistent/dir"},
-                             "directory /nonexistent/dir does not exist"),
+    "missing npz": (
+        {"input.dataset": "npz:/nonexistent/x.npz"},
+        "file /nonexistent/x.npz does not exist",
+    ),
+    "missing image folder": (
+        {"input.dataset": "imagefolder:/nonexistent/dir"},
+        "directory /nonexistent/dir does not exist",
+    ),
     "non-finite policy": ({"on_nonfinite": "ignore"}, "config.on_nonfinite='ignore': use 'skip'"),
-    "zero consecutive": ({"max_consecutive_nonfinite": 0},
-                         "config.max_consecutive_nonfinite=0 must be positive"),
+    "zero consecutive": (
+        {"max_consecutive_nonfinite": 0},
+        "config.max_consecutive_nonfinite=0 must be positive",
+    ),
     "dtype": ({"dtype": "float16"}, "config.dtype='float16': use 'float32' or 'bfloat16'"),
     "grad accumulation": (
         {"optim.grad_accum_steps": 3},
-        "config.input.batch_size=16 is not divisible by grad_accum_steps=3"),
+        "config.input.batch_size=16 is not divisible by grad_accum_steps=3",
+    ),
     "unknown evaluator type": (
-        {"evals.knn.type": "knm"}, "config.evals.knn.type: Unknown evaluator type 'knm'"),
+        {"evals.knn.type": "knm"},
+        "config.evals.knn.type: Unknown evaluator type 'knm'",
+    ),
     "unknown evaluator section type": (
         {"evals.probe": {"type": "lineer", "at_end": True}},
-        "config.evals.probe.type: Unknown evaluator type 'lineer'"),
+        "config.evals.probe.type: Unknown evaluator type 'lineer'",
+    ),
     "evaluator entry without type": (
-        {"evals.probe": {"at_end": True}}, "config.evals.probe must be a dict with a 'type'"),
+        {"evals.probe": {"at_end": True}},
+        "config.evals.probe must be a dict with a 'type'",
+    ),
     "unknown evaluator kwarg": (
         {"evals.knn.kz": (5,)},
-        "config.evals.knn.kz is not an option of the 'knn' evaluator: use ['bank_split'"),
+        "config.evals.knn.kz is not an option of the 'knn' evaluator: use ['bank_split'",
+    ),
     "evaluator every negative": (
-        {"evals.knn.every": -1}, "config.evals.knn.every=-1 must be an int >= 0"),
+        {"evals.knn.every": -1},
+        "config.evals.knn.every=-1 must be an int >= 0",
+    ),
 }
 
 
@@ -142,14 +200,28 @@ def test_good_presets_pass(preset):
   assert config_validation.config_problems(helpers.load_config("fashion_mnist", preset)) == []
 
 
-@pytest.mark.parametrize("changes,parts", [
-    ({"objective.bits.num_bits": 0, "optim.teacher_momentum": 1.5, "optim.learnig_rate": 1.0},
-     ("config.objective.bits.num_bits=0", "config.optim.teacher_momentum=1.5",
-      "config.optim.learnig_rate")),
-    # An unknown method has no section to check: the other problems are still listed.
-    ({"objective.name": "byol", "model.name": "vit_huge", "optim.learnig_rate": 1.0},
-     ("'byol'", "'vit_huge'", "config.optim.learnig_rate")),
-])
+@pytest.mark.parametrize(
+    "changes,parts",
+    [
+        (
+            {
+                "objective.bits.num_bits": 0,
+                "optim.teacher_momentum": 1.5,
+                "optim.learnig_rate": 1.0,
+            },
+            (
+                "config.objective.bits.num_bits=0",
+                "config.optim.teacher_momentum=1.5",
+                "config.optim.learnig_rate",
+            ),
+        ),
+        # An unknown method has no section to check: the other problems are still listed.
+        (
+            {"objective.name": "byol", "model.name": "vit_huge", "optim.learnig_rate": 1.0},
+            ("'byol'", "'vit_huge'", "config.optim.learnig_rate"),
+        ),
+    ],
+)
 def test_every_problem_is_listed_at_once(changes, parts):
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate_config(_config(**changes))
@@ -166,12 +238,17 @@ def test_keys_methods_and_models_come_from_the_registries(monkeypatch):
   registered = objectives.get
 
   def get(name):
-    return dataclasses.replace(registered(name), config_problems=lambda config: [
-        f"config.objective.bits.num_bits={config.objective.bits.num_bits}: odd"])
+    return dataclasses.replace(
+        registered(name),
+        config_problems=lambda config: [
+            f"config.objective.bits.num_bits={config.objective.bits.num_bits}: odd"
+        ],
+    )
 
   monkeypatch.setattr(objectives, "get", get)
   assert config_validation.config_problems(_config(**{"objective.bits.num_bits": 31})) == [
-      "config.objective.bits.num_bits=31: odd"]
+      "config.objective.bits.num_bits=31: odd"
+  ]
 
 
 def test_model_options_come_from_the_backbone():
@@ -179,7 +256,8 @@ def test_model_options_come_from_the_backbone():
   assert config_validation.config_problems(_config(**{"model.remat": True})) == []
   problems = config_validation.config_problems(_config(**{"model.small_stem": True}))
   assert len(problems) == 1 and "config.model.small_stem is not an option of 'vit'" in (
-      problems[0]), problems
+      problems[0]
+  ), problems
 
 
 def test_train_rejects_a_bad_config_before_building_anything(tmp_path):
@@ -201,33 +279,55 @@ def test_resume_refuses_a_changed_key_and_names_the_fix():
   stored = _stored(_config())
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.check_resume_config(
-        stored, _config(**{"total_steps": 12, "objective.bits.num_bits": 64}))
+        stored, _config(**{"total_steps": 12, "objective.bits.num_bits": 64})
+    )
   text = str(error.value)
   assert "  - objective.bits.num_bits: 32 in the workdir, 64 now" in text
   assert "  - total_steps: 6 in the workdir, 12 now" in text
   assert "--config.allow_config_change=objective.bits.num_bits,total_steps" in text
 
 
-@pytest.mark.parametrize("changes,allow", [
-    ({"log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 9, "evals.knn.at_end": False,
-      "evals.knn.ks": (5,), "input.eval_batch_size": 128, "on_nonfinite": "stop",
-      "mesh.data": 4, "mesh.fsdp": 2, "model.remat": True}, ""),
-    ({"total_steps": 12}, "total_steps"),
-    ({"total_steps": 12, "optim.learning_rate": 1.0}, "optim.learning_rate, total_steps"),
-    ({"total_steps": 12, "objective.bits.num_bits": 64}, "objective.bits.num_bits,total_steps"),
-    ({"total_steps": 12, "objective.bits.num_bits": 64}, "*"),
-])
+@pytest.mark.parametrize(
+    "changes,allow",
+    [
+        (
+            {
+                "log_every": 1,
+                "checkpoint_every": 1,
+                "keep_checkpoints": 9,
+                "evals.knn.at_end": False,
+                "evals.knn.ks": (5,),
+                "input.eval_batch_size": 128,
+                "on_nonfinite": "stop",
+                "mesh.data": 4,
+                "mesh.fsdp": 2,
+                "model.remat": True,
+            },
+            "",
+        ),
+        ({"total_steps": 12}, "total_steps"),
+        ({"total_steps": 12, "optim.learning_rate": 1.0}, "optim.learning_rate, total_steps"),
+        ({"total_steps": 12, "objective.bits.num_bits": 64}, "objective.bits.num_bits,total_steps"),
+        ({"total_steps": 12, "objective.bits.num_bits": 64}, "*"),
+    ],
+)
 def test_resume_accepts_safe_and_allowed_changes(changes, allow):
   differences = config_validation.check_resume_config(
-      _stored(_config()), _config(allow_config_change=allow, **changes))
+      _stored(_config()), _config(allow_config_change=allow, **changes)
+  )
   assert set(changes) <= set(differences), differences
 
 
 def test_resume_allows_only_the_listed_key():
   with pytest.raises(config_validation.ConfigError, match="objective.bits.num_bits: 32"):
     config_validation.check_resume_config(
-        _stored(_config()), _config(**{"total_steps": 12, "objective.bits.num_bits": 64,
-                                       "allow_config_change": "total_steps"}))
+        _stored(_config()),
+        _config(**{
+            "total_steps": 12,
+            "objective.bits.num_bits": 64,
+            "allow_config_change": "total_steps",
+        }),
+    )
 
 
 def test_resume_with_the_same_config_has_no_differences():

@@ -1,4 +1,5 @@
 """bits_jax.utils: schedule lengths, config files, normalisation, finiteness."""
+
 import os
 
 import jax.numpy as jnp
@@ -15,15 +16,18 @@ def _section(**values):
   return ml_collections.ConfigDict(values)
 
 
-@pytest.mark.parametrize("values,steps_per_epoch,expected", [
-    ({"reset_every_steps": 40, "reset_every_epochs": 0}, 100, 40),
-    ({"reset_every_steps": 0, "reset_every_epochs": 10}, 100, 1000),
-    ({"reset_every_steps": 0, "reset_every_epochs": 0.5}, 7, 4),  # rounded
-    ({"reset_every_steps": 0, "reset_every_epochs": 0.01}, 7, 1),  # at least one step
-    ({"reset_every_steps": 0, "reset_every_epochs": 0}, 100, 0),  # never
-    ({}, None, 0),  # neither key: never
-    ({"reset_every_steps": 12}, None, 12),  # steps need no epoch length
-])
+@pytest.mark.parametrize(
+    "values,steps_per_epoch,expected",
+    [
+        ({"reset_every_steps": 40, "reset_every_epochs": 0}, 100, 40),
+        ({"reset_every_steps": 0, "reset_every_epochs": 10}, 100, 1000),
+        ({"reset_every_steps": 0, "reset_every_epochs": 0.5}, 7, 4),  # rounded
+        ({"reset_every_steps": 0, "reset_every_epochs": 0.01}, 7, 1),  # at least one step
+        ({"reset_every_steps": 0, "reset_every_epochs": 0}, 100, 0),  # never
+        ({}, None, 0),  # neither key: never
+        ({"reset_every_steps": 12}, None, 12),  # steps need no epoch length
+    ],
+)
 def test_steps_from_steps_or_epochs(values, steps_per_epoch, expected):
   assert utils.steps(_section(**values), "reset_every", steps_per_epoch) == expected
 
@@ -41,8 +45,7 @@ def test_epochs_without_an_epoch_length_is_an_error():
 
 
 def test_load_config_file_with_preset():
-  config = utils.load_config_file(os.path.join(REPO, "configs", "fashion_mnist.py") +
-                                  ":test,dino")
+  config = utils.load_config_file(os.path.join(REPO, "configs", "fashion_mnist.py") + ":test,dino")
   assert config.objective.name == "dino" and config.total_steps == 6
   assert utils.load_config_file(os.path.join(REPO, "configs", "fashion_mnist.py")).total_steps > 6
 

@@ -9,6 +9,7 @@ checkpoint step or converted params directory. --evals picks entries of config.e
 (default: all). Results go to --out (default DIR/eval): results.json, results.md, figures
 (*.png), TensorBoard events.
 """
+
 import json
 import os
 
@@ -19,12 +20,14 @@ from ml_collections import config_flags
 
 from bits_jax.evaluate import run
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optional with "
-                                          "--workdir: its config.json is used).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (optional with --workdir: its config.json is used)."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its checkpoints are used).")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Other weights to evaluate instead.")
-_WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"],
-                           "Which network of a train-state checkpoint.")
+_WHICH = flags.DEFINE_enum(
+    "which", "teacher", ["teacher", "student"], "Which network of a train-state checkpoint."
+)
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval).")
 _EVALS = flags.DEFINE_list("evals", None, "config.evals entries to run (default: all).")
 
@@ -56,8 +59,9 @@ def _check_names(config: ml_collections.ConfigDict, names) -> None:
   """--evals must name config.evals entries (an unknown one would silently evaluate nothing)."""
   unknown = [n for n in names or () if n not in config.evals]
   if unknown:
-    raise app.UsageError(f"--evals={','.join(unknown)}: not in config.evals; use some of "
-                         f"{','.join(config.evals)}.")
+    raise app.UsageError(
+        f"--evals={','.join(unknown)}: not in config.evals; use some of {','.join(config.evals)}."
+    )
 
 
 def _with_tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -81,8 +85,9 @@ def main(argv):
   config = run_config(workdir)
   _check_names(config, _EVALS.value)
   out = os.path.abspath(_OUT.value) if _OUT.value else os.path.join(workdir or weights, "eval")
-  results = run.evaluate(config, weights=weights, out_dir=out, which=_WHICH.value,
-                         names=_EVALS.value)
+  results = run.evaluate(
+      config, weights=weights, out_dir=out, which=_WHICH.value, names=_EVALS.value
+  )
   print(run.markdown_table(results))
   print(f"Wrote {out}/results.json and results.md")
 

@@ -1,4 +1,5 @@
 """`python -m bits_jax.evaluate` as a user runs it: relative paths, WORKDIR/config.json."""
+
 import json
 import os
 import subprocess
@@ -30,8 +31,15 @@ def trained_run(tmp_path_factory):
 
 def _evaluate(cwd: str, *args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=REPO)  # the 8 fake devices of conftest are inherited
-  return subprocess.run([sys.executable, "-m", "bits_jax.evaluate", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+  return subprocess.run(
+      [sys.executable, "-m", "bits_jax.evaluate", *args],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
 
 
 def _results(path: str) -> dict:
@@ -57,17 +65,26 @@ def test_overrides_with_config_file_go_on_top_of_config_json(trained_run):
   base, workdir = trained_run
   rel_workdir = os.path.relpath(os.path.join(base, workdir), REPO)
   rel_out = os.path.relpath(os.path.join(base, "eval_k5"), REPO)
-  proc = _evaluate(REPO, "--config=configs/fashion_mnist.py:test", "--config.evals.knn.ks=(5,)",
-                   f"--workdir={rel_workdir}", "--evals=knn", f"--out={rel_out}")
+  proc = _evaluate(
+      REPO,
+      "--config=configs/fashion_mnist.py:test",
+      "--config.evals.knn.ks=(5,)",
+      f"--workdir={rel_workdir}",
+      "--evals=knn",
+      f"--out={rel_out}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = _results(os.path.join(base, "eval_k5", "results.json"))
   assert sorted(k for k in results if "/" in k) == ["knn/knn_top1_k5", "knn/knn_top5_k5"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--evals=knnn,knn",), "--evals=knnn: not in config.evals; use some of"),
-    (("--workdir=nowhere",), "No config.json in --workdir="),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--evals=knnn,knn",), "--evals=knnn: not in config.evals; use some of"),
+        (("--workdir=nowhere",), "No config.json in --workdir="),
+    ],
+)
 def test_bad_arguments_fail_before_evaluating(trained_run, args, message):
   base, workdir = trained_run
   results_file = os.path.join(base, workdir, "eval", "results.json")

@@ -1,4 +1,5 @@
 """run.evaluate on a real (tiny) checkpoint, weight loading and adaptation, init_from."""
+
 import json
 import os
 
@@ -43,9 +44,16 @@ def test_evaluate_writes_every_result(trained_run, tmp_path):
   results = run.evaluate(config, weights=workdir, out_dir=out)
   assert results["step"] == 3 and results["which"] == "teacher"
   assert results["method"] == "bits" and results["dataset"] == "fashion_mnist"
-  for key in ("knn/knn_top1_k10", "knn/knn_top1_k20", "linear/linear_top1",
-              "retrieval/map_all", "retrieval/codes/32/map_all", "codes/bit_balance_mean",
-              "dense/seg_miou", "geometry/explained@10"):
+  for key in (
+      "knn/knn_top1_k10",
+      "knn/knn_top1_k20",
+      "linear/linear_top1",
+      "retrieval/map_all",
+      "retrieval/codes/32/map_all",
+      "codes/bit_balance_mean",
+      "dense/seg_miou",
+      "geometry/explained@10",
+  ):
     assert 0.0 <= results[key] <= 1.0, (key, results[key])
   # A 3-step model is far from chance (10 classes) on k-NN and the synthetic squares.
   assert results["knn/knn_top1_k20"] > 0.2 and results["dense/seg_miou"] > 0.5
@@ -55,11 +63,18 @@ def test_evaluate_writes_every_result(trained_run, tmp_path):
     stored = json.load(f)
   assert stored["knn/knn_top1_k20"] == results["knn/knn_top1_k20"]
   assert set(stored) == set(results)
-  assert "| knn/knn_top1_k20 |" in open(os.path.join(out, "results.md")).read()
+  with open(os.path.join(out, "results.md")) as f:
+    assert "| knn/knn_top1_k20 |" in f.read()
   files = set(os.listdir(out))
-  assert {"bit_balance.png", "bit_correlation.png", "class_bit_activation.png",
-          "retrieval_precision.png", "retrieval_map_vs_bits.png", "explained_variance.png",
-          "eigenvalues.csv"} <= files, files
+  assert {
+      "bit_balance.png",
+      "bit_correlation.png",
+      "class_bit_activation.png",
+      "retrieval_precision.png",
+      "retrieval_map_vs_bits.png",
+      "explained_variance.png",
+      "eigenvalues.csv",
+  } <= files, files
   assert any(f.startswith("events.out.tfevents") for f in files)
 
 
@@ -68,14 +83,24 @@ def test_evaluate_names_and_student(trained_run, tmp_path):
   config, workdir = trained_run
   config = _eval_config(config)
   teacher = run.evaluate(config, weights=workdir, out_dir=str(tmp_path / "t"), names=("knn",))
-  student = run.evaluate(config, weights=os.path.join(workdir, "checkpoints", "3"),
-                         out_dir=str(tmp_path / "s"), names=("knn",), which="student")
+  student = run.evaluate(
+      config,
+      weights=os.path.join(workdir, "checkpoints", "3"),
+      out_dir=str(tmp_path / "s"),
+      names=("knn",),
+      which="student",
+  )
   for results in (teacher, student):
     assert sorted(k for k in results if "/" in k) == [
-        "knn/knn_top1_k10", "knn/knn_top1_k20", "knn/knn_top5_k10", "knn/knn_top5_k20"]
+        "knn/knn_top1_k10",
+        "knn/knn_top1_k20",
+        "knn/knn_top5_k10",
+        "knn/knn_top5_k20",
+    ]
   assert student["which"] == "student" and student["step"] == 3
   assert os.listdir(tmp_path / "s") and not any(
-      f.endswith(".png") for f in os.listdir(tmp_path / "s"))
+      f.endswith(".png") for f in os.listdir(tmp_path / "s")
+  )
 
 
 def test_load_params_from_workdir_step_dir_and_params_dir(trained_run, tmp_path):
@@ -92,8 +117,9 @@ def test_load_params_from_workdir_step_dir_and_params_dir(trained_run, tmp_path)
     checkpointer.save(params_dir, {"backbone": from_workdir["backbone"]})
   only_backbone, step3 = weights.load_params(params_dir)
   assert step3 is None and set(only_backbone) == {"backbone"}
-  jax.tree_util.tree_map(np.testing.assert_array_equal, only_backbone["backbone"],
-                         from_workdir["backbone"])
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, only_backbone["backbone"], from_workdir["backbone"]
+  )
   with pytest.raises(FileNotFoundError, match="does not exist"):
     weights.load_params(str(tmp_path / "nope"))
 
@@ -102,19 +128,27 @@ def test_rgb_to_gray_patch_embedding_is_exact():
   rng = np.random.RandomState(0)
   rgb_kernel = rng.randn(4, 4, 3, 8).astype(np.float32)
   target = jax.ShapeDtypeStruct((4, 4, 1, 8), np.float32)
-  gray_kernel = weights.adapt_params({"patch_embed": {"kernel": rgb_kernel}},
-                                     {"patch_embed": {"kernel": target}})
+  gray_kernel = weights.adapt_params(
+      {"patch_embed": {"kernel": rgb_kernel}}, {"patch_embed": {"kernel": target}}
+  )
   gray_kernel = gray_kernel["patch_embed"]["kernel"]
   patch = rng.rand(4, 4, 1).astype(np.float32)
-  np.testing.assert_allclose(np.einsum("hwc,hwco->o", np.repeat(patch, 3, -1), rgb_kernel),
-                             np.einsum("hwc,hwco->o", patch, gray_kernel), rtol=1e-5)
+  np.testing.assert_allclose(
+      np.einsum("hwc,hwco->o", np.repeat(patch, 3, -1), rgb_kernel),
+      np.einsum("hwc,hwco->o", patch, gray_kernel),
+      rtol=1e-5,
+  )
 
 
 def test_pos_embed_resized_and_mismatch_named():
-  loaded = {"pos_embed": np.random.randn(1, 16, 8).astype(np.float32),
-            "dense": {"kernel": np.zeros((3, 3), np.float32)}}
-  target = {"pos_embed": jax.ShapeDtypeStruct((1, 4, 8), np.float32),
-            "dense": {"kernel": jax.ShapeDtypeStruct((3, 3), np.float32)}}
+  loaded = {
+      "pos_embed": np.random.randn(1, 16, 8).astype(np.float32),
+      "dense": {"kernel": np.zeros((3, 3), np.float32)},
+  }
+  target = {
+      "pos_embed": jax.ShapeDtypeStruct((1, 4, 8), np.float32),
+      "dense": {"kernel": jax.ShapeDtypeStruct((3, 3), np.float32)},
+  }
   assert weights.adapt_params(loaded, target)["pos_embed"].shape == (1, 4, 8)
   target["dense"]["kernel"] = jax.ShapeDtypeStruct((3, 4), np.float32)
   with pytest.raises(ValueError, match="dense/kernel has shape"):
@@ -129,12 +163,21 @@ def test_init_from_loads_backbone_and_keeps_fresh_head(trained_run):
   components = train_state.build(config)
   fresh = train_state.create(components, config, jax.random.PRNGKey(1))
   state = train.init_backbone_from(fresh, config)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(
-      state.params["backbone"]), loaded["backbone"])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(
-      state.teacher_params["backbone"]), loaded["backbone"])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(
-      state.params["head"]), jax.device_get(fresh.params["head"]))
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, jax.device_get(state.params["backbone"]), loaded["backbone"]
+  )
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal,
+      jax.device_get(state.teacher_params["backbone"]),
+      loaded["backbone"],
+  )
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal,
+      jax.device_get(state.params["head"]),
+      jax.device_get(fresh.params["head"]),
+  )
   # The loaded backbone differs from the fresh one (the test would pass vacuously otherwise).
-  assert not np.array_equal(jax.device_get(fresh.params["backbone"]["patch_embed"]["kernel"]),
-                            loaded["backbone"]["patch_embed"]["kernel"])
+  assert not np.array_equal(
+      jax.device_get(fresh.params["backbone"]["patch_embed"]["kernel"]),
+      loaded["backbone"]["patch_embed"]["kernel"],
+  )

@@ -1,4 +1,5 @@
 """The README's config reference is generated from the defaults and kept in sync."""
+
 import os
 
 import pytest
@@ -46,11 +47,13 @@ def test_readme_holds_the_generated_reference():
   assert config_reference.BEGIN in readme and config_reference.END in readme, (
       "README.md has no config-reference block: run "
       "`python -m bits_jax.tools.config_reference --write=README.md` after adding the "
-      "BEGIN/END marker lines")
+      "BEGIN/END marker lines"
+  )
   block = readme.split(config_reference.BEGIN, 1)[1].split(config_reference.END, 1)[0]
   assert block == "\n" + config_reference.reference_markdown(), (
       "README.md's config reference is stale: run "
-      "`python -m bits_jax.tools.config_reference --write=README.md`")
+      "`python -m bits_jax.tools.config_reference --write=README.md`"
+  )
 
 
 def test_replace_block_is_idempotent_and_keeps_the_rest():
