@@ -20,6 +20,7 @@ loss and update of bits_jax:
 `load_flax_params(student, params)` copies our `{'backbone', 'head'}` params into it.
 Tensors are NCHW (`images_to_torch` converts our NHWC arrays).
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-
 
 # --------------------------------------------------------------------------------- model
 
@@ -72,8 +72,14 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0,
-               gelu_approximate: bool = False, fused_attention: bool = False):
+  def __init__(
+      self,
+      dim: int,
+      num_heads: int,
+      mlp_ratio: float = 4.0,
+      gelu_approximate: bool = False,
+      fused_attention: bool = False,
+  ):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=1e-6)
     self.attn = Attention(dim, num_heads, fused_attention)
@@ -88,9 +94,18 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
   """`[B, C, H, W] -> [B, D]` normed CLS features; position embeddings on patches only."""
 
-  def __init__(self, image_size: int, patch_size: int, channels: int, width: int,
-               depth: int, num_heads: int, mlp_ratio: float = 4.0,
-               gelu_approximate: bool = False, fused_attention: bool = False):
+  def __init__(
+      self,
+      image_size: int,
+      patch_size: int,
+      channels: int,
+      width: int,
+      depth: int,
+      num_heads: int,
+      mlp_ratio: float = 4.0,
+      gelu_approximate: bool = False,
+      fused_attention: bool = False,
+  ):
     super().__init__()
     self.patch_size = patch_size
     self.patch_embed = nn.Conv2d(channels, width, patch_size, stride=patch_size)
@@ -98,8 +113,8 @@ class VisionTransformer(nn.Module):
     self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
     self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 1e-6)
     self.blocks = nn.ModuleList([
-        Block(width, num_heads, mlp_ratio, gelu_approximate, fused_attention)
-        for _ in range(depth)])
+        Block(width, num_heads, mlp_ratio, gelu_approximate, fused_attention) for _ in range(depth)
+    ])
     self.norm = nn.LayerNorm(width, eps=1e-6)
 
   def interpolate_pos_embed(self, h: int, w: int):
@@ -108,8 +123,7 @@ class VisionTransformer(nn.Module):
     if (h, w) == (side, side):
       return self.pos_embed
     grid = self.pos_embed.reshape(1, side, side, d).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False,
-                         antialias=True)
+    grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     return grid.permute(0, 2, 3, 1).reshape(1, h * w, d)
 
   def forward(self, x):
@@ -125,8 +139,9 @@ class VisionTransformer(nn.Module):
 class BitsHead(nn.Module):
   """`[B, D] -> [B, bits]`: (layers - 1) x (Linear + GELU), bottleneck, logits."""
 
-  def __init__(self, width: int, bits: int, hidden_dim: int, bottleneck_dim: int,
-               num_layers: int = 3):
+  def __init__(
+      self, width: int, bits: int, hidden_dim: int, bottleneck_dim: int, num_layers: int = 3
+  ):
     super().__init__()
     dims = [width] + [hidden_dim] * (num_layers - 1)
     self.hidden = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
@@ -156,19 +171,39 @@ class MultiCropWrapper(nn.Module):
     self.head = head
 
   def forward(self, crops: Sequence[torch.Tensor]):
-    feats = [self.backbone(torch.cat(list(group)))
-             for _, group in itertools.groupby(crops, key=lambda c: c.shape[-2:])]
+    feats = [
+        self.backbone(torch.cat(list(group)))
+        for _, group in itertools.groupby(crops, key=lambda c: c.shape[-2:])
+    ]
     out = self.head(torch.cat(feats))
     return out.reshape(len(crops), crops[0].shape[0], -1)
 
 
-def make_student(*, image_size: int, patch_size: int, channels: int, width: int, depth: int,
-                 num_heads: int, bits: int, head_hidden_dim: int, head_bottleneck_dim: int,
-                 head_layers: int = 3, gelu_approximate: bool = False,
-                 fused_attention: bool = False) -> MultiCropWrapper:
-  backbone = VisionTransformer(image_size, patch_size, channels, width, depth, num_heads,
-                               gelu_approximate=gelu_approximate,
-                               fused_attention=fused_attention)
+def make_student(
+    *,
+    image_size: int,
+    patch_size: int,
+    channels: int,
+    width: int,
+    depth: int,
+    num_heads: int,
+    bits: int,
+    head_hidden_dim: int,
+    head_bottleneck_dim: int,
+    head_layers: int = 3,
+    gelu_approximate: bool = False,
+    fused_attention: bool = False,
+) -> MultiCropWrapper:
+  backbone = VisionTransformer(
+      image_size,
+      patch_size,
+      channels,
+      width,
+      depth,
+      num_heads,
+      gelu_approximate=gelu_approximate,
+      fused_attention=fused_attention,
+  )
   head = BitsHead(width, bits, head_hidden_dim, head_bottleneck_dim, head_layers)
   return MultiCropWrapper(backbone, head)
 
@@ -193,9 +228,12 @@ def vit_state_dict(params: Mapping) -> dict:
   (q|k|v, head, head_dim) of the fused `qkv.weight [3 D, D]`; `out` `[heads, head_dim, D]`
   becomes `proj.weight [D, D]`. Conv kernels `[kh, kw, in, out]` -> `[out, in, kh, kw]`.
   """
-  sd = {"cls_token": _np(params["cls_token"]), "pos_embed": _np(params["pos_embed"]),
-        "patch_embed.weight": _np(params["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
-        "patch_embed.bias": _np(params["patch_embed"]["bias"])}
+  sd = {
+      "cls_token": _np(params["cls_token"]),
+      "pos_embed": _np(params["pos_embed"]),
+      "patch_embed.weight": _np(params["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
+      "patch_embed.bias": _np(params["patch_embed"]["bias"]),
+  }
   depth = len([k for k in params if re.fullmatch(r"block\d+", k)])
   for i in range(depth):
     ours, t = params[f"block{i}"], f"blocks.{i}"
@@ -203,11 +241,12 @@ def vit_state_dict(params: Mapping) -> dict:
     width = _np(attn["query"]["kernel"]).shape[0]
     qkv = ("query", "key", "value")
     sd[f"{t}.attn.qkv.weight"] = np.concatenate(
-        [_np(attn[n]["kernel"]).reshape(width, width).T for n in qkv])
-    sd[f"{t}.attn.qkv.bias"] = np.concatenate([_np(attn[n]["bias"]).reshape(width)
-                                               for n in qkv])
-    _linear(sd, f"{t}.attn.proj", _np(attn["out"]["kernel"]).reshape(width, width),
-            attn["out"]["bias"])
+        [_np(attn[n]["kernel"]).reshape(width, width).T for n in qkv]
+    )
+    sd[f"{t}.attn.qkv.bias"] = np.concatenate([_np(attn[n]["bias"]).reshape(width) for n in qkv])
+    _linear(
+        sd, f"{t}.attn.proj", _np(attn["out"]["kernel"]).reshape(width, width), attn["out"]["bias"]
+    )
     for norm in ("norm1", "norm2"):
       sd[f"{t}.{norm}.weight"] = _np(ours[norm]["scale"])
       sd[f"{t}.{norm}.bias"] = _np(ours[norm]["bias"])
@@ -238,8 +277,10 @@ def load_flax_params(student: MultiCropWrapper, params: Mapping) -> None:
 def images_to_torch(views: np.ndarray) -> list[torch.Tensor]:
   """Our `[B, V, H, W, C]` views -> V tensors `[B, C, H, W]`."""
   views = np.asarray(views, np.float32)
-  return [torch.from_numpy(np.ascontiguousarray(views[:, v].transpose(0, 3, 1, 2)))
-          for v in range(views.shape[1])]
+  return [
+      torch.from_numpy(np.ascontiguousarray(views[:, v].transpose(0, 3, 1, 2)))
+      for v in range(views.shape[1])
+  ]
 
 
 # -------------------------------------------------------------------------------- loss
@@ -255,9 +296,14 @@ def coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
     return 0.5 * torch.logdet(eye + d / (n * eps) * gram)
 
 
-def bits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-              bce_weight: float = 1.0, coding_rate_weight: float = 0.1,
-              eps: float = 0.05) -> tuple[torch.Tensor, dict]:
+def bits_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    bce_weight: float = 1.0,
+    coding_rate_weight: float = 0.1,
+    eps: float = 0.05,
+) -> tuple[torch.Tensor, dict]:
   """(loss, {'bce', 'coding_rate'}).
 
   student_logits: [V, B, bits], global views first; teacher_logits: [G, B, bits].
@@ -265,8 +311,12 @@ def bits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
   num_global, num_views = teacher_logits.shape[0], student_logits.shape[0]
   messages = (teacher_logits > 0).float()
   student_logits = student_logits.float()
-  bce = [F.binary_cross_entropy_with_logits(student_logits[v], messages[g])
-         for g in range(num_global) for v in range(num_views) if v != g]
+  bce = [
+      F.binary_cross_entropy_with_logits(student_logits[v], messages[g])
+      for g in range(num_global)
+      for v in range(num_views)
+      if v != g
+  ]
   bce = torch.stack(bce).mean()
   n, d = student_logits.shape[1:]
   rate = torch.stack([coding_rate(student_logits[g], eps) for g in range(num_global)]).mean()
@@ -292,23 +342,31 @@ class BitsTrainer:
   and the log-det stay float32), as the authors' mixed-precision training does.
   """
 
-  def __init__(self, student: MultiCropWrapper, *, learning_rate: float = 5e-4,
-               weight_decay: float = 0.04, teacher_momentum: float = 0.996,
-               grad_clip_norm: float = 3.0, bce_weight: float = 1.0,
-               coding_rate_weight: float = 0.1, eps: float = 0.05,
-               betas: tuple[float, float] = (0.9, 0.999),
-               autocast_dtype: torch.dtype | None = None):
+  def __init__(
+      self,
+      student: MultiCropWrapper,
+      *,
+      learning_rate: float = 5e-4,
+      weight_decay: float = 0.04,
+      teacher_momentum: float = 0.996,
+      grad_clip_norm: float = 3.0,
+      bce_weight: float = 1.0,
+      coding_rate_weight: float = 0.1,
+      eps: float = 0.05,
+      betas: tuple[float, float] = (0.9, 0.999),
+      autocast_dtype: torch.dtype | None = None,
+  ):
     self.student = student
     self.autocast_dtype = autocast_dtype
     self.teacher = copy.deepcopy(student)
     for p in self.teacher.parameters():
       p.requires_grad = False
-    self.optimizer = torch.optim.AdamW(_param_groups(student), lr=learning_rate,
-                                       weight_decay=weight_decay, betas=betas)
+    self.optimizer = torch.optim.AdamW(
+        _param_groups(student), lr=learning_rate, weight_decay=weight_decay, betas=betas
+    )
     self.teacher_momentum = teacher_momentum
     self.grad_clip_norm = grad_clip_norm
-    self.loss_kwargs = dict(bce_weight=bce_weight, coding_rate_weight=coding_rate_weight,
-                            eps=eps)
+    self.loss_kwargs = dict(bce_weight=bce_weight, coding_rate_weight=coding_rate_weight, eps=eps)
     self._student_fn, self._teacher_fn = self.student, self.teacher
 
   def compile(self, **kwargs) -> None:
@@ -324,11 +382,13 @@ class BitsTrainer:
         group["weight_decay"] = weight_decay
     self.teacher_momentum = momentum
 
-  def step(self, global_crops: Sequence[torch.Tensor],
-           local_crops: Sequence[torch.Tensor] = ()) -> dict:
+  def step(
+      self, global_crops: Sequence[torch.Tensor], local_crops: Sequence[torch.Tensor] = ()
+  ) -> dict:
     device = global_crops[0].device.type
-    with torch.autocast(device, dtype=self.autocast_dtype or torch.bfloat16,
-                        enabled=self.autocast_dtype is not None):
+    with torch.autocast(
+        device, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+    ):
       with torch.no_grad():
         teacher_logits = self._teacher_fn(global_crops)
       student_logits = self._student_fn(list(global_crops) + list(local_crops))

@@ -14,6 +14,7 @@ refused unless the key is listed in `config.allow_config_change` ('*' allows any
 `RESUME_SAFE_KEYS` (logging, checkpointing, evaluation, input threads, fault policy) may
 always change.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -28,12 +29,26 @@ import ml_collections
 # resume without being allowed explicitly.
 # Dotted keys, or prefixes ending in '.', of the whole section.
 RESUME_SAFE_KEYS = (
-    "log_every", "checkpoint_every", "keep_checkpoints", "baseline_random_init", "evals.",
-    "input.eval_batch_size", "input.eval_resize_size", "input.eval_crop_size",
-    "input.threads", "input.prefetch_batches", "input.data_dir", "input.idx_dir",
-    "on_nonfinite", "max_consecutive_nonfinite", "allow_config_change",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "baseline_random_init",
+    "evals.",
+    "input.eval_batch_size",
+    "input.eval_resize_size",
+    "input.eval_crop_size",
+    "input.threads",
+    "input.prefetch_batches",
+    "input.data_dir",
+    "input.idx_dir",
+    "on_nonfinite",
+    "max_consecutive_nonfinite",
+    "allow_config_change",
     # Device layout: checkpoints restore onto any mesh (sharding-aware restore).
-    "mesh.", "partition_rules", "fsdp_min_size", "model.remat",
+    "mesh.",
+    "partition_rules",
+    "fsdp_min_size",
+    "model.remat",
 )
 # Sections whose keys are not fixed by the defaults.
 _OPEN_SECTIONS = ("model", "evals")
@@ -47,6 +62,7 @@ class ConfigError(ValueError):
 
 def _base_config() -> ml_collections.ConfigDict:
   from bits_jax import config_defaults  # pylint: disable=g-import-not-at-top
+
   return config_defaults.base_config()
 
 
@@ -84,15 +100,19 @@ def _type_problem(key: str, value: Any, default: Any) -> str | None:
     return None
   if ok:
     return None
-  return (f"config.{key}={value!r} is a {type(value).__name__}; it must be {want} like its "
-          f"default {default!r} (bits_jax/config_defaults.py).")
+  return (
+      f"config.{key}={value!r} is a {type(value).__name__}; it must be {want} like its "
+      f"default {default!r} (bits_jax/config_defaults.py)."
+  )
 
 
 def _unknown_key_problem(key: str, known) -> str:
   close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-  hint = (f"did you mean '{close[0]}'?" if close else
-          "remove it, or add it with a default and a one-line doc to "
-          "bits_jax/config_defaults.py.")
+  hint = (
+      f"did you mean '{close[0]}'?"
+      if close
+      else "remove it, or add it with a default and a one-line doc to bits_jax/config_defaults.py."
+  )
   return f"unknown key config.{key}: {hint}"
 
 
@@ -107,8 +127,7 @@ class _Checker:
 
   def ok(self, *keys) -> bool:
     """Whether every key is present, of the right type and not None."""
-    return all(k in self.config and k not in self.bad and self.config[k] is not None
-               for k in keys)
+    return all(k in self.config and k not in self.bad and self.config[k] is not None for k in keys)
 
   def _checkable(self, key: str) -> bool:
     return key in self.config and key not in self.bad
@@ -135,49 +154,75 @@ class _Checker:
 def _check_values(c: _Checker) -> None:
   """Impossible values and inconsistent schedule lengths."""
   cfg = c.config
-  for key in ("total_steps", "input.batch_size", "input.eval_batch_size", "log_every",
-              "checkpoint_every", "keep_checkpoints", "input.crops.num_global",
-              "input.num_channels", "objective.head.hidden_dim",
-              "objective.head.bottleneck_dim", "objective.head.num_layers",
-              "max_consecutive_nonfinite", "input.crops.global_size"):
+  for key in (
+      "total_steps",
+      "input.batch_size",
+      "input.eval_batch_size",
+      "log_every",
+      "checkpoint_every",
+      "keep_checkpoints",
+      "input.crops.num_global",
+      "input.num_channels",
+      "objective.head.hidden_dim",
+      "objective.head.bottleneck_dim",
+      "objective.head.num_layers",
+      "max_consecutive_nonfinite",
+      "input.crops.global_size",
+  ):
     c.positive(key, "a count or size")
-  for key in ("input.crops.num_local", "optim.warmup_steps", "optim.weight_decay",
-              "optim.weight_decay_end", "optim.clip_norm", "optim.learning_rate",
-              "optim.end_learning_rate"):
-    c.non_negative(key, "0 disables it" if key == "optim.clip_norm"
-                   else "a count, weight or rate")
+  for key in (
+      "input.crops.num_local",
+      "optim.warmup_steps",
+      "optim.weight_decay",
+      "optim.weight_decay_end",
+      "optim.clip_norm",
+      "optim.learning_rate",
+      "optim.end_learning_rate",
+  ):
+    c.non_negative(key, "0 disables it" if key == "optim.clip_norm" else "a count, weight or rate")
   c.within("optim.teacher_momentum", 0.0, 1.0, "the EMA momentum of the teacher, e.g. 0.996")
   c.within("optim.b1", 0.0, 0.999999, "an Adam decay rate below 1")
   c.within("optim.b2", 0.0, 0.999999, "an Adam decay rate below 1")
   c.positive("optim.grad_accum_steps", "micro-batches per update; 1 = none")
   if c.ok("input.crops.num_local") and cfg["input.crops.num_local"] > 0:
     c.positive("input.crops.local_size", "the side of the local crops")
-  if c.ok("optim.warmup_steps", "total_steps") and (
-      cfg["optim.warmup_steps"] > cfg["total_steps"]):
-    c.add(f"config.optim.warmup_steps={cfg['optim.warmup_steps']} is longer than "
-          f"config.total_steps={cfg['total_steps']}: the learning rate would never leave "
-          f"warm-up; use a warmup_steps below total_steps (e.g. "
-          f"{max(cfg['total_steps'] // 10, 1)}).")
+  if c.ok("optim.warmup_steps", "total_steps") and (cfg["optim.warmup_steps"] > cfg["total_steps"]):
+    c.add(
+        f"config.optim.warmup_steps={cfg['optim.warmup_steps']} is longer than "
+        f"config.total_steps={cfg['total_steps']}: the learning rate would never leave "
+        "warm-up; use a warmup_steps below total_steps (e.g. "
+        f"{max(cfg['total_steps'] // 10, 1)})."
+    )
   if c.ok("optim.end_learning_rate", "optim.learning_rate") and (
-      cfg["optim.end_learning_rate"] > cfg["optim.learning_rate"]):
-    c.add(f"config.optim.end_learning_rate={cfg['optim.end_learning_rate']} is above "
-          f"config.optim.learning_rate={cfg['optim.learning_rate']} (the peak): lower "
-          f"end_learning_rate.")
+      cfg["optim.end_learning_rate"] > cfg["optim.learning_rate"]
+  ):
+    c.add(
+        f"config.optim.end_learning_rate={cfg['optim.end_learning_rate']} is above "
+        f"config.optim.learning_rate={cfg['optim.learning_rate']} (the peak): lower "
+        "end_learning_rate."
+    )
   if c.ok("input.crops.num_global", "input.crops.num_local") and (
-      cfg["input.crops.num_global"] + cfg["input.crops.num_local"] < 2):
-    c.add("self-distillation needs at least two views: set input.crops.num_global=2, or "
-          "input.crops.num_local > 0.")
+      cfg["input.crops.num_global"] + cfg["input.crops.num_local"] < 2
+  ):
+    c.add(
+        "self-distillation needs at least two views: set input.crops.num_global=2, or "
+        "input.crops.num_local > 0."
+    )
   for key in ("input.crops.global_scale", "input.crops.local_scale"):
     if c.ok(key):
       scale = tuple(cfg[key])
       if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         c.add(f"config.{key}={scale} must be (low, high) with 0 < low <= high <= 1.")
   if c.ok("input.augment.blur_probs") and len(tuple(cfg["input.augment.blur_probs"])) != 3:
-    c.add(f"config.input.augment.blur_probs={tuple(cfg['input.augment.blur_probs'])} must be "
-          f"(first global view, other global views, local views).")
+    c.add(
+        f"config.input.augment.blur_probs={tuple(cfg['input.augment.blur_probs'])} must be "
+        "(first global view, other global views, local views)."
+    )
   if c.ok("on_nonfinite") and cfg["on_nonfinite"] not in _NONFINITE_POLICIES:
-    c.add(f"config.on_nonfinite={cfg['on_nonfinite']!r}: use 'skip' (skip the update and "
-          f"count it) or 'stop'.")
+    c.add(
+        f"config.on_nonfinite={cfg['on_nonfinite']!r}: use 'skip' (skip the update and "
+        "count it) or 'stop'."
+    )
   if c.ok("dtype") and cfg["dtype"] not in _DTYPES:
     c.add(f"config.dtype={cfg['dtype']!r}: use 'float32' or 'bfloat16'.")
     c.bad.add("dtype")  # the model builder would report it again
@@ -186,6 +231,7 @@ def _check_values(c: _Checker) -> None:
 def _check_objective(c: _Checker) -> None:
   """The method from the objective registry, then the objective's own checks."""
   from bits_jax import objectives  # pylint: disable=g-import-not-at-top
+
   if not c.ok("objective.name"):
     return
   try:
@@ -196,22 +242,26 @@ def _check_objective(c: _Checker) -> None:
   # The objective's checks read its own section and top-level loop keys (e.g. total_steps):
   # with one of those of the wrong type, only the type problem is reported.
   section = c.config["objective.name"]
-  if not any(k in c.bad for k in c.config
-             if k.startswith(f"objective.{section}.") or "." not in k):
+  if not any(k in c.bad for k in c.config if k.startswith(f"objective.{section}.") or "." not in k):
     c.problems.extend(objective.config_problems(c.nested))
 
 
 def _check_model(c: _Checker) -> None:
   """Backbone and its options from the model registry, patch size vs crops."""
   from bits_jax import models  # pylint: disable=g-import-not-at-top
-  if not c.ok("model.name") or "dtype" in c.bad or any(
-      k in c.bad for k in ("input.crops.global_size", "input.num_channels")):
+
+  if (
+      not c.ok("model.name")
+      or "dtype" in c.bad
+      or any(k in c.bad for k in ("input.crops.global_size", "input.num_channels"))
+  ):
     return
   try:
     backbone = models.build_backbone(c.nested)
   except (ValueError, KeyError, AttributeError) as e:
-    c.add(str(e) if "config.model" in str(e) else
-          f"config.model.name={c.config['model.name']!r}: {e}")
+    c.add(
+        str(e) if "config.model" in str(e) else f"config.model.name={c.config['model.name']!r}: {e}"
+    )
     return
   patch = getattr(backbone, "patch_size", None)
   if not isinstance(patch, int) or patch <= 0:
@@ -223,17 +273,22 @@ def _check_model(c: _Checker) -> None:
     if key in c.bad or not isinstance(size, int) or size <= 0:
       continue
     if size < patch:
-      c.add(f"config.{key}={size} is smaller than config.model.patch_size={patch}: a ViT "
-            f"needs at least one patch; use a crop of at least {patch} (a multiple of "
-            f"{patch}) or a smaller patch_size.")
+      c.add(
+          f"config.{key}={size} is smaller than config.model.patch_size={patch}: a ViT "
+          f"needs at least one patch; use a crop of at least {patch} (a multiple of "
+          f"{patch}) or a smaller patch_size."
+      )
     elif size % patch:
-      c.add(f"config.{key}={size} is not a multiple of config.model.patch_size={patch}: use "
-            f"{size - size % patch} or {size - size % patch + patch}.")
+      c.add(
+          f"config.{key}={size} is not a multiple of config.model.patch_size={patch}: use "
+          f"{size - size % patch} or {size - size % patch + patch}."
+      )
 
 
 def _check_evals(c: _Checker) -> None:
   """Every config.evals entry: a registered type, `every`/`at_end`, known keyword arguments."""
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+
   for name, entry in c.nested.evals.items():
     if not isinstance(entry, (ml_collections.ConfigDict, dict)) or "type" not in entry:
       c.add(f"config.evals.{name} must be a dict with a 'type' (an evaluator: e.g. 'knn').")
@@ -245,20 +300,25 @@ def _check_evals(c: _Checker) -> None:
       continue
     every = entry.get("every", 0)
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-      c.add(f"config.evals.{name}.every={every!r} must be an int >= 0 (steps between runs "
-            f"during training; 0 = not during training).")
+      c.add(
+          f"config.evals.{name}.every={every!r} must be an int >= 0 (steps between runs "
+          "during training; 0 = not during training)."
+      )
     params = inspect.signature(fn).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
       continue
     known = [p for p in params if p != "ctx"]
     for key in entry:
       if key not in ("type", "every", "at_end") and key not in known:
-        c.add(f"config.evals.{name}.{key} is not an option of the {entry['type']!r} "
-              f"evaluator: use {known}.")
+        c.add(
+            f"config.evals.{name}.{key} is not an option of the {entry['type']!r} "
+            f"evaluator: use {known}."
+        )
 
 
 def _check_dataset(c: _Checker) -> None:
   from bits_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   if not c.ok("input.dataset"):
     return
   problem = sources.check(c.nested.input)
@@ -269,6 +329,7 @@ def _check_dataset(c: _Checker) -> None:
 def _check_devices(c: _Checker, devices) -> None:
   """Mesh from config.mesh over the devices; the global batches split over it."""
   from bits_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
   cfg = c.config
   try:
     mesh = sharding_lib.make_mesh(c.nested, devices)
@@ -277,13 +338,22 @@ def _check_devices(c: _Checker, devices) -> None:
     return
   micro = cfg.get("optim.grad_accum_steps", 1)
   for key in ("input.batch_size", "input.eval_batch_size"):
-    if not c.ok(key) or cfg[key] <= 0 or (key == "input.batch_size" and (
-        "optim.grad_accum_steps" in c.bad or not isinstance(micro, int) or micro < 1)):
+    if (
+        not c.ok(key)
+        or cfg[key] <= 0
+        or (
+            key == "input.batch_size"
+            and ("optim.grad_accum_steps" in c.bad or not isinstance(micro, int) or micro < 1)
+        )
+    ):
       continue
     try:
       sharding_lib.check_batch_divisible(
-          cfg[key], mesh, key, **({"micro_batches": micro} if key == "input.batch_size" and
-                                  micro != 1 else {}))
+          cfg[key],
+          mesh,
+          key,
+          **({"micro_batches": micro} if key == "input.batch_size" and micro != 1 else {}),
+      )
     except ValueError as e:
       c.add(str(e))
 
@@ -317,8 +387,9 @@ def validate_config(config, *, devices=None) -> None:
   problems = config_problems(config, devices=devices)
   if problems:
     lines = "\n".join(f"  - {p}" for p in problems)
-    raise ConfigError(f"Invalid config ({len(problems)} problem"
-                      f"{'s' if len(problems) > 1 else ''}):\n{lines}")
+    raise ConfigError(
+        f"Invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n{lines}"
+    )
 
 
 # ---------------------------------------------------------------------------- resume
@@ -336,13 +407,17 @@ def config_differences(stored: dict, config) -> dict[str, tuple[Any, Any]]:
   stored, current = dict(flat_items(stored)), dict(flat_items(_as_plain(config)))
   keys = sorted(set(stored) | set(current))
   missing = object()
-  return {k: (stored.get(k, "<absent>"), current.get(k, "<absent>")) for k in keys
-          if stored.get(k, missing) != current.get(k, missing)}
+  return {
+      k: (stored.get(k, "<absent>"), current.get(k, "<absent>"))
+      for k in keys
+      if stored.get(k, missing) != current.get(k, missing)
+  }
 
 
 def _resume_safe(key: str) -> bool:
-  return any(key == safe or (safe.endswith(".") and key.startswith(safe))
-             for safe in RESUME_SAFE_KEYS)
+  return any(
+      key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE_KEYS
+  )
 
 
 def allowed_changes(config) -> set[str]:
@@ -358,15 +433,20 @@ def check_resume_config(stored: dict, config) -> dict[str, tuple[Any, Any]]:
   """
   differences = config_differences(stored, config)
   allowed = allowed_changes(config)
-  refused = {k: v for k, v in differences.items()
-             if not _resume_safe(k) and "*" not in allowed and k not in allowed}
+  refused = {
+      k: v
+      for k, v in differences.items()
+      if not _resume_safe(k) and "*" not in allowed and k not in allowed
+  }
   if refused:
-    lines = "\n".join(f"  - {k}: {old!r} in the workdir, {new!r} now"
-                      for k, (old, new) in refused.items())
+    lines = "\n".join(
+        f"  - {k}: {old!r} in the workdir, {new!r} now" for k, (old, new) in refused.items()
+    )
     keys = ",".join(refused)
     raise ConfigError(
-        f"The config differs from the one this workdir was trained with (config.json):\n"
+        "The config differs from the one this workdir was trained with (config.json):\n"
         f"{lines}\nResuming would silently change the run. Use the stored values, pass "
         f"--config.allow_config_change={keys} to accept these changes, or use a new "
-        f"--workdir. Keys that may always change: {', '.join(RESUME_SAFE_KEYS)}.")
+        f"--workdir. Keys that may always change: {', '.join(RESUME_SAFE_KEYS)}."
+    )
   return differences

@@ -7,6 +7,7 @@ Returns a dict so dense evaluation needs no second model:
 Position embeddings are learned for a reference grid and resized (bilinear) for crops of
 another size, so global and local crops share one model.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ VIT_SIZES = {
 
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> GELU -> Dense (exact erf GELU unless `gelu_approximate`)."""
+
   hidden_dim: int
   dtype: Any = jnp.float32
   gelu_approximate: bool = False
@@ -38,6 +40,7 @@ class MlpBlock(nn.Module):
 
 class EncoderBlock(nn.Module):
   """Pre-norm block: x + Attn(LN(x)); x + MLP(LN(x))."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
@@ -46,19 +49,24 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, name="attn")(y, y)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(
+        y, y
+    )
     x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-    y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
-                 gelu_approximate=self.gelu_approximate, name="mlp")(y)
+    y = MlpBlock(
+        int(x.shape[-1] * self.mlp_ratio),
+        dtype=self.dtype,
+        gelu_approximate=self.gelu_approximate,
+        name="mlp",
+    )(y)
     return x + y
 
 
 def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
   """`pos_embed: [1, H0 * W0, dim]` (square reference grid) -> [1, h * w, dim]."""
   n, dim = pos_embed.shape[1], pos_embed.shape[2]
-  side = int(round(n ** 0.5))
+  side = int(round(n**0.5))
   if (side, side) == tuple(grid):
     return pos_embed
   grid_embed = pos_embed.reshape(1, side, side, dim)
@@ -68,6 +76,7 @@ def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
 
 class ViT(nn.Module):
   """ViT backbone. Input `images: [batch, H, W, C]` with H, W divisible by `patch_size`."""
+
   width: int
   depth: int
   num_heads: int
@@ -92,28 +101,38 @@ class ViT(nn.Module):
     if h % p or w % p:
       raise ValueError(
           f"Image size {h}x{w} is not divisible by patch_size {p}: choose crop sizes that "
-          f"are multiples of the patch size (config.input.crops.global_size / local_size) or "
-          f"another config.model.patch_size.")
+          "are multiples of the patch size (config.input.crops.global_size / local_size) or "
+          "another config.model.patch_size."
+      )
     if self.image_size % p:
-      raise ValueError(f"config.input.crops.global_size={self.image_size} is not divisible by "
-                       f"patch_size={p}.")
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="patch_embed")(images.astype(self.dtype))
+      raise ValueError(
+          f"config.input.crops.global_size={self.image_size} is not divisible by patch_size={p}."
+      )
+    x = nn.Conv(
+        self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed"
+    )(images.astype(self.dtype))
     grid = (h // p, w // p)
     x = x.reshape(b, grid[0] * grid[1], self.width)
     ref = self.image_size // p
-    pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
-                           (1, ref * ref, self.width), jnp.float32)
-    cls_token = self.param("cls_token", nn.initializers.normal(1e-6),
-                           (1, 1, self.width), jnp.float32)
+    pos_embed = self.param(
+        "pos_embed", nn.initializers.normal(0.02), (1, ref * ref, self.width), jnp.float32
+    )
+    cls_token = self.param(
+        "cls_token", nn.initializers.normal(1e-6), (1, 1, self.width), jnp.float32
+    )
     x = x + resize_pos_embed(pos_embed, grid).astype(self.dtype)
     cls = jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     block_cls_tokens = []
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                    gelu_approximate=self.gelu_approximate, name=f"block{i}")(x)
+      x = block_cls(
+          self.num_heads,
+          self.mlp_ratio,
+          dtype=self.dtype,
+          gelu_approximate=self.gelu_approximate,
+          name=f"block{i}",
+      )(x)
       block_cls_tokens.append(x[:, 0])
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
     x = norm(x)

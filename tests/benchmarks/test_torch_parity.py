@@ -1,4 +1,5 @@
 """benchmarks/torch_reference.py computes our BITS loss: same weights and batch, same numbers."""
+
 import importlib.util
 import os
 
@@ -14,8 +15,11 @@ from bits_jax.objectives import coding_rate
 
 torch = pytest.importorskip("torch")
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "benchmarks", "torch_reference.py")
+_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "benchmarks",
+    "torch_reference.py",
+)
 EPS = 0.05
 CR_WEIGHT = 0.1
 
@@ -39,20 +43,26 @@ def _random_params(shapes, seed: int = 0):
     if name == "scale":
       return 1.0 + 0.1 * rng.randn(*x.shape).astype(np.float32)
     return 0.05 * rng.randn(*x.shape).astype(np.float32)  # biases, pos_embed, cls_token
+
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _ours(num_bits: int):
   backbone = vit.ViT(width=32, depth=1, num_heads=2, patch_size=4, image_size=16)
   head = heads.BitsHead(bits=num_bits, hidden_dim=64, bottleneck_dim=16, num_layers=3)
-  shapes = jax.eval_shape(lambda k: {
-      "backbone": backbone.init(k, jnp.zeros((1, 16, 16, 3)))["params"],
-      "head": head.init(k, jnp.zeros((1, 32)))["params"]}, jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(
+      lambda k: {
+          "backbone": backbone.init(k, jnp.zeros((1, 16, 16, 3)))["params"],
+          "head": head.init(k, jnp.zeros((1, 32)))["params"],
+      },
+      jax.random.PRNGKey(0),
+  )
 
   def logits(params, views):  # [B, V, H, W, C] -> [V, B, bits]
     b, v = views.shape[:2]
-    feats = backbone.apply({"params": params["backbone"]},
-                           views.reshape((b * v,) + views.shape[2:]))["cls"]
+    feats = backbone.apply(
+        {"params": params["backbone"]}, views.reshape((b * v,) + views.shape[2:])
+    )["cls"]
     out = head.apply({"params": params["head"]}, feats)
     return jnp.swapaxes(out.reshape(b, v, -1), 0, 1)
 
@@ -76,32 +86,48 @@ def test_torch_reference_loss_and_gradients_equal_ours():
   global_views = rng.randn(8, 2, 16, 16, 3).astype(np.float32)
   local_views = rng.randn(8, 2, 8, 8, 3).astype(np.float32)
   (loss, (bce, rate)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      params, global_views, local_views)
+      params, global_views, local_views
+  )
 
-  student = ref.make_student(image_size=16, patch_size=4, channels=3, width=32, depth=1,
-                             num_heads=2, bits=32, head_hidden_dim=64, head_bottleneck_dim=16)
+  student = ref.make_student(
+      image_size=16,
+      patch_size=4,
+      channels=3,
+      width=32,
+      depth=1,
+      num_heads=2,
+      bits=32,
+      head_hidden_dim=64,
+      head_bottleneck_dim=16,
+  )
   ref.load_flax_params(student, params)
   crops = ref.images_to_torch(global_views) + ref.images_to_torch(local_views)
   with torch.no_grad():
     teacher_logits = student(crops[:2])
-  torch_loss, parts = ref.bits_loss(student(crops), teacher_logits,
-                                    coding_rate_weight=CR_WEIGHT, eps=EPS)
+  torch_loss, parts = ref.bits_loss(
+      student(crops), teacher_logits, coding_rate_weight=CR_WEIGHT, eps=EPS
+  )
   torch_loss.backward()
 
   np.testing.assert_allclose(parts["bce"].item(), bce, rtol=1e-4)
   np.testing.assert_allclose(parts["coding_rate"].item(), rate, rtol=1e-4)
   np.testing.assert_allclose(torch_loss.item(), loss, rtol=1e-4)
   # Gradients through the whole model agree too (so the benchmark times the same work).
-  torch_grads = {"qkv": student.backbone.blocks[0].attn.qkv.weight.grad.numpy(),
-                 "fc1": student.backbone.blocks[0].mlp.fc1.weight.grad.numpy(),
-                 "pos_embed": student.backbone.pos_embed.grad.numpy(),
-                 "logits": student.head.logits.weight.grad.numpy()}
+  torch_grads = {
+      "qkv": student.backbone.blocks[0].attn.qkv.weight.grad.numpy(),
+      "fc1": student.backbone.blocks[0].mlp.fc1.weight.grad.numpy(),
+      "pos_embed": student.backbone.pos_embed.grad.numpy(),
+      "logits": student.head.logits.weight.grad.numpy(),
+  }
   attn = grads["backbone"]["block0"]["attn"]
-  ours = {"qkv": np.concatenate([np.asarray(attn[n]["kernel"]).reshape(32, 32).T
-                                 for n in ("query", "key", "value")]),
-          "fc1": np.asarray(grads["backbone"]["block0"]["mlp"]["fc1"]["kernel"]).T,
-          "pos_embed": np.asarray(grads["backbone"]["pos_embed"]),
-          "logits": np.asarray(grads["head"]["logits"]["kernel"]).T}
+  ours = {
+      "qkv": np.concatenate(
+          [np.asarray(attn[n]["kernel"]).reshape(32, 32).T for n in ("query", "key", "value")]
+      ),
+      "fc1": np.asarray(grads["backbone"]["block0"]["mlp"]["fc1"]["kernel"]).T,
+      "pos_embed": np.asarray(grads["backbone"]["pos_embed"]),
+      "logits": np.asarray(grads["head"]["logits"]["kernel"]).T,
+  }
   for name, g in ours.items():
     scale = np.max(np.abs(g))
     assert scale > 0, name
@@ -113,16 +139,19 @@ def test_torch_coding_rate_equals_ours(n, d):
   """Both Gram matrices: [d, d] when d <= n, [n, n] otherwise."""
   ref = _load_reference()
   z = np.random.RandomState(n * d).randn(n, d).astype(np.float32)
-  np.testing.assert_allclose(ref.coding_rate(torch.from_numpy(z), EPS).item(),
-                             jax.jit(coding_rate.coding_rate, static_argnums=1)(z, EPS),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      ref.coding_rate(torch.from_numpy(z), EPS).item(),
+      jax.jit(coding_rate.coding_rate, static_argnums=1)(z, EPS),
+      rtol=1e-4,
+  )
 
 
 def test_torch_tanh_gelu_mlp_equals_ours():
   ref = _load_reference()
   block = vit.MlpBlock(hidden_dim=16, gelu_approximate=True)
-  params = _random_params(jax.eval_shape(
-      lambda k: block.init(k, jnp.zeros((1, 8)))["params"], jax.random.PRNGKey(0)))
+  params = _random_params(
+      jax.eval_shape(lambda k: block.init(k, jnp.zeros((1, 8)))["params"], jax.random.PRNGKey(0))
+  )
   mlp = ref.Mlp(8, 16, gelu_approximate=True)
   sd = {}
   for fc in ("fc1", "fc2"):
@@ -139,8 +168,17 @@ def test_torch_tanh_gelu_mlp_equals_ours():
 
 def test_trainer_step_updates_student_and_teacher():
   ref = _load_reference()
-  student = ref.make_student(image_size=16, patch_size=4, channels=3, width=16, depth=1,
-                             num_heads=2, bits=8, head_hidden_dim=16, head_bottleneck_dim=8)
+  student = ref.make_student(
+      image_size=16,
+      patch_size=4,
+      channels=3,
+      width=16,
+      depth=1,
+      num_heads=2,
+      bits=8,
+      head_hidden_dim=16,
+      head_bottleneck_dim=8,
+  )
   trainer = ref.BitsTrainer(student, learning_rate=1e-3, teacher_momentum=0.9)
   before = [p.detach().clone() for p in student.parameters()]
   teacher_before = [p.detach().clone() for p in trainer.teacher.parameters()]
