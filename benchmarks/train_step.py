@@ -21,6 +21,7 @@ head 2048-2048-256, batch 64 or 256. For each row:
 On a GPU (`jax.default_backend() == 'gpu'`) the default dtype is bfloat16 (torch: autocast)
 and the table adds MFU against the device's dense bf16 peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,23 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bits_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Dense bfloat16 peak TFLOP/s, by a substring of `device_kind` (first match wins).
-BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L4", 121.0))
+BF16_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+)
 NUM_GLOBAL, NUM_LOCAL = 2, 6
 BITS, HEAD_HIDDEN, HEAD_BOTTLENECK, HEAD_LAYERS = 256, 2048, 256, 3
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  model: str        # a key of vit.VIT_SIZES
-  image: int        # global crop size
+  model: str  # a key of vit.VIT_SIZES
+  image: int  # global crop size
   patch: int
-  local: int        # local crop size
+  local: int  # local crop size
   batch: int
   channels: int = 3
 
@@ -61,9 +67,15 @@ class Row:
     return f"vit_{self.model}_{self.image}_b{self.batch}"
 
 
-ROWS = {r.name: r for r in (
-    Row("tiny", 32, 4, 16, 64), Row("tiny", 32, 4, 16, 256),
-    Row("small", 224, 16, 96, 64), Row("small", 224, 16, 96, 256))}
+ROWS = {
+    r.name: r
+    for r in (
+        Row("tiny", 32, 4, 16, 64),
+        Row("tiny", 32, 4, 16, 256),
+        Row("small", 224, 16, 96, 64),
+        Row("small", 224, 16, 96, 256),
+    )
+}
 DEFAULT_ROWS = "vit_tiny_32_b64,vit_tiny_32_b256"
 
 
@@ -75,7 +87,7 @@ def vit_forward_flops(row: Row, image: int) -> float:
   width, depth, _ = vit.VIT_SIZES[row.model]
   patches = (image // row.patch) ** 2
   tokens = patches + 1
-  embed = 2 * patches * row.patch ** 2 * row.channels * width
+  embed = 2 * patches * row.patch**2 * row.channels * width
   block = 2 * tokens * width * width * 12 + 4 * tokens * tokens * width  # qkv, out, mlp; attn
   return embed + depth * block
 
@@ -100,6 +112,29 @@ def xla_flops(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def xla_bytes(compiled) -> int | None:
+  """XLA's estimate of the step's memory: arguments + outputs - donated aliases + temps."""
+  try:
+    m = compiled.memory_analysis()
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+  except (AttributeError, NotImplementedError, TypeError):
+    return None
+
+
+def available_host_bytes() -> int | None:
+  try:
+    with open("/proc/meminfo") as f:
+      fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
+
+
 def bf16_peak_tflops(device) -> float | None:
   for name, tflops in BF16_PEAK_TFLOPS:
     if name.lower() in device.device_kind.lower():
@@ -114,12 +149,15 @@ def synthetic_views(row: Row, seed: int = 0) -> dict:
   """{'global': [B, 2, S, S, C], 'local': [B, 6, s, s, C]} float32, NHWC."""
   rng = np.random.default_rng(seed)
   shape = lambda n, size: (row.batch, n, size, size, row.channels)
-  return {"global": rng.standard_normal(shape(NUM_GLOBAL, row.image), np.float32),
-          "local": rng.standard_normal(shape(NUM_LOCAL, row.local), np.float32)}
+  return {
+      "global": rng.standard_normal(shape(NUM_GLOBAL, row.image), np.float32),
+      "local": rng.standard_normal(shape(NUM_LOCAL, row.local), np.float32),
+  }
 
 
-def build_jax_step(row: Row, views: dict, *, dtype: str = "float32",
-                   gelu_approximate: bool = False):
+def build_jax_step(
+    row: Row, views: dict, *, dtype: str = "float32", gelu_approximate: bool = False
+):
   """Our train step on one device through the project's API.
 
   The only function here that knows the project's config keys and train-step API: adapt it
@@ -136,15 +174,20 @@ def build_jax_step(row: Row, views: dict, *, dtype: str = "float32",
   config.dtype = dtype
   config.total_steps = 100_000
   config.mesh = {"data": 1, "fsdp": 1}
-  config.model = {"name": f"vit_{row.model}", "patch_size": row.patch,
-                  "gelu_approximate": gelu_approximate}
+  config.model = {
+      "name": f"vit_{row.model}",
+      "patch_size": row.patch,
+      "gelu_approximate": gelu_approximate,
+  }
   config.input.num_channels = row.channels
   config.input.batch_size = row.batch
-  config.input.crops.update(dict(num_global=NUM_GLOBAL, num_local=NUM_LOCAL,
-                                 global_size=row.image, local_size=row.local))
+  config.input.crops.update(
+      dict(num_global=NUM_GLOBAL, num_local=NUM_LOCAL, global_size=row.image, local_size=row.local)
+  )
   config.objective.name = "bits"
-  config.objective.head.update(dict(hidden_dim=HEAD_HIDDEN, bottleneck_dim=HEAD_BOTTLENECK,
-                                    num_layers=HEAD_LAYERS))
+  config.objective.head.update(
+      dict(hidden_dim=HEAD_HIDDEN, bottleneck_dim=HEAD_BOTTLENECK, num_layers=HEAD_LAYERS)
+  )
   config.objective.bits.num_bits = BITS
   # BITS-reset as trained: the re-init branch is in the step; it never fires here.
   config.objective.bits.reset_every_steps = 10_000
@@ -153,8 +196,10 @@ def build_jax_step(row: Row, views: dict, *, dtype: str = "float32",
   components = train_state.build(config)
   abstract = sharding.abstract_state(components, config, mesh)
   state_sharding = sharding.shardings_of(abstract)
-  state = jax.jit(lambda: train_state.create(components, config, jax.random.PRNGKey(0)),
-                  out_shardings=state_sharding)()
+  state = jax.jit(
+      lambda: train_state.create(components, config, jax.random.PRNGKey(0)),
+      out_shardings=state_sharding,
+  )()
   params = jax.tree_util.tree_map(np.asarray, state.params)
   step = train_step.compile_train_step(components, config, mesh, state_sharding)
   batch = jax.device_put(views, sharding.batch_sharding(mesh))
@@ -169,22 +214,34 @@ def load_torch_reference():
   return module
 
 
-def build_torch_step(ref, row: Row, views: dict, params, *, device: str, bf16: bool,
-                     gelu_approximate: bool = False):
+def build_torch_step(
+    ref, row: Row, views: dict, params, *, device: str, bf16: bool, gelu_approximate: bool = False
+):
   """(trainer, global crops, local crops) of the PyTorch reference with our weights."""
   import torch  # pylint: disable=g-import-not-at-top
+
   width, depth, heads = vit.VIT_SIZES[row.model]
   student = ref.make_student(
-      image_size=row.image, patch_size=row.patch, channels=row.channels, width=width,
-      depth=depth, num_heads=heads, bits=BITS, head_hidden_dim=HEAD_HIDDEN,
-      head_bottleneck_dim=HEAD_BOTTLENECK, head_layers=HEAD_LAYERS,
-      gelu_approximate=gelu_approximate)
+      image_size=row.image,
+      patch_size=row.patch,
+      channels=row.channels,
+      width=width,
+      depth=depth,
+      num_heads=heads,
+      bits=BITS,
+      head_hidden_dim=HEAD_HIDDEN,
+      head_bottleneck_dim=HEAD_BOTTLENECK,
+      head_layers=HEAD_LAYERS,
+      gelu_approximate=gelu_approximate,
+  )
   ref.load_flax_params(student, params)
-  trainer = ref.BitsTrainer(student.to(device),
-                            autocast_dtype=torch.bfloat16 if bf16 else None)
+  trainer = ref.BitsTrainer(student.to(device), autocast_dtype=torch.bfloat16 if bf16 else None)
   to_device = lambda crops: [c.to(device) for c in crops]
-  return (trainer, to_device(ref.images_to_torch(views["global"])),
-          to_device(ref.images_to_torch(views["local"])))
+  return (
+      trainer,
+      to_device(ref.images_to_torch(views["global"])),
+      to_device(ref.images_to_torch(views["local"])),
+  )
 
 
 # ----------------------------------------------------------------------------- runners
@@ -213,6 +270,7 @@ class TorchRunner:
   def _sync(self):
     if self.device == "cuda":
       import torch  # pylint: disable=g-import-not-at-top
+
       torch.cuda.synchronize()
 
   def run(self, steps: int) -> float:
@@ -239,10 +297,14 @@ class MatmulPeak:
     self.torch_args = None
     try:
       import torch  # pylint: disable=g-import-not-at-top
+
       tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
       device = "cuda" if gpu else "cpu"
-      self.torch_args = (torch.randn(self.n, self.n, dtype=tdtype, device=device),
-                         torch.randn(self.n, self.n, dtype=tdtype, device=device), device)
+      self.torch_args = (
+          torch.randn(self.n, self.n, dtype=tdtype, device=device),
+          torch.randn(self.n, self.n, dtype=tdtype, device=device),
+          device,
+      )
     except ImportError:
       pass
 
@@ -252,12 +314,13 @@ class MatmulPeak:
       t0 = time.perf_counter()
       jax.block_until_ready(self.dot(self.a, self.b))
       best = min(best, time.perf_counter() - t0)
-    return 2 * self.n ** 3 / best
+    return 2 * self.n**3 / best
 
   def torch_flops(self) -> float | None:
     if self.torch_args is None:
       return None
     import torch  # pylint: disable=g-import-not-at-top
+
     a, b, device = self.torch_args
     best = float("inf")
     for _ in range(self.repeats):
@@ -268,7 +331,7 @@ class MatmulPeak:
       if device == "cuda":
         torch.cuda.synchronize()
       best = min(best, time.perf_counter() - t0)
-    return 2 * self.n ** 3 / best
+    return 2 * self.n**3 / best
 
 
 # ------------------------------------------------------------------------------- bench
@@ -282,14 +345,29 @@ def _first_line(error: BaseException) -> str:
 def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
   dtype = args.dtype
   views = synthetic_views(row)
-  print(f"\n== {row.name}: batch {row.batch}, 2 x {row.image} px + 6 x {row.local} px, "
-        f"{dtype}", flush=True)
+  print(
+      f"\n== {row.name}: batch {row.batch}, 2 x {row.image} px + 6 x {row.local} px, {dtype}",
+      flush=True,
+  )
   t0 = time.perf_counter()
-  step, state, batch, params = build_jax_step(row, views, dtype=dtype,
-                                              gelu_approximate=args.gelu_approximate)
+  step, state, batch, params = build_jax_step(
+      row, views, dtype=dtype, gelu_approximate=args.gelu_approximate
+  )
   compiled = step.lower(state, batch).compile()
-  result = {"row": row.name, "model_flops": train_step_flops(row),
-            "xla_flops": xla_flops(compiled), "errors": {}}
+  result = {
+      "row": row.name,
+      "model_flops": train_step_flops(row),
+      "xla_flops": xla_flops(compiled),
+      "errors": {},
+  }
+  # A CPU row that cannot fit is reported, not run into the OOM killer (the torch step keeps
+  # about as many activations as ours).
+  need, free = xla_bytes(compiled), available_host_bytes()
+  if not gpu and need and free and need > 0.8 * free:
+    message = f"needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
+    print(f"skipped: {message}", flush=True)
+    result["errors"] = {n: f"skipped: {message}" for n in ("ours", "torch_eager", "torch_compile")}
+    return result
   runners = {"ours": JaxRunner(compiled, state, batch)}
   runners["ours"].run(1)
   print(f"ours: built, compiled and one step in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -300,15 +378,22 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
       t0 = time.perf_counter()
       try:
         trainer, global_crops, local_crops = build_torch_step(
-            ref, row, views, params, device=device, bf16=dtype == "bfloat16",
-            gelu_approximate=args.gelu_approximate)
+            ref,
+            row,
+            views,
+            params,
+            device=device,
+            bf16=dtype == "bfloat16",
+            gelu_approximate=args.gelu_approximate,
+        )
         if variant == "compile":
           trainer.compile()
         runner = TorchRunner(trainer, global_crops, local_crops, device)
         runner.run(1)  # warm-up (and, compiled, the compilation)
         runners[f"torch_{variant}"] = runner
-        print(f"torch {variant}: built and one step in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(
+            f"torch {variant}: built and one step in {time.perf_counter() - t0:.1f} s", flush=True
+        )
       except Exception as e:  # pylint: disable=broad-except
         result["errors"][f"torch_{variant}"] = _first_line(e)
         print(f"torch {variant} failed: {_first_line(e)}", flush=True)
@@ -324,32 +409,44 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
     for name, runner in runners.items():
       seconds[name].append(runner.run(args.steps))
     loads.append(os.getloadavg()[0])
-    print(f"round {r + 1}: " + ", ".join(
-        f"{n} {row.batch / s[-1]:.1f} img/s" for n, s in seconds.items())
-        + f"; jnp.dot {peaks[-1] / 1e9:.0f} GFLOP/s; load {loads[-1]:.1f}", flush=True)
+    print(
+        f"round {r + 1}: "
+        + ", ".join(f"{n} {row.batch / s[-1]:.1f} img/s" for n, s in seconds.items())
+        + f"; jnp.dot {peaks[-1] / 1e9:.0f} GFLOP/s; load {loads[-1]:.1f}",
+        flush=True,
+    )
   result.update(seconds=seconds, peaks=peaks, torch_peaks=torch_peaks, loads=loads)
   return result
 
 
 def summarize(result: dict, batch: int, device, dtype: str) -> dict:
   """Medians over rounds; ratios and peak fractions per round, then their median."""
-  seconds = result["seconds"]
+  seconds = result.get("seconds", {})
+  flops = result["model_flops"]
+  out = {
+      "row": result["row"],
+      "gflop_step": flops / 1e9,
+      "errors": result["errors"],
+      "xla_gflop_step": (result["xla_flops"] or float("nan")) / 1e9,
+  }
+  if not seconds:  # skipped
+    return dict(out, img_s={}, ratio={}, peak_fraction={}, achieved_gflops=None, mfu=None)
   ours = np.asarray(seconds["ours"])
   peaks = np.asarray(result["peaks"])
-  out = {"row": result["row"], "img_s": {n: batch / statistics.median(s)
-                                         for n, s in seconds.items()}}
-  out["ratio"] = {n: statistics.median(np.asarray(s) / ours)
-                  for n, s in seconds.items() if n != "ours"}
-  flops = result["model_flops"]
-  out["gflop_step"] = flops / 1e9
-  out["xla_gflop_step"] = (result["xla_flops"] or float("nan")) / 1e9
-  out["peak_fraction"] = {n: statistics.median(flops / np.asarray(s) / peaks)
-                          for n, s in seconds.items()}
+  out["img_s"] = {n: batch / statistics.median(s) for n, s in seconds.items()}
+  out["ratio"] = {
+      n: statistics.median(np.asarray(s) / ours) for n, s in seconds.items() if n != "ours"
+  }
+  out["peak_fraction"] = {
+      n: statistics.median(flops / np.asarray(s) / peaks) for n, s in seconds.items()
+  }
   out["achieved_gflops"] = flops / statistics.median(ours) / 1e9
   peak = bf16_peak_tflops(device) if dtype == "bfloat16" and device.platform == "gpu" else None
-  out["mfu"] = {n: flops / statistics.median(s) / (peak * 1e12)
-                for n, s in seconds.items()} if peak else None
-  out["errors"] = result["errors"]
+  out["mfu"] = (
+      {n: flops / statistics.median(s) / (peak * 1e12) for n, s in seconds.items()}
+      if peak
+      else None
+  )
   return out
 
 
@@ -364,31 +461,50 @@ def markdown(rows: list[dict], names: list[str], show_mfu: bool) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [r["row"]]
-    fmt = lambda d, n, f: f.format(d[n]) if n in d else r["errors"].get(n, "n/a")
+    fmt = (
+        lambda d, n, f: f.format(d[n])
+        if n in d
+        else (r["errors"].get(n, "n/a").split(":")[0] if n in r["errors"] else "n/a")
+    )
     cells += [fmt(r["img_s"], n, "{:.1f}") for n in names]
     cells += [fmt(r["ratio"], n, "{:.2f}x") for n in names if n != "ours"]
-    cells += [f"{r['gflop_step']:.1f}", f"{r['xla_gflop_step']:.1f} "
-              f"({r['xla_gflop_step'] / r['gflop_step']:.2f}x)"]
+    cells += [
+        f"{r['gflop_step']:.1f}",
+        f"{r['xla_gflop_step']:.1f} ({r['xla_gflop_step'] / r['gflop_step']:.2f}x)",
+    ]
     cells += [fmt(r["peak_fraction"], n, "{:.0%}") for n in names]
     if show_mfu:
       cells += [fmt(r["mfu"] or {}, n, "{:.0%}") for n in names]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  notes = [f"- {r['row']} {pretty[n]}: {e}" for r in rows for n, e in r["errors"].items()]
+  return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rows", default=DEFAULT_ROWS,
-                      help=f"comma-separated of {', '.join(ROWS)}, or 'all'")
+  parser.add_argument(
+      "--rows", default=DEFAULT_ROWS, help=f"comma-separated of {', '.join(ROWS)}, or 'all'"
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=2, help="steps per entry per round")
-  parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                      help="auto: bfloat16 on a GPU, else float32")
-  parser.add_argument("--torch", default=True, action=argparse.BooleanOptionalAction,
-                      help="time the PyTorch reference (needs torch)")
+  parser.add_argument(
+      "--dtype",
+      default="auto",
+      choices=("auto", "float32", "bfloat16"),
+      help="auto: bfloat16 on a GPU, else float32",
+  )
+  parser.add_argument(
+      "--torch",
+      default=True,
+      action=argparse.BooleanOptionalAction,
+      help="time the PyTorch reference (needs torch)",
+  )
   parser.add_argument("--torch_compile", default=True, action=argparse.BooleanOptionalAction)
-  parser.add_argument("--gelu_approximate", action="store_true",
-                      help="tanh GELU in both models (default: exact erf, as the paper's)")
+  parser.add_argument(
+      "--gelu_approximate",
+      action="store_true",
+      help="tanh GELU in both models (default: exact erf, as the paper's)",
+  )
   parser.add_argument("--verbose", action="store_true", help="tracebacks of torch failures")
   args = parser.parse_args(argv)
   names = list(ROWS) if args.rows == "all" else args.rows.split(",")
@@ -408,28 +524,39 @@ def main(argv=None):
   threads = ""
   if ref is not None:
     import torch  # pylint: disable=g-import-not-at-top
+
     threads = f", torch {torch.__version__} with {torch.get_num_threads()} threads"
-  print(f"device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__}{threads}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-        f"load average {os.getloadavg()}", flush=True)
+  print(
+      f"device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
+      f"jax {jax.__version__}{threads}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+      f"load average {os.getloadavg()}",
+      flush=True,
+  )
   peak = MatmulPeak(gpu, args.dtype)
   results = [bench_row(ROWS[n], args, ref, peak, gpu) for n in names]
   summaries = [summarize(r, ROWS[r["row"]].batch, device, args.dtype) for r in results]
-  entries = ["ours"] + [n for n in ("torch_eager", "torch_compile")
-                        if any(n in r["seconds"] or n in r["errors"] for r in results)]
-  all_peaks = [p for r in results for p in r["peaks"]]
-  torch_peaks = [p for r in results for p in r["torch_peaks"]]
-  loads = [x for r in results for x in r["loads"]]
-  print(f"\n{time.strftime('%Y-%m-%d')}, {device.device_kind}, {args.dtype}, "
-        f"{args.rounds} rounds x {args.steps} steps, load average "
-        f"{min(loads):.1f}-{max(loads):.1f} during the rounds")
-  print(f"matmul peak ({peak.n}^3 {args.dtype}, best of {peak.repeats}, median over rounds): "
-        f"jnp.dot {statistics.median(all_peaks) / 1e9:.0f} GFLOP/s"
-        + (f", torch.mm {statistics.median(torch_peaks) / 1e9:.0f} GFLOP/s"
-           if torch_peaks else ""))
-  if summaries and summaries[0]["mfu"] is not None:
+  entries = ["ours"] + [
+      n
+      for n in ("torch_eager", "torch_compile")
+      if any(n in r.get("seconds", {}) or n in r["errors"] for r in results)
+  ]
+  all_peaks = [p for r in results for p in r.get("peaks", [])] or [float("nan")]
+  torch_peaks = [p for r in results for p in r.get("torch_peaks", [])]
+  loads = [x for r in results for x in r.get("loads", [])] or [os.getloadavg()[0]]
+  print(
+      f"\n{time.strftime('%Y-%m-%d')}, {device.device_kind}, {args.dtype}, "
+      f"{args.rounds} rounds x {args.steps} steps, load average "
+      f"{min(loads):.1f}-{max(loads):.1f} during the rounds"
+  )
+  print(
+      f"matmul peak ({peak.n}^3 {args.dtype}, best of {peak.repeats}, median over rounds): "
+      f"jnp.dot {statistics.median(all_peaks) / 1e9:.0f} GFLOP/s"
+      + (f", torch.mm {statistics.median(torch_peaks) / 1e9:.0f} GFLOP/s" if torch_peaks else "")
+  )
+  show_mfu = any(r["mfu"] for r in summaries)
+  if show_mfu:
     print(f"MFU against {bf16_peak_tflops(device):.0f} TFLOP/s dense bf16 ({device.device_kind})")
-  print(markdown(summaries, entries, show_mfu=bool(summaries and summaries[0]["mfu"])))
+  print(markdown(summaries, entries, show_mfu=show_mfu))
 
 
 if __name__ == "__main__":
