@@ -24,16 +24,31 @@ class BitsHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    for i in range(self.num_layers - 1):
-      x = nn.Dense(self.hidden_dim, dtype=self.dtype, name=f"dense{i}")(x)
-      x = nn.gelu(x, approximate=False)
-    x = nn.Dense(self.bottleneck_dim, dtype=self.dtype, name="bottleneck")(x)
+    x = mlp_layers(
+        x,
+        self.bottleneck_dim,
+        self.hidden_dim,
+        self.num_layers,
+        self.dtype,
+        nn.linear.default_kernel_init,
+    )
     x = nn.Dense(self.bits, dtype=jnp.float32, name="logits")(x.astype(jnp.float32))
     return x
 
 
 def _trunc_normal(stddev: float = 0.02):
   return nn.initializers.truncated_normal(stddev)
+
+
+def mlp_layers(x, out_dim: int, hidden_dim: int, num_layers: int, dtype, kernel_init):
+  """(num_layers - 1) x (Dense `dense{i}` + GELU), then Dense `bottleneck` to `out_dim`.
+
+  Call inside a compact method: the layers are submodules of the caller (same param names).
+  """
+  for i in range(num_layers - 1):
+    x = nn.Dense(hidden_dim, dtype=dtype, kernel_init=kernel_init, name=f"dense{i}")(x)
+    x = nn.gelu(x, approximate=False)
+  return nn.Dense(out_dim, dtype=dtype, kernel_init=kernel_init, name="bottleneck")(x)
 
 
 class ProjectionMLP(nn.Module):
@@ -49,13 +64,8 @@ class ProjectionMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    for i in range(self.num_layers - 1):
-      x = nn.Dense(
-          self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal(), name=f"dense{i}"
-      )(x)
-      x = nn.gelu(x, approximate=False)
-    return nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_trunc_normal(), name="bottleneck")(
-        x
+    return mlp_layers(
+        x, self.out_dim, self.hidden_dim, self.num_layers, self.dtype, _trunc_normal()
     )
 
 
