@@ -1,7 +1,8 @@
 """Train-step throughput: our jitted BITS step vs a PyTorch step of the same work, same run.
 
   nice -n 5 python benchmarks/train_step.py [--rows=vit_tiny_32_b64,vit_tiny_32_b256] \
-      [--rounds=5] [--steps=2] [--torch_compile=true] [--dtype=auto]
+      [--rounds=5] [--steps=2] [--no-torch_compile] [--dtype=auto] \
+      [--compiler_option=xla_cpu_experimental_ynn_fusion_type=]
 
 Rows (`--rows`, comma-separated; `all` for every one): ViT-T at 32 px, patch 4, local crops
 of 16 px; ViT-S/16 at 224 px, local crops of 96 px; multi-crop 2 global + 6 local, 256 bits,
@@ -353,7 +354,7 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
   step, state, batch, params = build_jax_step(
       row, views, dtype=dtype, gelu_approximate=args.gelu_approximate
   )
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile(compiler_options=args.compiler_options or None)
   result = {
       "row": row.name,
       "model_flops": train_step_flops(row),
@@ -505,8 +506,19 @@ def main(argv=None):
       action="store_true",
       help="tanh GELU in both models (default: exact erf, as the paper's)",
   )
+  parser.add_argument(
+      "--compiler_option",
+      action="append",
+      default=[],
+      metavar="NAME=VALUE",
+      help=(
+          "XLA option for our step's compilation, e.g. "
+          "xla_cpu_experimental_ynn_fusion_type= (XLA's own dot emitter instead of YNNPACK)"
+      ),
+  )
   parser.add_argument("--verbose", action="store_true", help="tracebacks of torch failures")
   args = parser.parse_args(argv)
+  args.compiler_options = dict(o.split("=", 1) for o in args.compiler_option)
   names = list(ROWS) if args.rows == "all" else args.rows.split(",")
   unknown = [n for n in names if n not in ROWS]
   if unknown:
@@ -528,7 +540,8 @@ def main(argv=None):
     threads = f", torch {torch.__version__} with {torch.get_num_threads()} threads"
   print(
       f"device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
-      f"jax {jax.__version__}{threads}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+      f"jax {jax.__version__}{threads}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+      f"our compiler options {args.compiler_options}; "
       f"load average {os.getloadavg()}",
       flush=True,
   )
