@@ -6,6 +6,11 @@ Returns a dict so dense evaluation needs no second model:
   (the DINO linear-probe protocol; unused outputs cost nothing under jit).
 Position embeddings are learned for a reference grid and resized (bilinear) for crops of
 another size, so global and local crops share one model.
+
+Stochastic depth (`drop_path_rate`, DINO / timm): block i of n drops each of its two residual
+branches per sample with probability rate * i / (n - 1) and rescales the kept ones by
+1 / (1 - p). It acts only in `train=True` applies given a 'drop_path' rng
+(`rngs={'drop_path': key}`, the student's); without that rng the forward pass is exact.
 """
 
 from typing import Any
@@ -38,13 +43,30 @@ class MlpBlock(nn.Module):
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
+def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """`x: [batch, ...]` with whole samples zeroed with probability `rate`, the rest / (1 - rate)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
 class EncoderBlock(nn.Module):
-  """Pre-norm block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  """Pre-norm block: x + Attn(LN(x)); x + MLP(LN(x)).
+
+  `drop_path_rate` > 0 drops each residual branch per sample (needs a 'drop_path' rng); the
+  ViT passes 0 when stochastic depth is off for the call.
+  """
 
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   gelu_approximate: bool = False
+  drop_path_rate: float = 0.0
+
+  def _residual(self, y):
+    if not self.drop_path_rate:
+      return y
+    return drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
 
   @nn.compact
   def __call__(self, x):
@@ -52,7 +74,7 @@ class EncoderBlock(nn.Module):
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(
         y, y
     )
-    x = x + y
+    x = x + self._residual(y)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     y = MlpBlock(
         int(x.shape[-1] * self.mlp_ratio),
@@ -60,7 +82,7 @@ class EncoderBlock(nn.Module):
         gelu_approximate=self.gelu_approximate,
         name="mlp",
     )(y)
-    return x + y
+    return x + self._residual(y)
 
 
 def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -87,6 +109,8 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   # tanh GELU instead of the exact erf one (the paper's / timm's models use erf).
   gelu_approximate: bool = False
+  # Stochastic depth of the last block (0 at the first, linear in between); see the module doc.
+  drop_path_rate: float = 0.0
 
   @property
   def feature_dim(self) -> int:
@@ -95,7 +119,10 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    del train  # no dropout / batch statistics in this backbone
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"config.model.drop_path_rate={self.drop_path_rate}: use a rate in [0, 1).")
+    # Only the student's train-mode apply gets a 'drop_path' rng; teacher and evaluation don't.
+    drop_path_on = train and self.drop_path_rate > 0 and self.has_rng("drop_path")
     b, h, w, _ = images.shape
     p = self.patch_size
     if h % p or w % p:
@@ -126,11 +153,13 @@ class ViT(nn.Module):
     block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     block_cls_tokens = []
     for i in range(self.depth):
+      rate = self.drop_path_rate * i / (self.depth - 1) if drop_path_on and self.depth > 1 else 0.0
       x = block_cls(
           self.num_heads,
           self.mlp_ratio,
           dtype=self.dtype,
           gelu_approximate=self.gelu_approximate,
+          drop_path_rate=rate,
           name=f"block{i}",
       )(x)
       block_cls_tokens.append(x[:, 0])
