@@ -251,12 +251,19 @@ def _log_evals(
 
 
 def init_backbone_from(state: TrainState, config) -> TrainState:
-  """Student and teacher backbones (and BatchNorm statistics) from `config.init_from`.
+  """Student and teacher from `config.init_from`: backbone (and BatchNorm statistics), head.
 
-  The head stays fresh: the new run learns its own code on the new data.
+  The backbone is adapted to the model (channels, position grid). The head follows
+  `config.init_from_head`: 'reset' (default) keeps the state's fresh head, drawn from the
+  init distribution (BITS-reset's one re-initialisation at the start of continued SSL);
+  'keep' loads it too (BITS-fixed), unchanged, and needs the same head shapes. Both branches
+  start equal, from the checkpoint's teacher (the EMA model), as in pre-training.
   """
   from bits_jax import weights as weights_lib  # pylint: disable=g-import-not-at-top
 
+  head_mode = config.get("init_from_head", "reset")
+  if head_mode not in ("keep", "reset"):
+    raise ValueError(f"config.init_from_head={head_mode!r}: use 'keep' or 'reset'.")
   loaded, step = weights_lib.load_params(config.init_from)
   place = lambda new, old: jax.tree_util.tree_map(
       lambda n, o: jax.device_put(n, o.sharding), new, old
@@ -265,9 +272,12 @@ def init_backbone_from(state: TrainState, config) -> TrainState:
       weights_lib.adapt_params(loaded["backbone"], state.params["backbone"]),
       state.params["backbone"],
   )
+  head = state.params["head"]
+  if head_mode == "keep":
+    head = place(weights_lib.head_params(loaded, head, repr(config.init_from)), head)
   replace = {
-      "params": dict(state.params, backbone=backbone),
-      "teacher_params": dict(state.teacher_params, backbone=backbone),
+      "params": dict(state.params, backbone=backbone, head=head),
+      "teacher_params": dict(state.teacher_params, backbone=backbone, head=head),
   }
   if state.batch_stats and "batch_stats" in loaded:
     stats = place(
@@ -277,7 +287,8 @@ def init_backbone_from(state: TrainState, config) -> TrainState:
     replace["batch_stats"] = dict(state.batch_stats, backbone=stats)
     replace["teacher_batch_stats"] = dict(state.teacher_batch_stats, backbone=stats)
   print(
-      f"Initialized the backbone from {config.init_from}"
+      f"Initialized the backbone{' and head' if head_mode == 'keep' else ''} from "
+      f"{config.init_from}"
       + (f" (step {step})" if step is not None else ""),
       flush=True,
   )

@@ -11,7 +11,8 @@ relative, `gs://...`):
     with the model settings the weights need.
 From a train-state checkpoint the EMA teacher's params are used (the model DINO-style methods
 evaluate); `which='student'` selects the student. `adapt_params` (from
-`bits_jax.models.adapt`) fits loaded params to a model of another input shape.
+`bits_jax.models.adapt`) fits loaded params to a model of another input shape; `head_params`
+checks a loaded projection head against the model's (continued SSL that keeps the head).
 """
 
 import json
@@ -98,6 +99,42 @@ def load_params(path: epath.PathLike, which: str = "teacher") -> tuple[PyTree, O
         f"'backbone' entry (keys: {sorted(tree)})."
     )
   return jax.tree_util.tree_map(np.asarray, params), step
+
+
+def _by_name(tree: PyTree) -> dict:
+  return {
+      jax.tree_util.keystr(k, simple=True, separator="/"): v
+      for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def head_params(loaded: Mapping[str, Any], target: PyTree, source: str) -> PyTree:
+  """The projection head of `loaded` (a `load_params` dict) as numpy, shaped like `target`.
+
+  Unlike the backbone nothing is adapted: the head must be the same module with the same
+  shapes (`target` holds arrays or `jax.ShapeDtypeStruct`s). ValueError, naming the config
+  key to change, when `loaded` has no head (converted backbone-only weights, e.g. DINO's
+  released backbones) or a head of another method or size. `source` names the weights.
+  """
+  if not loaded.get("head"):
+    raise ValueError(
+        f"The weights {source} have no projection head (converted backbone-only weights?): "
+        "set config.init_from_head='reset' to start a fresh head on the loaded backbone."
+    )
+  flat_loaded, flat_target = _by_name(loaded["head"]), _by_name(target)
+  have = {k: tuple(np.shape(v)) for k, v in flat_loaded.items()}
+  want = {k: tuple(np.shape(v)) for k, v in flat_target.items()}
+  if have != want:
+    diff = sorted(set(have) ^ set(want)) or [k for k in want if have[k] != want[k]]
+    name = diff[0]
+    raise ValueError(
+        f"The projection head of {source} does not match the model's: head/{name} is "
+        f"{have.get(name, 'missing')} there and {want.get(name, 'missing')} here. Use the "
+        "checkpoint's config.objective.name, objective.head.* and output size "
+        "(objective.bits.num_bits / objective.dino.out_dim), or config.init_from_head='reset'."
+    )
+  leaves = [np.asarray(flat_loaded[k]).astype(t.dtype) for k, t in flat_target.items()]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 
 def read_meta(path: epath.PathLike) -> dict:
