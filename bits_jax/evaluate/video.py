@@ -13,11 +13,15 @@ frame's one-hot, the previous frames' own propagated labels). Labels are upsampl
 official toolkit does.
 
 Data: a directory in DAVIS layout, `JPEGImages/480p/<seq>/*.jpg`, `Annotations/480p/<seq>/
-*.png` (palette PNGs of object ids, one per frame) and `ImageSets/2017/<split>.txt`. Frames
-are read one batch at a time; only the n + 1 context frames' features stay in memory.
+*.png` (palette PNGs of object ids, one per frame) and `ImageSets/2017/<split>.txt`; or the
+TFDS builder `davis/480p` (`tfds_name`, see `tfds_dense.davis_sequences`), whose frames stay
+encoded until they are read. Frames are decoded one batch at a time; only the n + 1 context
+frames' features stay in memory.
 """
 
+import dataclasses
 import functools
+import io
 import math
 import os
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -31,14 +35,13 @@ from PIL import Image
 from bits_jax import utils
 from bits_jax.evaluate import common
 from bits_jax.evaluate import davis_metrics
+from bits_jax.evaluate import tfds_dense
 
-# What ../shared/PAPER.md states (Tab. 7, BITS-fixed, ViT-B/16, ImageNet-1k, 100 epochs),
-# as a fraction like our metrics (the paper prints 62.78).
-paper_reference = {
-    "table": "Tab. 7 (DAVIS-2017 val, DINO label propagation)",
-    "method": "BITS-fixed",
-    "JF_mean": 0.6278,
-}
+# The paper's rows as ../shared/PAPER.md states them: {method: {metric: value}}, metric names
+# as in our results, values as the paper prints them (percent; our results are fractions).
+# Tab. 7: DAVIS-2017 val, DINO's label propagation, ViT-B/16 pre-trained 100 epochs on IN-1k.
+paper_table = "Tab. 7: DAVIS-2017 val, semi-supervised VOS by DINO's label propagation"
+paper_reference = {"BITS-fixed": {"JF_mean": 62.78}}
 
 VOID_LABEL = 255  # DAVIS "void"; the toolkit scores it as background
 _PALETTE = np.array(
@@ -362,6 +365,25 @@ def segment_video(
 # ----------------------------------------------------------------------------- data
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoSequence:
+  """One annotated video, read lazily.
+
+  Attributes:
+    name: the sequence name.
+    frame_names: where each frame comes from (a path, or a TFDS record), for error messages.
+    annotation_names: likewise for each frame's annotation.
+    read_frame: t -> uint8 [H, W, 3].
+    read_annotation: t -> int32 [H, W] object ids (void -> background).
+  """
+
+  name: str
+  frame_names: Sequence[str]
+  annotation_names: Sequence[str]
+  read_frame: Callable[[int], np.ndarray]
+  read_annotation: Callable[[int], np.ndarray]
+
+
 def _imageset(data_dir: str, split: str) -> str:
   return os.path.join(data_dir, "ImageSets", "2017", f"{split}.txt")
 
@@ -412,22 +434,75 @@ def sequence_files(
   return [os.path.join(frame_dir, f) for f in frames], annotations
 
 
+def _rgb(image: Image.Image) -> np.ndarray:
+  return np.asarray(image.convert("RGB"))
+
+
+def _object_ids(image: Image.Image, name: str) -> np.ndarray:
+  """[H, W] int32 ids of a palette / grayscale image; void (255) -> background."""
+  if image.mode not in ("P", "L"):
+    raise ValueError(
+        f"annotation {name} has mode {image.mode}: DAVIS annotations are palette "
+        "PNGs whose indices are object ids."
+    )
+  ids = np.asarray(image).astype(np.int32)
+  return np.where(ids == VOID_LABEL, 0, ids)
+
+
 def read_frame(path: str) -> np.ndarray:
   """uint8 [H, W, 3]."""
   with Image.open(path) as image:
-    return np.asarray(image.convert("RGB"))
+    return _rgb(image)
 
 
 def read_annotation(path: str) -> np.ndarray:
   """[H, W] int32 object ids of a palette (or grayscale) PNG; void (255) -> background."""
   with Image.open(path) as image:
-    if image.mode not in ("P", "L"):
-      raise ValueError(
-          f"annotation {path} has mode {image.mode}: DAVIS annotations are "
-          "palette PNGs whose indices are object ids."
-      )
-    ids = np.asarray(image).astype(np.int32)
-  return np.where(ids == VOID_LABEL, 0, ids)
+    return _object_ids(image, path)
+
+
+def directory_sequence(data_dir: str, name: str, resolution: str = "480p") -> VideoSequence:
+  """A sequence of a directory in DAVIS layout (annotations checked to exist)."""
+  frames, annotations = sequence_files(data_dir, name, resolution)
+  return VideoSequence(
+      name,
+      frames,
+      annotations,
+      lambda t: read_frame(frames[t]),
+      lambda t: read_annotation(annotations[t]),
+  )
+
+
+def encoded_sequence(
+    name: str, frames: Sequence[bytes], annotations: Sequence[bytes], origin: str
+) -> VideoSequence:
+  """A sequence of encoded images (JPEG frames, PNG annotations), decoded one at a time.
+
+  `origin` names the source in messages, e.g. 'TFDS davis/480p validation'.
+  """
+  if len(frames) != len(annotations):
+    raise ValueError(
+        f"{origin} video {name!r} has {len(frames)} frames but {len(annotations)} "
+        "annotations: every frame needs one."
+    )
+
+  frame_names = [f"{origin} video {name!r} frame {t}" for t in range(len(frames))]
+  annotation_names = [f"{origin} video {name!r} annotation {t}" for t in range(len(frames))]
+
+  def decode(data: bytes, what: str):
+    if not data:
+      raise ValueError(f"{what} is empty.")
+    return Image.open(io.BytesIO(data))
+
+  def frame(t):
+    with decode(frames[t], frame_names[t]) as image:
+      return _rgb(image)
+
+  def annotation(t):
+    with decode(annotations[t], annotation_names[t]) as image:
+      return _object_ids(image, annotation_names[t])
+
+  return VideoSequence(name, frame_names, annotation_names, frame, annotation)
 
 
 def overlay(frame: np.ndarray, seg: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -440,31 +515,32 @@ def overlay(frame: np.ndarray, seg: np.ndarray, alpha: float = 0.5) -> np.ndarra
 
 
 def evaluate_sequence(
-    data_dir: str,
-    name: str,
+    sequence: VideoSequence,
     features_fn: FeatureFn,
     *,
     patch_size: int,
-    resolution: str = "480p",
     example_path: Optional[str] = None,
     **propagation,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Per-object (J, F) means [K] of one sequence (first and last frame not scored)."""
-  frame_paths, ann_paths = sequence_files(data_dir, name, resolution)
-  first_mask = read_annotation(ann_paths[0])
+  """Per-object (J, F) means [K] of one sequence (first and last frame not scored).
+
+  `example_path`: where to save the middle frame with its predicted masks (PNG).
+  """
+  first_mask = sequence.read_annotation(0)
+  first_name = sequence.annotation_names[0]
   num_objects = int(first_mask.max())
   if num_objects == 0:
-    raise ValueError(f"first annotation {ann_paths[0]} has no object (all background).")
+    raise ValueError(f"first annotation {first_name} has no object (all background).")
 
-  n = len(frame_paths)
+  n = len(sequence.frame_names)
 
   def frames():  # the last frame is not scored, so it is not propagated either
-    for path in frame_paths[: n - 1]:
-      frame = read_frame(path)
+    for t in range(n - 1):
+      frame = sequence.read_frame(t)
       if frame.shape[:2] != first_mask.shape:
         raise ValueError(
-            f"frame {path} is {frame.shape[0]}x{frame.shape[1]} but the first "
-            f"annotation {ann_paths[0]} is {first_mask.shape[0]}x"
+            f"frame {sequence.frame_names[t]} is {frame.shape[0]}x{frame.shape[1]} but "
+            f"the first annotation {first_name} is {first_mask.shape[0]}x"
             f"{first_mask.shape[1]}: frames and masks must have one size."
         )
       yield frame
@@ -475,20 +551,45 @@ def evaluate_sequence(
       segment_video(frames(), first_mask, features_fn, patch_size=patch_size, **propagation),
       start=1,
   ):
-    gt = read_annotation(ann_paths[t])
+    gt = sequence.read_annotation(t)
     if gt.shape != seg.shape:
       raise ValueError(
-          f"annotation {ann_paths[t]} is {gt.shape[0]}x{gt.shape[1]} but frame "
-          f"{frame_paths[t]} is {seg.shape[0]}x{seg.shape[1]}."
+          f"annotation {sequence.annotation_names[t]} is {gt.shape[0]}x{gt.shape[1]} but "
+          f"frame {sequence.frame_names[t]} is {seg.shape[0]}x{seg.shape[1]}."
       )
     j, f = davis_metrics.frame_scores(seg, gt, num_objects)
     j_frames.append(j)
     f_frames.append(f)
     if example_path and t == example_index:
-      Image.fromarray(overlay(read_frame(frame_paths[t]), seg)).save(example_path)
+      Image.fromarray(overlay(sequence.read_frame(t), seg)).save(example_path)
   return davis_metrics.sequence_means(
       np.reshape(j_frames, (-1, num_objects)), np.reshape(f_frames, (-1, num_objects))
   )
+
+
+def _sequences(
+    data_dir, tfds_name, tfds_data_dir, split, sequences, resolution, max_sequences
+) -> Iterator[VideoSequence]:
+  """The sequences to score, from a DAVIS directory or a TFDS builder (unknown names fail
+  before any is read)."""
+  if tfds_name:
+    tfds_split = {"val": "validation"}.get(split, split)
+    stream = tfds_dense.davis_sequences(tfds_name, tfds_split, tfds_data_dir, sequences)
+    for i, (name, frames, annotations) in enumerate(stream):
+      if max_sequences and i >= max_sequences:
+        return
+      yield encoded_sequence(name, frames, annotations, origin=f"TFDS {tfds_name} {tfds_split}")
+    return
+  if not data_dir:
+    raise ValueError(
+        "the davis evaluator needs data_dir=<DAVIS-2017 root> (with JPEGImages/, "
+        "Annotations/ and ImageSets/2017/) or tfds_name='davis/480p'."
+    )
+  names = list_sequences(data_dir, split, sequences, resolution)
+  if max_sequences:
+    names = names[:max_sequences]
+  for name in names:
+    yield directory_sequence(data_dir, name, resolution)
 
 
 @common.register("davis")
@@ -496,6 +597,8 @@ def run(
     ctx,
     *,
     data_dir: Optional[str] = None,
+    tfds_name: Optional[str] = None,
+    tfds_data_dir: Optional[str] = None,
     sequences: Optional[Sequence[str]] = None,
     n_last_frames: int = 7,
     topk: int = 5,
@@ -511,17 +614,24 @@ def run(
 ) -> dict:
   """DAVIS-2017 J, F and J&F means (fractions) over a split's sequences.
 
+  Args:
+    ctx: the EvalContext (its `patch_tokens`).
+    data_dir: DAVIS-2017 root in directory layout (used when tfds_name is not set).
+    tfds_name: a TFDS builder such as 'davis/480p', read from tfds_data_dir (None: TFDS's
+      default); it must be prepared (`tfds build davis/480p`).
+    sequences: names to score (default: the whole split).
+    n_last_frames, topk, neighborhood, temperature: DINO's propagation (7, 5, 12, 0.1).
+    resize, round_to: the frames' short side (None: their own, 480 for DAVIS 480p) and the
+      multiple the long side is rounded down to.
+    split: 'val' / 'train' (ImageSets/2017/<split>.txt; TFDS: 'validation' / 'train').
+    resolution: the directory layout's resolution folder.
+    batch_frames: frames per forward pass.
+    max_sequences: score only the first sequences.
+    save_examples: sequences whose middle frame is saved with its masks under out_dir/plots.
+
   Returns:
     {'J_mean', 'F_mean', 'JF_mean', 'num_sequences', 'seq/<name>/JF'}.
   """
-  if not data_dir:
-    raise ValueError(
-        "the davis evaluator needs data_dir=<DAVIS-2017 root> (with JPEGImages/, "
-        "Annotations/ and ImageSets/2017/)."
-    )
-  names = list_sequences(data_dir, split, sequences, resolution)
-  if max_sequences:
-    names = names[:max_sequences]
   plot_dir = None
   if ctx.out_dir is not None and save_examples:
     plot_dir = os.path.join(ctx.out_dir, "plots")
@@ -531,16 +641,17 @@ def run(
     return ctx.predict(ctx.normalize(frames), outputs=("patch_tokens",))["patch_tokens"]
 
   per_sequence = {}
-  for i, name in enumerate(names):
+  stream = _sequences(
+      data_dir, tfds_name, tfds_data_dir, split, sequences, resolution, max_sequences
+  )
+  for i, sequence in enumerate(stream):
     example = None
     if plot_dir is not None and i < save_examples:
-      example = os.path.join(plot_dir, f"davis_{name}.png")
-    per_sequence[name] = evaluate_sequence(
-        data_dir,
-        name,
+      example = os.path.join(plot_dir, f"davis_{sequence.name}.png")
+    per_sequence[sequence.name] = evaluate_sequence(
+        sequence,
         features_fn,
         patch_size=ctx.patch_size,
-        resolution=resolution,
         example_path=example,
         n_last_frames=n_last_frames,
         topk=topk,
@@ -552,7 +663,8 @@ def run(
     )
     if example is not None and os.path.isfile(example):
       ctx.add_plot(example)
-    logging.info("davis %s: J&F %.4f", name, float(np.nanmean(np.add(*per_sequence[name]) / 2)))
+    j, f = per_sequence[sequence.name]
+    logging.info("davis %s: J&F %.4f", sequence.name, float(np.nanmean((j + f) / 2)))
   results = davis_metrics.summarize(per_sequence)
-  results["num_sequences"] = len(names)
+  results["num_sequences"] = len(per_sequence)
   return results

@@ -1,5 +1,6 @@
 """Tests for bits_jax.evaluate.video and davis_metrics (DAVIS label propagation, J and F)."""
 
+import io
 import itertools
 import math
 import os
@@ -250,3 +251,88 @@ def test_unknown_sequence_is_named(tmp_path):
     video.run(_Ctx(), data_dir=root)
   with pytest.raises(ValueError, match="needs data_dir"):
     video.run(_Ctx())
+
+
+# ----------------------------------------------------------------------------- TFDS davis
+
+
+@pytest.fixture(scope="module")
+def tfds_davis(tmp_path_factory):
+  """(DAVIS directory, TFDS data_dir) of one synthetic video: the real `davis/480p` builder
+  prepared offline from the directory (its own _generate_examples; the download skipped)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.video.davis import davis as davis_lib  # pylint: disable=g-import-not-at-top
+
+  root = _write_davis(str(tmp_path_factory.mktemp("davis_dir")))
+
+  class OfflineDavis(davis_lib.Davis, skip_registration=True):
+    name = "davis"
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"validation": self._generate_examples(epath.Path(root) / "ImageSets/2017/val.txt")}
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  OfflineDavis(config="480p", data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
+  return root, data_dir
+
+
+def test_tfds_davis_scores_as_the_directory(tfds_davis, tmp_path):
+  root, data_dir = tfds_davis
+  want = video.run(_Ctx(), data_dir=root)
+  ctx = _Ctx(out_dir=str(tmp_path))
+  got = video.run(ctx, tfds_name="davis/480p", tfds_data_dir=data_dir, sequences=["square"])
+  assert got == want
+  assert got["JF_mean"] > 0.9 and got["num_sequences"] == 1
+  assert [os.path.basename(p) for p in ctx.plots] == ["davis_square.png"]
+
+
+def test_tfds_davis_unknown_sequence_and_unprepared_builder(tfds_davis, tmp_path):
+  _, data_dir = tfds_davis
+  with pytest.raises(
+      ValueError, match=r"unknown sequence 'nope': TFDS davis/480p validation has \['square'\]"
+  ):
+    video.run(_Ctx(), tfds_name="davis/480p", tfds_data_dir=data_dir, sequences=["nope"])
+  with pytest.raises(FileNotFoundError, match="tfds build davis/480p .*or pass data_dir=<DAVIS"):
+    video.run(_Ctx(), tfds_name="davis/480p", tfds_data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="has no split 'test'"):
+    video.run(_Ctx(), tfds_name="davis/480p", tfds_data_dir=data_dir, split="test")
+
+
+def _encoded(array, fmt):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def test_encoded_sequence_errors_name_the_record():
+  frames, masks = _synthetic_video()
+  frames_b = [_encoded(f, "PNG") for f in frames]
+  masks_b = [_encoded(m, "PNG") for m in masks]
+  origin = "TFDS davis/480p validation"
+  with pytest.raises(ValueError, match="video 'v' has 6 frames but 5 annotations"):
+    video.encoded_sequence("v", frames_b, masks_b[:5], origin)
+  seq = video.encoded_sequence("v", frames_b, masks_b, origin)
+  np.testing.assert_array_equal(seq.read_annotation(2), masks[2])
+  np.testing.assert_array_equal(seq.read_frame(2), frames[2])
+  features_fn = lambda x: _Ctx().predict(x / 255.0, ("patch_tokens",))["patch_tokens"]
+  bad = list(frames_b)
+  bad[2] = _encoded(frames[2][:, :48], "PNG")
+  with pytest.raises(ValueError, match=f"frame {origin} video 'v' frame 2 is 32x48 but"):
+    video.evaluate_sequence(
+        video.encoded_sequence("v", bad, masks_b, origin), features_fn, patch_size=_PATCH
+    )
+  bad = list(masks_b)
+  bad[3] = _encoded(masks[3][:16], "PNG")
+  with pytest.raises(ValueError, match=f"annotation {origin} video 'v' annotation 3 is 16x64"):
+    video.evaluate_sequence(
+        video.encoded_sequence("v", frames_b, bad, origin), features_fn, patch_size=_PATCH
+    )
+  bad[3] = b""
+  with pytest.raises(ValueError, match="annotation 3 is empty"):
+    video.evaluate_sequence(
+        video.encoded_sequence("v", frames_b, bad, origin), features_fn, patch_size=_PATCH
+    )
