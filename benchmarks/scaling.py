@@ -34,30 +34,14 @@ import tempfile
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position  # repo on sys.path
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bits_jax import config_defaults  # pylint: disable=wrong-import-position
 from bits_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
-from bits_jax import train_state  # pylint: disable=wrong-import-position
-from bits_jax import train_step  # pylint: disable=wrong-import-position
 from bits_jax.models import vit  # pylint: disable=wrong-import-position
-
-# Dense bfloat16 peak TFLOP/s per chip, by a substring of `device.device_kind`.
-BF16_PEAK_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("A100", 312.0),
-    ("L4", 121.0),
-    ("TPU v6", 918.0),
-    ("TPU v5 lite", 197.0),
-    ("TPU v5e", 197.0),
-    ("TPU v5", 459.0),
-    ("TPU v4", 275.0),
-)
 
 RECIPES = {
     # CPU-sized crops so a 2-core machine finishes; 'imagenet' is the paper's multi-crop.
@@ -80,7 +64,7 @@ def bench_config(model: str, batch_size: int, recipe: str, mesh: dict, remat: bo
   config.model = dict(name=model, patch_size=16, remat=remat)
   config.objective.name = "bits"
   config.objective.bits.num_bits = 256
-  config.objective.bits.reset_every_steps = 0
+  config.objective.head.reset_every_steps = 0
   config.objective.head.update(dict(hidden_dim=2048, bottleneck_dim=256, num_layers=3))
   config.total_steps = 1000
   config.mesh = mesh
@@ -90,72 +74,26 @@ def bench_config(model: str, batch_size: int, recipe: str, mesh: dict, remat: bo
 # ------------------------------------------------------------------------------ FLOPs
 
 
-def vit_forward_flops(
-    width: int, depth: int, image_size: int, patch: int, channels: int, mlp_ratio: float = 4.0
-) -> float:
-  """Multiply-adds x 2 of one ViT forward on one image (matmuls only)."""
-  patches = (image_size // patch) ** 2
-  tokens = patches + 1
-  embed = 2 * patches * patch * patch * channels * width
-  per_block = (
-      2 * tokens * width * width * (4 + 2 * mlp_ratio)  # qkv + out + mlp
-      + 4 * tokens * tokens * width
-  )  # q k^T and attn v
-  return embed + depth * per_block
-
-
-def head_flops(config, width: int) -> float:
+def train_step_flops(config) -> float:
+  """Model FLOPs of one train step on the global batch (backward = 2x forward)."""
+  width, depth, _ = vit.VIT_SIZES[config.model.name[len("vit_") :]]
   head = config.objective.head
-  dims = (
+  head_dims = (
       [width]
       + [head.hidden_dim] * (head.num_layers - 1)
       + [head.bottleneck_dim, config.objective.bits.num_bits]
   )
-  return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
-
-
-def train_step_flops(config) -> float:
-  """Model FLOPs of one train step on the global batch (backward = 2x forward)."""
-  width, depth, _ = vit.VIT_SIZES[config.model.name[len("vit_") :]]
-  crops = config.input.crops
-  view = lambda size: (
-      vit_forward_flops(width, depth, size, config.model.patch_size, config.input.num_channels)
-      + head_flops(config, width)
-  )
-  global_views = crops.num_global * view(crops.global_size)
-  local_views = crops.num_local * view(crops.local_size)
-  per_image = global_views + 3 * (global_views + local_views)
-  return config.input.batch_size * per_image
+  view = lambda size: common.vit_forward_flops(
+      width, depth, size, config.model.patch_size, config.input.num_channels
+  ) + common.mlp_flops(head_dims)
+  return common.train_step_flops(config.input.batch_size, view, config.input.crops)
 
 
 def peak_tflops(device, override: float | None) -> float | None:
-  if override:
-    return override
-  if device.platform == "cpu":
-    return None
-  for name, tflops in BF16_PEAK_TFLOPS:
-    if name.lower() in device.device_kind.lower():
-      return tflops
-  return None
+  return override or common.bf16_peak_tflops(device)
 
 
 # --------------------------------------------------------------------------- measure
-
-
-def synthetic_batch(config, seed: int = 0) -> dict:
-  """Gaussian multi-crop views: {'global': [b, G, S, S, C], 'local': [b, L, s, s, C]}."""
-  rng = np.random.default_rng(seed)
-  b, c, crops = config.input.batch_size, config.input.num_channels, config.input.crops
-  batch = {
-      "global": rng.standard_normal(
-          (b, crops.num_global, crops.global_size, crops.global_size, c), np.float32
-      )
-  }
-  if crops.num_local:
-    batch["local"] = rng.standard_normal(
-        (b, crops.num_local, crops.local_size, crops.local_size, c), np.float32
-    )
-  return batch
 
 
 def _bytes_per_device(tree, shardings) -> int:
@@ -168,25 +106,17 @@ def _bytes_per_device(tree, shardings) -> int:
 
 
 def measure(config, devices, *, steps: int, repeats: int, peak: float | None) -> dict:
-  mesh = sharding_lib.make_mesh(config, devices)
-  components = train_state.build(config)
-  shapes = sharding_lib.abstract_state(components, config, mesh)  # with the rules' shardings
-  state_sharding = sharding_lib.shardings_of(shapes)
-  step_fn = train_step.compile_train_step(components, config, mesh, state_sharding)
-  batch = jax.device_put(synthetic_batch(config), sharding_lib.batch_sharding(mesh))
+  step_fn, state, mesh, _ = common.jitted_step(config, devices)
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  batch = jax.device_put(common.synthetic_batch(config), sharding_lib.batch_sharding(mesh))
 
   t0 = time.perf_counter()
-  compiled = step_fn.lower(shapes, batch).compile()
+  compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  xla_flops = common.xla_flops(compiled) or float("nan")
 
-  state = jax.jit(
-      lambda: train_state.create(components, config, jax.random.PRNGKey(0)),
-      out_shardings=state_sharding,
-  )()
   state, _ = compiled(state, batch)  # warm-up
   jax.block_until_ready(state)
   timings = []

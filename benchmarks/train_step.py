@@ -34,22 +34,13 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import common  # pylint: disable=g-import-not-at-top  # puts the repository on sys.path
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bits_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Dense bfloat16 peak TFLOP/s, by a substring of `device_kind` (first match wins).
-BF16_PEAK_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("A100", 312.0),
-    ("L4", 121.0),
-)
 NUM_GLOBAL, NUM_LOCAL = 2, 6
 BITS, HEAD_HIDDEN, HEAD_BOTTLENECK, HEAD_LAYERS = 256, 2048, 256, 3
 
@@ -83,48 +74,17 @@ DEFAULT_ROWS = "vit_tiny_32_b64,vit_tiny_32_b256"
 # ------------------------------------------------------------------------------ FLOPs
 
 
-def vit_forward_flops(row: Row, image: int) -> float:
-  """2 x multiply-adds of the ViT's matmuls on one image of `image` px."""
-  width, depth, _ = vit.VIT_SIZES[row.model]
-  patches = (image // row.patch) ** 2
-  tokens = patches + 1
-  embed = 2 * patches * row.patch**2 * row.channels * width
-  block = 2 * tokens * width * width * 12 + 4 * tokens * tokens * width  # qkv, out, mlp; attn
-  return embed + depth * block
-
-
-def head_forward_flops(row: Row) -> float:
-  width = vit.VIT_SIZES[row.model][0]
-  dims = [width] + [HEAD_HIDDEN] * (HEAD_LAYERS - 1) + [HEAD_BOTTLENECK, BITS]
-  return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
-
-
 def train_step_flops(row: Row) -> float:
   """Model FLOPs of one step: teacher forward (global crops) + student forward + backward."""
-  view = lambda size: vit_forward_flops(row, size) + head_forward_flops(row)
-  global_views, local_views = NUM_GLOBAL * view(row.image), NUM_LOCAL * view(row.local)
-  return row.batch * (global_views + 3 * (global_views + local_views))
-
-
-def xla_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
-def xla_bytes(compiled) -> int | None:
-  """XLA's estimate of the step's memory: arguments + outputs - donated aliases + temps."""
-  try:
-    m = compiled.memory_analysis()
-    return int(
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
-  except (AttributeError, NotImplementedError, TypeError):
-    return None
+  width, depth, _ = vit.VIT_SIZES[row.model]
+  head_dims = [width] + [HEAD_HIDDEN] * (HEAD_LAYERS - 1) + [HEAD_BOTTLENECK, BITS]
+  view = lambda size: common.vit_forward_flops(
+      width, depth, size, row.patch, row.channels
+  ) + common.mlp_flops(head_dims)
+  crops = argparse.Namespace(
+      num_global=NUM_GLOBAL, global_size=row.image, num_local=NUM_LOCAL, local_size=row.local
+  )
+  return common.train_step_flops(row.batch, view, crops)
 
 
 def available_host_bytes() -> int | None:
@@ -136,40 +96,13 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def bf16_peak_tflops(device) -> float | None:
-  for name, tflops in BF16_PEAK_TFLOPS:
-    if name.lower() in device.device_kind.lower():
-      return tflops
-  return None
-
-
 # ---------------------------------------------------------------------------- builders
 
 
-def synthetic_views(row: Row, seed: int = 0) -> dict:
-  """{'global': [B, 2, S, S, C], 'local': [B, 6, s, s, C]} float32, NHWC."""
-  rng = np.random.default_rng(seed)
-  shape = lambda n, size: (row.batch, n, size, size, row.channels)
-  return {
-      "global": rng.standard_normal(shape(NUM_GLOBAL, row.image), np.float32),
-      "local": rng.standard_normal(shape(NUM_LOCAL, row.local), np.float32),
-  }
-
-
-def build_jax_step(
-    row: Row, views: dict, *, dtype: str = "float32", gelu_approximate: bool = False
-):
-  """Our train step on one device through the project's API.
-
-  The only function here that knows the project's config keys and train-step API: adapt it
-  when they change. Returns (jitted step, initial state, batch on the device, params as
-  numpy for the PyTorch copy).
-  """
+def row_config(row: Row, *, dtype: str = "float32", gelu_approximate: bool = False):
+  """The project's config of a row's step: the only function here that knows config keys."""
   # pylint: disable=g-import-not-at-top
   from bits_jax import config_defaults
-  from bits_jax import sharding
-  from bits_jax import train_state
-  from bits_jax import train_step
   # pylint: enable=g-import-not-at-top
   config = config_defaults.base_config()
   config.dtype = dtype
@@ -191,18 +124,25 @@ def build_jax_step(
   )
   config.objective.bits.num_bits = BITS
   # BITS-reset as trained: the re-init branch is in the step; it never fires here.
-  config.objective.bits.reset_every_steps = 10_000
+  config.objective.head.reset_every_steps = 10_000
   config.optim.warmup_steps = 10
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  components = train_state.build(config)
-  abstract = sharding.abstract_state(components, config, mesh)
-  state_sharding = sharding.shardings_of(abstract)
-  state = jax.jit(
-      lambda: train_state.create(components, config, jax.random.PRNGKey(0)),
-      out_shardings=state_sharding,
-  )()
+  return config
+
+
+def build_jax_step(
+    row: Row, views: dict, *, dtype: str = "float32", gelu_approximate: bool = False
+):
+  """Our train step on one device through the project's API.
+
+  Returns (jitted step, initial state, batch on the device, params as numpy for the PyTorch
+  copy).
+  """
+  # pylint: disable=g-import-not-at-top
+  from bits_jax import sharding
+  # pylint: enable=g-import-not-at-top
+  config = row_config(row, dtype=dtype, gelu_approximate=gelu_approximate)
+  step, state, mesh, _ = common.jitted_step(config, jax.devices()[:1])
   params = jax.tree_util.tree_map(np.asarray, state.params)
-  step = train_step.compile_train_step(components, config, mesh, state_sharding)
   batch = jax.device_put(views, sharding.batch_sharding(mesh))
   return step, state, batch, params
 
@@ -345,7 +285,7 @@ def _first_line(error: BaseException) -> str:
 
 def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
   dtype = args.dtype
-  views = synthetic_views(row)
+  views = common.synthetic_batch(row_config(row, dtype=dtype))
   print(
       f"\n== {row.name}: batch {row.batch}, 2 x {row.image} px + 6 x {row.local} px, {dtype}",
       flush=True,
@@ -358,12 +298,12 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
   result = {
       "row": row.name,
       "model_flops": train_step_flops(row),
-      "xla_flops": xla_flops(compiled),
+      "xla_flops": common.xla_flops(compiled),
       "errors": {},
   }
   # A CPU row that cannot fit is reported, not run into the OOM killer (the torch step keeps
   # about as many activations as ours).
-  need, free = xla_bytes(compiled), available_host_bytes()
+  need, free = common.xla_bytes(compiled), available_host_bytes()
   if not gpu and need and free and need > 0.8 * free:
     message = f"needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
     print(f"skipped: {message}", flush=True)
@@ -442,7 +382,9 @@ def summarize(result: dict, batch: int, device, dtype: str) -> dict:
       n: statistics.median(flops / np.asarray(s) / peaks) for n, s in seconds.items()
   }
   out["achieved_gflops"] = flops / statistics.median(ours) / 1e9
-  peak = bf16_peak_tflops(device) if dtype == "bfloat16" and device.platform == "gpu" else None
+  peak = (
+      common.bf16_peak_tflops(device) if dtype == "bfloat16" and device.platform == "gpu" else None
+  )
   out["mfu"] = (
       {n: flops / statistics.median(s) / (peak * 1e12) for n, s in seconds.items()}
       if peak
@@ -568,7 +510,10 @@ def main(argv=None):
   )
   show_mfu = any(r["mfu"] for r in summaries)
   if show_mfu:
-    print(f"MFU against {bf16_peak_tflops(device):.0f} TFLOP/s dense bf16 ({device.device_kind})")
+    print(
+        f"MFU against {common.bf16_peak_tflops(device):.0f} TFLOP/s dense bf16"
+        f" ({device.device_kind})"
+    )
   print(markdown(summaries, entries, show_mfu=show_mfu))
 
 

@@ -164,7 +164,6 @@ def _check_values(c: _Checker) -> None:
       "input.crops.num_global",
       "input.num_channels",
       "objective.head.hidden_dim",
-      "objective.head.bottleneck_dim",
       "objective.head.num_layers",
       "max_consecutive_nonfinite",
       "input.crops.global_size",
@@ -180,6 +179,8 @@ def _check_values(c: _Checker) -> None:
       "optim.end_learning_rate",
   ):
     c.non_negative(key, "0 disables it" if key == "optim.clip_norm" else "a count, weight or rate")
+  c.non_negative("objective.head.bottleneck_dim", "0 = the paper's head, no bottleneck")
+  _check_head_resets(c)
   c.within("optim.teacher_momentum", 0.0, 1.0, "the EMA momentum of the teacher, e.g. 0.996")
   c.within("optim.b1", 0.0, 0.999999, "an Adam decay rate below 1")
   c.within("optim.b2", 0.0, 0.999999, "an Adam decay rate below 1")
@@ -226,6 +227,27 @@ def _check_values(c: _Checker) -> None:
   if c.ok("dtype") and cfg["dtype"] not in _DTYPES:
     c.add(f"config.dtype={cfg['dtype']!r}: use 'float32' or 'bfloat16'.")
     c.bad.add("dtype")  # the model builder would report it again
+
+
+def _check_head_resets(c: _Checker) -> None:
+  """`objective.head.reset_every_{steps,epochs}`: one of them, a reset that can happen."""
+  cfg = c.config
+  steps, epochs = "objective.head.reset_every_steps", "objective.head.reset_every_epochs"
+  for key in (steps, epochs):
+    c.non_negative(key, "0 = never")
+  if not c.ok(steps, epochs):
+    return
+  if cfg[steps] and cfg[epochs]:
+    c.add(
+        f"config.{steps}={cfg[steps]} and reset_every_epochs={cfg[epochs]} are both set: set "
+        "one (the other to 0)."
+    )
+  elif c.ok("total_steps") and 0 < cfg[steps] and cfg[steps] >= cfg["total_steps"] > 0:
+    c.add(
+        f"config.{steps}={cfg[steps]} is not below config.total_steps={cfg['total_steps']}: "
+        "the head would never be re-initialized; set it to 0 to turn re-initialization off, "
+        "or a value below total_steps."
+    )
 
 
 def _check_objective(c: _Checker) -> None:

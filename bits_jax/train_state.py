@@ -20,6 +20,7 @@ import optax
 from bits_jax import models
 from bits_jax import objectives
 from bits_jax import optim
+from bits_jax import utils
 
 PyTree = Any
 
@@ -67,6 +68,7 @@ class Components:
   schedules: optim.Schedules
   image_shape: tuple[int, int, int]  # (global crop, global crop, channels)
   head_reset_every: int  # steps between head re-initialisations; 0 = never
+  reset_head_optimizer: bool = True  # a head reset also resets the head's optimizer state
 
   @property
   def student(self) -> Student:
@@ -74,7 +76,10 @@ class Components:
 
 
 def build(config, steps_per_epoch: int | None = None) -> Components:
-  """The components of `config` (`steps_per_epoch` resolves `*_epochs` settings)."""
+  """The components of `config` (`steps_per_epoch` resolves `*_epochs` settings).
+
+  Head resets (`config.objective.head.reset_every_*`) apply to any method.
+  """
   objective = objectives.get(config.objective.name)
   size = config.input.crops.global_size
   return Components(
@@ -84,7 +89,8 @@ def build(config, steps_per_epoch: int | None = None) -> Components:
       optimizer=optim.make_optimizer(config),
       schedules=optim.make_schedules(config),
       image_shape=(size, size, config.input.num_channels),
-      head_reset_every=objective.head_reset_every(config, steps_per_epoch),
+      head_reset_every=utils.steps(config.objective.head, "reset_every", steps_per_epoch),
+      reset_head_optimizer=bool(config.objective.head.reset_optimizer_state),
   )
 
 
@@ -132,14 +138,19 @@ def create(components: Components, config, key) -> TrainState:
 
 
 def reset_head(state: TrainState, components: Components) -> TrainState:
-  """Student and teacher heads get the same fresh params; the head's optimizer state resets.
+  """Student and teacher heads get the same fresh params (the head's init distribution).
 
-  The new head is drawn from fold_in(rng, step), so the re-init cycle is reproducible.
+  The head's optimizer state (Adam moments and count) is reset too unless
+  `components.reset_head_optimizer` is False (the paper does not say which). The new head
+  is drawn from fold_in(rng, step), so the re-init cycle is reproducible. Objective state
+  (e.g. DINO's center) is kept.
   """
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
   new_head = init_head_params(components, key)
   params = dict(state.params, head=new_head)
-  opt_state = optim.reset_group(state.opt_state, components.optimizer.init(params), "head")
+  opt_state = state.opt_state
+  if components.reset_head_optimizer:
+    opt_state = optim.reset_group(opt_state, components.optimizer.init(params), "head")
   return state.replace(
       params=params, teacher_params=dict(state.teacher_params, head=new_head), opt_state=opt_state
   )

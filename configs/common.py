@@ -55,6 +55,6 @@ def set_method(config: ml_collections.ConfigDict, method: str) -> ml_collections
   """`config.objective.name = method`; DINO and SimDINO keep their projection head."""
   config.objective.name = method
   if method != "bits":
-    config.objective.bits.reset_every_steps = 0
-    config.objective.bits.reset_every_epochs = 0
+    config.objective.head.reset_every_steps = 0
+    config.objective.head.reset_every_epochs = 0
   return config

@@ -42,7 +42,7 @@ def get_config(arg=None):
   config.model = dict(name="vit", patch_size=7, width=128, depth=4, num_heads=4)
   config.objective.head.update(dict(hidden_dim=512, bottleneck_dim=128, num_layers=3))
   config.objective.bits.num_bits = 256
-  config.objective.bits.reset_every_steps = 400
+  config.objective.head.reset_every_steps = 400
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 80
 
@@ -53,7 +53,7 @@ def get_config(arg=None):
     config.model.update(dict(width=32, depth=1, num_heads=2))
     config.objective.head.update(dict(hidden_dim=64, bottleneck_dim=32))
     config.objective.bits.num_bits = 32
-    config.objective.bits.reset_every_steps = 4
+    config.objective.head.reset_every_steps = 4
     data.crops.num_local = 2
     data.batch_size = 16
     data.eval_batch_size = 64

@@ -56,7 +56,7 @@ def imagenet_config(
 
   steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // data.batch_size  # 1251
   config.total_steps = epochs * steps_per_epoch
-  config.objective.bits.reset_every_steps = 10 * steps_per_epoch
+  config.objective.head.reset_every_steps = 10 * steps_per_epoch
   optim = config.optim
   optim.warmup_steps = 10 * steps_per_epoch
   optim.learning_rate = base_lr_per_256 * data.batch_size / 256

@@ -20,8 +20,8 @@ def test_same_budget_one_key_apart(method):
     assert config[key].to_dict() == base[key].to_dict(), key
   for key in ("warmup_steps", "teacher_momentum"):
     assert config.optim[key] == base.optim[key], key
-  resets = config.objective.bits.reset_every_steps
-  assert (resets == base.objective.bits.reset_every_steps) if method == "bits" else resets == 0
+  resets = config.objective.head.reset_every_steps
+  assert (resets == base.objective.head.reset_every_steps) if method == "bits" else resets == 0
 
 
 def test_bad_arguments_are_clear_errors():

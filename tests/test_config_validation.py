@@ -99,9 +99,9 @@ _BAD_CONFIGS = {
         "config.optim.warmup_steps=10 is longer than config.total_steps=6: the learning rate would",
     ),
     "head re-init never happens": (
-        {"objective.bits.reset_every_steps": 6},
+        {"objective.head.reset_every_steps": 6},
         (
-            "config.objective.bits.reset_every_steps=6 is not below config.total_steps=6: the head "
+            "config.objective.head.reset_every_steps=6 is not below config.total_steps=6: the head "
             "would never"
         ),
     ),

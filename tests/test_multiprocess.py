@@ -22,7 +22,7 @@ from tests import helpers
 
 _OVERRIDES = {
     "total_steps": 3,
-    "objective.bits.reset_every_steps": 2,
+    "objective.head.reset_every_steps": 2,
     "mesh.data": 2,
     "mesh.fsdp": 4,
     "fsdp_min_size": 256,

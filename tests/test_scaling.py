@@ -246,7 +246,7 @@ def test_bf16_trains_and_keeps_logdet_float32(config):
       dtype="bfloat16",
       optim__learning_rate=3e-3,
       optim__warmup_steps=1,
-      objective__bits__reset_every_steps=0,
+      objective__head__reset_every_steps=0,
       total_steps=100,
   )
   batch = helpers.random_batch(cfg, seed=3)

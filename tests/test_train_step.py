@@ -77,7 +77,7 @@ def test_head_reinit_changes_head_keeps_backbone_resets_moments(config, jitted_s
   components, step = jitted_step
   state = train_state.create(components, config, jax.random.PRNGKey(config.seed))
   state, _ = step(state, helpers.random_batch(config))
-  assert components.head_reset_every == config.objective.bits.reset_every_steps > 0
+  assert components.head_reset_every == config.objective.head.reset_every_steps > 0
   state = state.replace(step=jnp.asarray(components.head_reset_every, jnp.int32))
   new = train_state.reset_head(state, components)
 

@@ -8,36 +8,50 @@ import jax.numpy as jnp
 
 from bits_jax import utils
 
+# The bottleneck of DINO and SimDINO heads when `objective.head.bottleneck_dim` is 0.
+DEFAULT_BOTTLENECK = 256
+
+
+def _trunc_normal(stddev: float = 0.02):
+  return nn.initializers.truncated_normal(stddev)
+
 
 class BitsHead(nn.Module):
-  """MLP head producing bit logits: `[batch, width] -> [batch, bits]`.
+  """MLP head producing bit logits: `[batch, width] -> [batch, bits]` float32.
 
-  (num_layers - 1) x (Dense + GELU) of `hidden_dim`, a linear bottleneck, then a linear map
-  to one logit per bit. Logits are float32 so thresholding and the losses see full precision.
+  `bottleneck_dim=0` is the paper's head, DINO's three-layer MLP without prototypes:
+  (num_layers - 1) x (Dense `hidden_dim` + GELU), then Dense to one logit per bit
+  (d -> 2048 -> 2048 -> 256). `bottleneck_dim > 0` inserts a linear `bottleneck` before the
+  logits (the first landing's head). Kernels truncated-normal(0.02), biases zero, so every
+  re-initialisation draws from the same distribution. Logits are float32 so thresholding
+  and the losses see full precision.
   """
 
   bits: int
   hidden_dim: int = 2048
-  bottleneck_dim: int = 256
+  bottleneck_dim: int = 0
   num_layers: int = 3
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    x = mlp_layers(
-        x,
-        self.bottleneck_dim,
-        self.hidden_dim,
-        self.num_layers,
-        self.dtype,
-        nn.linear.default_kernel_init,
+    if self.bottleneck_dim:
+      x = mlp_layers(
+          x, self.bottleneck_dim, self.hidden_dim, self.num_layers, self.dtype, _trunc_normal()
+      )
+    else:
+      x = hidden_layers(x, self.hidden_dim, self.num_layers - 1, self.dtype, _trunc_normal())
+    return nn.Dense(self.bits, dtype=jnp.float32, kernel_init=_trunc_normal(), name="logits")(
+        x.astype(jnp.float32)
     )
-    x = nn.Dense(self.bits, dtype=jnp.float32, name="logits")(x.astype(jnp.float32))
-    return x
 
 
-def _trunc_normal(stddev: float = 0.02):
-  return nn.initializers.truncated_normal(stddev)
+def hidden_layers(x, hidden_dim: int, num: int, dtype, kernel_init):
+  """`num` x (Dense `dense{i}` + GELU); call inside a compact method (caller's param names)."""
+  for i in range(num):
+    x = nn.Dense(hidden_dim, dtype=dtype, kernel_init=kernel_init, name=f"dense{i}")(x)
+    x = nn.gelu(x, approximate=False)
+  return x
 
 
 def mlp_layers(x, out_dim: int, hidden_dim: int, num_layers: int, dtype, kernel_init):
@@ -45,9 +59,7 @@ def mlp_layers(x, out_dim: int, hidden_dim: int, num_layers: int, dtype, kernel_
 
   Call inside a compact method: the layers are submodules of the caller (same param names).
   """
-  for i in range(num_layers - 1):
-    x = nn.Dense(hidden_dim, dtype=dtype, kernel_init=kernel_init, name=f"dense{i}")(x)
-    x = nn.gelu(x, approximate=False)
+  x = hidden_layers(x, hidden_dim, num_layers - 1, dtype, kernel_init)
   return nn.Dense(out_dim, dtype=dtype, kernel_init=kernel_init, name="bottleneck")(x)
 
 

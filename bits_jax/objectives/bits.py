@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bits_jax import utils
 from bits_jax.models import heads
 from bits_jax.objectives import coding_rate as coding_rate_lib
 from bits_jax.objectives import common
@@ -35,11 +34,6 @@ def make_head(config: ml_collections.ConfigDict):
   )
 
 
-def head_reset_every(config: ml_collections.ConfigDict, steps_per_epoch) -> int:
-  """Steps between head re-initialisations (`reset_every_steps` or `_epochs`; 0 = never)."""
-  return utils.steps(config.objective.bits, "reset_every", steps_per_epoch)
-
-
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Impossible BITS settings, each with its fix (called by config validation)."""
   bits = config.objective.bits
@@ -49,21 +43,9 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems += common.positive(
       config, "bits", ("eps",), "the distortion in the coding rate, e.g. 0.05"
   )
-  for key in ("bce_weight", "coding_rate_weight", "reset_every_steps", "reset_every_epochs"):
+  for key in ("bce_weight", "coding_rate_weight"):
     if bits[key] is None or bits[key] < 0:
       problems.append(f"config.objective.bits.{key}={bits[key]} must be >= 0 (0 disables it).")
-  if bits.reset_every_steps and bits.reset_every_epochs:
-    problems.append(
-        f"config.objective.bits.reset_every_steps={bits.reset_every_steps} and "
-        f"reset_every_epochs={bits.reset_every_epochs} are both set: set one "
-        "(the other to 0)."
-    )
-  elif 0 < (bits.reset_every_steps or 0) and bits.reset_every_steps >= config.total_steps > 0:
-    problems.append(
-        f"config.objective.bits.reset_every_steps={bits.reset_every_steps} is not below "
-        f"config.total_steps={config.total_steps}: the head would never be re-initialized; "
-        "set it to 0 to turn re-initialization off, or a value below total_steps."
-    )
   return problems
 
 
@@ -150,6 +132,5 @@ OBJECTIVE = common.Objective(
     name="bits",
     make_head=make_head,
     loss=loss,
-    head_reset_every=head_reset_every,
     config_problems=config_problems,
 )

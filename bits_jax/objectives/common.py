@@ -6,8 +6,6 @@ An objective module defines `OBJECTIVE = Objective(...)`:
   init_state(config) -> pytree                 state between steps (a DINO center; {})
   loss(student_out, teacher_out, state, *, step, config) -> (loss, (new_state, metrics))
       student_out: [V, batch, dim] (the G global views first), teacher_out: [G, batch, dim]
-  head_reset_every(config, steps_per_epoch) -> int
-      steps between re-initialisations of the head (0 = never; BITS-reset)
   mask_updates(tree, step, config) -> tree     zeroes what must not move yet (DINO's
                                                frozen prototypes); identity by default
   config_problems(config) -> list[str]         impossible settings, each with its fix
@@ -22,11 +20,6 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-
-
-def _no_reset(config, steps_per_epoch) -> int:
-  del config, steps_per_epoch
-  return 0
 
 
 def _identity(tree, step, config):
@@ -50,7 +43,6 @@ class Objective:
   make_head: Callable
   loss: Callable
   init_state: Callable = _no_state
-  head_reset_every: Callable[[Any, int | None], int] = _no_reset
   mask_updates: Callable = _identity
   config_problems: Callable[[Any], list[str]] = _no_problems
 

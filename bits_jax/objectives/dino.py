@@ -25,12 +25,12 @@ from bits_jax.objectives import common
 
 
 def make_head(config: ml_collections.ConfigDict):
-  """3-layer MLP -> bottleneck -> L2 norm -> weight-normalized `out_dim` prototypes."""
+  """3-layer MLP -> bottleneck (0: 256) -> L2 norm -> weight-normalized `out_dim` prototypes."""
   head, dino = config.objective.head, config.objective.dino
   return heads.DinoHead(
       out_dim=dino.out_dim,
       hidden_dim=head.hidden_dim,
-      bottleneck_dim=head.bottleneck_dim,
+      bottleneck_dim=head.bottleneck_dim or heads.DEFAULT_BOTTLENECK,
       num_layers=head.num_layers,
       norm_last_layer=dino.norm_last_layer,
       dtype=config.get("dtype", "float32"),

@@ -27,10 +27,10 @@ from bits_jax.objectives import common
 
 
 def make_head(config: ml_collections.ConfigDict):
-  """3-layer MLP projecting to `objective.head.bottleneck_dim` (normalized in the loss)."""
+  """3-layer MLP to `objective.head.bottleneck_dim` (0: 256), normalized in the loss."""
   head = config.objective.head
   return heads.SimDinoHead(
-      dim=head.bottleneck_dim,
+      dim=head.bottleneck_dim or heads.DEFAULT_BOTTLENECK,
       hidden_dim=head.hidden_dim,
       num_layers=head.num_layers,
       dtype=config.get("dtype", "float32"),
