@@ -13,13 +13,16 @@ it. Masks are resized to the original image (bicubic, threshold 1/2), boxes come
 masks, and the k-th mask of an image gets the score (max_masks - k) / max_masks. CutLER's
 optional CRF refinement is not applied.
 
-Scores are class-agnostic COCO AP, AP50, AP75 of boxes and masks (coco_ap).
+Scores are class-agnostic COCO AP, AP50, AP75 of boxes and masks (coco_ap). Data: COCO
+val2017 images with the instances json, or a prepared TFDS `coco/2017` (boxes only) or
+`coco/2017_panoptic` (masks of its thing segments), see tfds_dense.
 """
 
+import collections
 import functools
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from absl import logging
 from flax import traverse_util
@@ -30,14 +33,13 @@ from PIL import Image, ImageDraw
 
 from bits_jax.evaluate import coco_ap
 from bits_jax.evaluate import common
+from bits_jax.evaluate import tfds_dense
 
-# What ../shared/PAPER.md states: Tab. 6 reports MaskCut unsupervised detection and
-# segmentation on COCO val2017 as AP50 / AP75 / AP, but the fact sheet gives no numbers.
-paper_reference = {
-    "table": "Tab. 6 (MaskCut, COCO val2017, class-agnostic)",
-    "metrics": "box and mask AP50 / AP75 / AP",
-    "values": "not stated in PAPER.md",
-}
+# The paper's rows as ../shared/PAPER.md states them: {method: {metric: value}}. Tab. 6
+# reports MaskCut detection and segmentation on COCO val2017 as AP50 / AP75 / AP, but the fact
+# sheet gives none of its numbers, so there is no row to print.
+paper_table = "Tab. 6: MaskCut unsupervised detection and segmentation, COCO val2017"
+paper_reference: dict[str, dict[str, float]] = {}
 
 EPS = 1e-5
 _COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180)]
@@ -179,16 +181,19 @@ def batch_masks(feats, *, grid, tau=0.15, max_masks=3):
 # ----------------------------------------------------------------------------- images
 
 
-def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """(uint8 [size, size, 3] resized with Lanczos as MaskCut does, original (H, W))."""
+def read_rgb(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] of an image file."""
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"image {path} not found: check images_dir and the annotations' file_name entries."
     )
   with Image.open(path) as image:
-    image = image.convert("RGB")
-    resized = image.resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(resized), (image.height, image.width)
+    return np.asarray(image.convert("RGB"))
+
+
+def square_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> [size, size, 3] with Lanczos, as MaskCut resizes its input."""
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
 
 
 def upsample_mask(mask: np.ndarray, size: tuple[int, int], square: int) -> np.ndarray:
@@ -236,43 +241,15 @@ def _save_example(path: str, image: np.ndarray, detections: list[dict[str, Any]]
   picture.save(path)
 
 
-@common.register("maskcut")
-def run(
-    ctx,
-    *,
-    images_dir: Optional[str] = None,
-    annotations: Optional[str] = None,
-    tau: float = 0.15,
-    max_masks: int = 3,
-    image_size: int = 480,
-    max_images: Optional[int] = None,
-    batch_size: int = 8,
-    save_examples: int = 4,
-) -> dict:
-  """MaskCut on a COCO-style directory: class-agnostic box and mask AP, AP50, AP75.
+# ----------------------------------------------------------------------------- data
 
-  Args:
-    ctx: the EvalContext (needs predict(..., outputs=('last_keys',)), i.e. a ViT).
-    images_dir: folder of the images (COCO: val2017/).
-    annotations: instances json (COCO: annotations/instances_val2017.json).
-    tau, max_masks, image_size: MaskCut's threshold, masks per image and square input size.
-    max_images: evaluate the first images by id only (AP over those images).
-    batch_size: images per forward pass.
-    save_examples: images drawn with their masks and boxes under out_dir/plots.
+ImageRecord = tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]  # info, image, anns
 
-  Returns:
-    {'box/AP', 'box/AP50', 'box/AP75', 'mask/AP', 'mask/AP50', 'mask/AP75', 'num_images',
-     'masks_per_image'} (fractions).
-  """
-  if not images_dir or not annotations:
-    raise ValueError(
-        "the maskcut evaluator needs images_dir=<COCO val2017/> and "
-        "annotations=<annotations/instances_val2017.json>."
-    )
-  if image_size % ctx.patch_size:
-    raise ValueError(
-        f"image_size={image_size} is not a multiple of the patch size {ctx.patch_size}."
-    )
+
+def directory_images(
+    images_dir: str, annotations: str, max_images: Optional[int] = None
+) -> Iterator[ImageRecord]:
+  """(image info, uint8 [H, W, 3], its annotations) of an instances json, by image id."""
   if not os.path.isfile(annotations):
     raise FileNotFoundError(
         f"annotations {annotations} not found: give the COCO instances "
@@ -283,18 +260,94 @@ def run(
   images = sorted(dataset["images"], key=lambda im: im["id"])
   if max_images:
     images = images[:max_images]
+  by_image = collections.defaultdict(list)
+  for ann in dataset["annotations"]:
+    by_image[ann["image_id"]].append(ann)
+  for info in images:
+    path = os.path.join(images_dir, info["file_name"])
+    image = read_rgb(path)
+    want = (info.get("height", image.shape[0]), info.get("width", image.shape[1]))
+    if image.shape[:2] != want:
+      raise ValueError(
+          f"image {path} is {image.shape[0]}x{image.shape[1]} but {annotations} says "
+          f"{want[0]}x{want[1]}."
+      )
+    yield info, image, by_image[info["id"]]
+
+
+def _batches(records: Iterator[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
+  batch = []
+  for record in records:
+    batch.append(record)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+@common.register("maskcut")
+def run(
+    ctx,
+    *,
+    images_dir: Optional[str] = None,
+    annotations: Optional[str] = None,
+    tfds_name: Optional[str] = None,
+    tfds_data_dir: Optional[str] = None,
+    tfds_split: str = "validation",
+    tau: float = 0.15,
+    max_masks: int = 3,
+    image_size: int = 480,
+    max_images: Optional[int] = None,
+    batch_size: int = 8,
+    save_examples: int = 4,
+) -> dict:
+  """MaskCut on COCO: class-agnostic box and mask AP, AP50, AP75.
+
+  Args:
+    ctx: the EvalContext (needs predict(..., outputs=('last_keys',)), i.e. a ViT).
+    images_dir: folder of the images (COCO: val2017/), with `annotations`.
+    annotations: instances json (COCO: annotations/instances_val2017.json).
+    tfds_name: instead of the two above, a prepared TFDS builder: 'coco/2017' (boxes only:
+      no mask AP) or 'coco/2017_panoptic' (mask AP against its thing segments).
+    tfds_data_dir: TFDS data_dir (None: TFDS's default).
+    tfds_split: the TFDS split (COCO val2017: 'validation').
+    tau, max_masks, image_size: MaskCut's threshold, masks per image and square input size.
+    max_images: evaluate the first images only (AP over those images; a directory: lowest
+      ids, TFDS: its record order).
+    batch_size: images per forward pass.
+    save_examples: images drawn with their masks and boxes under out_dir/plots.
+
+  Returns:
+    {'box/AP', 'box/AP50', 'box/AP75', 'mask/AP', 'mask/AP50', 'mask/AP75' (when the ground
+     truth has masks), 'mask_ground_truth', 'num_images', 'masks_per_image'} (fractions).
+  """
+  if tfds_name:
+    records = tfds_dense.coco_images(tfds_name, tfds_split, tfds_data_dir, max_images)
+    with_masks = tfds_dense.has_masks(tfds_name, tfds_data_dir)
+    source = f"TFDS {tfds_name} panoptic things" if with_masks else "none (boxes only)"
+  elif images_dir and annotations:
+    records = directory_images(images_dir, annotations, max_images)
+    with_masks, source = True, "instances json"
+  else:
+    raise ValueError(
+        "the maskcut evaluator needs images_dir=<COCO val2017/> and "
+        "annotations=<annotations/instances_val2017.json>, or tfds_name='coco/2017'."
+    )
+  if image_size % ctx.patch_size:
+    raise ValueError(
+        f"image_size={image_size} is not a multiple of the patch size {ctx.patch_size}."
+    )
   grid = (image_size // ctx.patch_size,) * 2
   plot_dir = None
   if ctx.out_dir is not None and save_examples:
     plot_dir = os.path.join(ctx.out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
 
-  detections = []
-  for start in range(0, len(images), batch_size):
-    infos = images[start : start + batch_size]
-    loaded = [read_image(os.path.join(images_dir, info["file_name"]), image_size) for info in infos]
-    pixels = np.stack([im for im, _ in loaded])
-    pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(infos), 0)])
+  detections, infos, gt_annotations = [], [], []
+  for batch in _batches(records, batch_size):
+    pixels = np.stack([square_resize(image, image_size) for _, image, _ in batch])
+    pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(batch), 0)])
     keys = ctx.predict(ctx.normalize(pixels), outputs=("last_keys",))["last_keys"]
     if keys.shape[:2] != (batch_size, grid[0] * grid[1]):
       raise ValueError(
@@ -304,26 +357,21 @@ def run(
     masks = np.asarray(
         batch_masks(jnp.asarray(keys), grid=grid, tau=float(tau), max_masks=int(max_masks))
     )
-    for j, (info, (_, size)) in enumerate(zip(infos, loaded)):
-      if (size[0], size[1]) != (info.get("height", size[0]), info.get("width", size[1])):
-        raise ValueError(
-            f"image {info['file_name']} is {size[0]}x{size[1]} but "
-            f"{annotations} says {info['height']}x{info['width']}."
-        )
-      dets = detections_from_masks(masks[j], info["id"], size, image_size)
-      index = start + j
-      if plot_dir is not None and index < save_examples:
-        with Image.open(os.path.join(images_dir, info["file_name"])) as image:
-          path = os.path.join(plot_dir, f"maskcut_{info['id']}.png")
-          _save_example(path, np.asarray(image.convert("RGB")), dets)
+    for j, (info, image, anns) in enumerate(batch):
+      dets = detections_from_masks(masks[j], info["id"], image.shape[:2], image_size)
+      if plot_dir is not None and len(infos) < save_examples:
+        path = os.path.join(plot_dir, f"maskcut_{info['id']}.png")
+        _save_example(path, image, dets)
         ctx.add_plot(path)
+      infos.append(info)
+      gt_annotations.extend(anns)
       detections.extend({k: v for k, v in d.items() if k != "mask"} for d in dets)
-    logging.log_every_n_seconds(
-        logging.INFO, "maskcut: %d / %d images", 60, start + len(infos), len(images)
-    )
+    logging.log_every_n_seconds(logging.INFO, "maskcut: %d images", 60, len(infos))
 
-  gt = coco_ap.agnostic_ground_truth(dataset, [im["id"] for im in images])
-  results = coco_ap.class_agnostic_ap(gt, detections)
-  results["num_images"] = len(images)
-  results["masks_per_image"] = len(detections) / max(len(images), 1)
+  gt = coco_ap.agnostic_ground_truth({"images": infos, "annotations": gt_annotations})
+  iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+  results = coco_ap.class_agnostic_ap(gt, detections, iou_types)
+  results["mask_ground_truth"] = source
+  results["num_images"] = len(infos)
+  results["masks_per_image"] = len(detections) / max(len(infos), 1)
   return results

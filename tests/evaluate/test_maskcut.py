@@ -1,6 +1,7 @@
 """Tests for bits_jax.evaluate.maskcut and coco_ap (MaskCut, class-agnostic COCO AP)."""
 
 import importlib.util
+import io
 import json
 import os
 
@@ -13,6 +14,7 @@ from scipy import linalg, ndimage
 
 from bits_jax.evaluate import coco_ap
 from bits_jax.evaluate import maskcut
+from bits_jax.evaluate import tfds_dense
 from bits_jax.models import vit
 
 needs_coco = pytest.mark.skipif(
@@ -289,3 +291,155 @@ def test_missing_image_is_named(tmp_path):
     maskcut.run(_Ctx(), images_dir=str(tmp_path / "val"), annotations=annotations, image_size=32)
   with pytest.raises(ValueError, match="needs images_dir"):
     maskcut.run(_Ctx(), annotations=annotations)
+
+
+# ----------------------------------------------------------------------------- TFDS coco
+
+
+def _write_coco_tfds_sources(root):
+  """The layouts the TFDS coco builder reads, for the images of _write_coco: val2017/,
+  annotations/instances_val2017.json (80 categories) and, for 2017_panoptic,
+  annotations/panoptic_val2017.json (80 things then 53 stuff) with its segment-id PNGs."""
+  _write_coco(root)
+  os.rename(os.path.join(root, "val"), os.path.join(root, "val2017"))
+  with open(os.path.join(root, "instances.json"), encoding="utf-8") as f:
+    data = json.load(f)
+  for k, ann in enumerate(data["annotations"]):
+    ann["category_id"] = k + 1
+  data["categories"] = [{"id": i + 1, "name": f"thing{i}"} for i in range(80)]
+  os.makedirs(os.path.join(root, "annotations"))
+  with open(os.path.join(root, "annotations", "instances_val2017.json"), "w") as f:
+    json.dump(data, f)
+  panoptic_dir = os.path.join(root, "panoptic_val2017")
+  os.makedirs(panoptic_dir)
+  categories = data["categories"] + [{"id": 101 + i, "name": f"stuff{i}"} for i in range(53)]
+  panoptic = {"images": data["images"], "categories": categories, "annotations": []}
+  for info in data["images"]:
+    ids = np.full((48, 64), 300, np.int64)  # background: one stuff segment, id 300 = (44, 1, 0)
+    segments = [{"id": 300, "category_id": 101, "area": 0, "bbox": [0, 0, 64, 48], "iscrowd": 0}]
+    for ann in (a for a in data["annotations"] if a["image_id"] == info["id"]):
+      x, y, w, h = ann["bbox"]
+      ids[y : y + h, x : x + w] = ann["id"]
+      segments.append({
+          "id": ann["id"],
+          "category_id": ann["category_id"],
+          "area": w * h,
+          "bbox": ann["bbox"],
+          "iscrowd": 0,
+      })
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
+    name = info["file_name"]
+    Image.fromarray(rgb).save(os.path.join(panoptic_dir, name))
+    panoptic["annotations"].append(
+        {"file_name": name, "image_id": info["id"], "segments_info": segments}
+    )
+  with open(os.path.join(root, "annotations", "panoptic_val2017.json"), "w") as f:
+    json.dump(panoptic, f)
+  return panoptic_dir
+
+
+@pytest.fixture(scope="module")
+def tfds_coco(tmp_path_factory):
+  """(directory root, TFDS data_dir) with `coco/2017` and `coco/2017_panoptic` prepared
+  offline by the real builder (its own _generate_examples; the download skipped)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from tensorflow_datasets.object_detection import coco as coco_lib  # pylint: disable=g-import-not-at-top
+
+  root = str(tmp_path_factory.mktemp("coco_dir"))
+  panoptic_dir = _write_coco_tfds_sources(root)
+
+  class OfflineCoco(coco_lib.Coco, skip_registration=True):
+    name = "coco"
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      panoptic = self.builder_config.has_panoptic
+      kind = coco_lib.AnnotationType.PANOPTIC if panoptic else coco_lib.AnnotationType.BBOXES
+      return {
+          "validation": self._generate_examples(
+              root, root, "val2017", kind, panoptic_dir if panoptic else None
+          )
+      }
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  for config in ("2017", "2017_panoptic"):
+    OfflineCoco(config=config, data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+  return root, data_dir
+
+
+_RUN = dict(image_size=32, batch_size=4, save_examples=1)
+
+
+@needs_coco
+def test_tfds_coco_boxes_score_as_the_directory(tfds_coco, tmp_path):
+  root, data_dir = tfds_coco
+  want = maskcut.run(
+      _Ctx(),
+      images_dir=os.path.join(root, "val2017"),
+      annotations=os.path.join(root, "annotations", "instances_val2017.json"),
+      **_RUN,
+  )
+  ctx = _Ctx(out_dir=str(tmp_path))
+  got = maskcut.run(ctx, tfds_name="coco/2017", tfds_data_dir=data_dir, **_RUN)
+  assert {k: v for k, v in got.items() if k.startswith("box/")} == {
+      k: v for k, v in want.items() if k.startswith("box/")
+  }
+  assert got["box/AP50"] == pytest.approx(1.0)
+  assert not any(k.startswith("mask/") for k in got), got  # coco/2017 has no masks
+  assert got["mask_ground_truth"] == "none (boxes only)"
+  assert got["num_images"] == 2 and got["masks_per_image"] == want["masks_per_image"]
+  assert len(ctx.plots) == 1 and os.path.isfile(ctx.plots[0])
+
+
+@needs_coco
+def test_tfds_coco_panoptic_gives_mask_ap(tfds_coco):
+  _, data_dir = tfds_coco
+  got = maskcut.run(_Ctx(), tfds_name="coco/2017_panoptic", tfds_data_dir=data_dir, **_RUN)
+  for key in ("box/AP50", "box/AP75", "mask/AP50", "mask/AP75"):
+    assert got[key] == pytest.approx(1.0), got
+  assert got["mask_ground_truth"] == "TFDS coco/2017_panoptic panoptic things"
+
+
+@needs_coco
+def test_tfds_coco_unprepared_builder_says_how(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(FileNotFoundError, match="tfds build coco/2017 .*or pass images_dir="):
+    maskcut.run(_Ctx(), tfds_name="coco/2017", tfds_data_dir=str(tmp_path), image_size=32)
+
+
+@needs_coco
+def test_coco_ground_truth_from_a_tfds_example():
+  ids = np.zeros((10, 20), np.int64)
+  ids[2:6, 4:12] = 7  # thing
+  ids[6:, :] = 300  # stuff
+  rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(rgb).save(buffer, format="PNG")
+  objects = {
+      "id": np.array([7, 300]),
+      "area": np.array([32, 80]),
+      "bbox": np.array([[0.2, 0.2, 0.6, 0.6], [0.6, 0.0, 1.0, 1.0]], np.float32),
+      "label": np.array([3, 90]),
+      "is_crowd": np.array([True, False]),
+  }
+  example = {"image/id": np.int64(5), "image/filename": b"5.jpg", "objects": objects}
+  info, anns = tfds_dense.coco_ground_truth(example, 10, 20, "record")
+  assert info == {"id": 5, "file_name": "5.jpg", "height": 10, "width": 20}
+  assert len(anns) == 2 and "segmentation" not in anns[0]
+  np.testing.assert_allclose(anns[0]["bbox"], [4, 2, 8, 4], atol=1e-5)
+  assert anns[0]["iscrowd"] == 1 and anns[1]["iscrowd"] == 0
+  panoptic = {
+      "image/id": np.int64(5),
+      "image/filename": b"5.jpg",
+      "panoptic_objects": objects,
+      "panoptic_image": buffer.getvalue(),
+  }
+  _, anns = tfds_dense.coco_ground_truth(panoptic, 10, 20, "record")
+  assert len(anns) == 1  # the stuff segment (label 90 >= 80) is dropped
+  from pycocotools import mask as mask_lib  # pylint: disable=g-import-not-at-top
+
+  np.testing.assert_array_equal(mask_lib.decode(anns[0]["segmentation"]), ids == 7)
+  with pytest.raises(ValueError, match="record: panoptic_image is 10x20 but the image is 10x21"):
+    tfds_dense.coco_ground_truth(panoptic, 10, 21, "record")
