@@ -393,9 +393,10 @@ def run(
 ) -> dict[str, Any]:
   """Statistics of the codes (logits > 0) of `split`, read as a language (Sec. 5.5).
 
-  Figures need ctx.out_dir; the bit-conditioned image grids also need `ctx.images(split)`
-  (uint8 [n, H, W, C] in the row order of the features) and int labels. t-SNE on 2000
-  points took 96 s on the 2-core CPU (load 9): pass tsne=False for evaluations in training.
+  Figures need ctx.out_dir; the bit-conditioned image grids (Fig. 3) also need int labels
+  and `ctx.images(split, rows)` (uint8 [len(rows), H, W, C] of the given feature rows), which
+  reads only the images shown. t-SNE on 2000 points took 96 s on the 2-core CPU (load 9):
+  pass tsne=False for evaluations in training.
   Heads with more than `max_bits` outputs (DINO prototypes) are refused.
 
   Returns:
@@ -480,29 +481,59 @@ def run(
     if images_fn is None:
       logging.info("codes: no ctx.images: bit-conditioned image grids skipped.")
     else:
-      images = np.asarray(images_fn(split))[mask]
-      _, _, direction = attribute_consistency(
-          bits, labels, np.asarray(feats[descriptors])[mask], min_images=1
+      paths += _bit_grids(
+          ctx,
+          split,
+          bits,
+          labels,
+          np.asarray(feats[descriptors])[mask],
+          np.flatnonzero(mask),
+          ranked[:grid_bits],
+          grid_classes,
+          grid_images,
+          seed,
       )
-      for j in ranked[:grid_bits]:
-        classes = _grid_classes(
-            bits, labels, np.asarray(feats[descriptors])[mask], j, direction[j], grid_classes
-        )
-        grid = bit_image_grid(
-            bits, labels, images, int(j), classes, per_side=grid_images, seed=seed
-        )
-        paths.append(
-            plots.plot_image_grid(
-                grid,
-                [f"class {c}" for c in classes],
-                [f"bit {j} on"] * grid_images + [f"bit {j} off"] * grid_images,
-                os.path.join(ctx.out_dir, f"bit_{j}_grid.png"),
-                f"images conditioned on bit {j}",
-            )
-        )
   for path in paths:
     ctx.add_plot(path)
   return out
+
+
+def _bit_grids(
+    ctx, split, bits, labels, desc, feature_rows, grid_bits, grid_classes, grid_images, seed
+) -> list[str]:
+  """Fig. 3 PNGs for each bit of `grid_bits`; images read once, only the rows shown.
+
+  bits [n, B], labels [n], desc [n, D]: the valid rows, which are rows `feature_rows` [n] of
+  the split's features (and of `ctx.images(split, rows)`).
+  """
+  from bits_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+
+  _, _, direction = attribute_consistency(bits, labels, desc, min_images=1)
+  grids = []
+  for j in grid_bits:
+    classes = _grid_classes(bits, labels, desc, j, direction[j], grid_classes)
+    cells = bit_image_grid(
+        bits, labels, np.arange(len(bits)), int(j), classes, per_side=grid_images, seed=seed
+    )
+    grids.append((int(j), classes, cells))
+  shown = sorted({int(i) for _, _, cells in grids for row in cells for i in row if i is not None})
+  if not shown:
+    return []
+  images = np.asarray(ctx.images(split, feature_rows[shown]))
+  where = {i: k for k, i in enumerate(shown)}
+  paths = []
+  for j, classes, cells in grids:
+    grid = [[None if i is None else images[where[int(i)]] for i in row] for row in cells]
+    paths.append(
+        plots.plot_image_grid(
+            grid,
+            [f"class {c}" for c in classes],
+            [f"bit {j} on"] * grid_images + [f"bit {j} off"] * grid_images,
+            os.path.join(ctx.out_dir, f"bit_{j}_grid.png"),
+            f"images conditioned on bit {j}",
+        )
+    )
+  return paths
 
 
 def _grid_classes(bits, labels, desc, bit, direction, limit) -> list[int]:

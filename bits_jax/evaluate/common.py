@@ -18,9 +18,15 @@ The context (`EvalContext`, built by `bits_jax.evaluate.run`) offers:
   ctx.patch_size   backbone stride of `patch_tokens` (ViT patch size)
   ctx.num_classes  classes of the evaluation dataset
   ctx.features(split) -> {'cls': [n, D], 'cls_last4'?: [n, 4D], 'logits'?: [n, bits],
-                          'label': [n] (int) or [n, classes] (multi-hot), 'mask': [n] bool}
+                          'label': [n] (int) or [n, classes] (multi-hot), 'mask': [n] bool,
+                          'id': [n] str}
                    frozen features of a split of the evaluation dataset, cached per split
-                   ('logits' only when the weights have a BITS head; mask=False on padding)
+                   ('logits' only when the weights have a BITS head; mask=False on padding;
+                   'id' the source's image ids: file name or TFDS id, image-folder relative
+                   path, npz/IDX index; '' on padding)
+  ctx.images(split, rows) -> uint8 [len(rows), S, S, C]
+                   the evaluation views (resize + center crop) of feature rows `rows` of
+                   `split`, for figures
   ctx.predict(images, outputs=('cls',)) -> {name: np.ndarray}
                    the frozen model on `images: [n, H, W, C]` float32, already normalised
                    (any n, any H, W divisible by the patch size); outputs among 'cls',
@@ -191,10 +197,53 @@ class EvalContext:
         outputs = tuple(o for o in outputs if o != "cls_last4")
       self._features[split] = features_lib.extract_features(
           lambda images: self.predict_batch(images, outputs),
-          data.make_eval_iterator(self.config, split),
+          data.make_eval_iterator(self.config, split, with_ids=True),
           mesh=self.mesh,
       )
     return self._features[split]
+
+  def images(self, split: str, rows) -> np.ndarray:
+    """uint8 evaluation views [len(rows), S, S, C] of feature rows `rows: [k]` of `split`.
+
+    Reads the split in the order `features` does and stops after the last wanted row, so a
+    few rows near the start are cheap; padding rows come out black.
+    """
+    from bits_jax import data  # pylint: disable=g-import-not-at-top
+
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if rows.size and rows.min() < 0:
+      raise ValueError(f"rows must be non-negative feature rows, got {rows.min()}.")
+    wanted = np.unique(rows)
+    found: dict[int, np.ndarray] = {}
+    offset = 0
+    for batch in data.make_eval_iterator(self.config, split):
+      if len(found) == len(wanted):
+        break
+      size = len(batch["image"]) * jax.process_count()  # Rows of the global batch.
+      hit = wanted[(wanted >= offset) & (wanted < offset + size)]
+      if len(hit):  # Every process sees the same hits: the gather below is collective.
+        local = self.denormalize(batch["image"])
+        if jax.process_count() > 1:
+          local = utils.to_host(utils.to_global(local, self._batch_sharding, "images"))
+        for r in hit:
+          found[int(r)] = local[r - offset]
+      offset += size
+    missing = [int(r) for r in wanted if int(r) not in found]
+    if missing:
+      raise ValueError(
+          f"rows {missing[:5]} are beyond the {offset} feature rows of split {split!r}."
+      )
+    return np.stack([found[int(r)] for r in rows]) if rows.size else np.zeros((0,), np.uint8)
+
+  def denormalize(self, images) -> np.ndarray:
+    """The inverse of `normalize`: float32 images -> uint8 (rounded, clipped)."""
+    from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+    spec = augment.color_spec(self.config.input)
+    pixels = np.asarray(images, np.float32) * np.asarray(spec.std, np.float32) + np.asarray(
+        spec.mean, np.float32
+    )
+    return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
 def _last_keys_filter(module, method_name: str) -> bool:

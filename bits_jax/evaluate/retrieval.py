@@ -723,9 +723,13 @@ def _split_rows(feats: dict, ids_file: Optional[str], split: str) -> np.ndarray:
         f"{split!r} have no 'id': extract features with ids."
     )
   rows = np.flatnonzero(valid)
-  return rows[
-      split_file.select_by_ids(np.asarray(feats["id"])[rows], split_file.read_split_file(ids_file))
-  ]
+  try:
+    picked = split_file.select_by_ids(
+        np.asarray(feats["id"])[rows], split_file.read_split_file(ids_file)
+    )
+  except ValueError as e:
+    raise ValueError(f"split file {ids_file} against split {split!r}: {e}") from e
+  return rows[picked]
 
 
 @common.register("retrieval")
@@ -741,15 +745,15 @@ def run(
     asymmetric: bool = True,
     random_subsets: bool = True,
     seed: int = 0,
-    query_ids_file: Optional[str] = None,
-    database_ids_file: Optional[str] = None,
+    query_split_file: Optional[str] = None,
+    database_split_file: Optional[str] = None,
     max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
     max_bits: int = 4096,
 ) -> dict[str, float]:
   """The paper's retrieval protocol on ctx's features: every query against the database.
 
-  Queries are the valid rows of `query_split` (or those listed in `query_ids_file`), the
-  database those of `database_split` (or `database_ids_file`); when both come from the same
+  Queries are the valid rows of `query_split` (or those listed in `query_split_file`), the
+  database those of `database_split` (or `database_split_file`); when both come from the same
   split, a query's own row is left out of its ranking. Cut-offs above the database size are
   dropped. Codes (logits > 0) are evaluated when the weights have a head of at most
   `max_bits` outputs (a BITS message, not DINO prototypes) and `codes` is set.
@@ -762,8 +766,8 @@ def run(
   mesh = getattr(ctx, "mesh", None)
   q_feats = ctx.features(query_split)
   db_feats = ctx.features(database_split)
-  q_rows = _split_rows(q_feats, query_ids_file, query_split)
-  db_rows = _split_rows(db_feats, database_ids_file, database_split)
+  q_rows = _split_rows(q_feats, query_split_file, query_split)
+  db_rows = _split_rows(db_feats, database_split_file, database_split)
   query_self = None
   n_ranked = len(db_rows)
   if query_split == database_split:

@@ -76,7 +76,12 @@ def test_run_with_fake_context(tmp_path):
   images = np.zeros((160, 8, 8, 3), np.uint8)
   images[:, :, :, 0] = (np.arange(160) % 256)[:, None, None]
   feats = {"logits": logits, "cls": desc, "label": labels, "mask": np.ones(160, bool)}
-  plots = []
+  plots, asked = [], []
+
+  def read_images(split, rows):
+    asked.append(np.asarray(rows))
+    return images[rows]
+
   ctx = types.SimpleNamespace(
       features=lambda split: feats,
       out_dir=str(tmp_path),
@@ -84,7 +89,7 @@ def test_run_with_fake_context(tmp_path):
       mesh=None,
       step=0,
       num_classes=4,
-      images=lambda split: images,
+      images=read_images,
   )
   got = codes.run(ctx, block_size=4, tsne_points=40, tsne_max_iter=250, top_bits=3, grid_bits=1)
   top = got["attribute_bits"].split(",")[0]
@@ -102,6 +107,8 @@ def test_run_with_fake_context(tmp_path):
   for p in plots:
     with open(p, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # One read of only the shown images: <= 4 classes x (4 on + 4 off), all distinct.
+  assert len(asked) == 1 and 0 < len(asked[0]) <= 32 and len(set(asked[0])) == len(asked[0])
   # Multi-hot labels: label statistics are left out; no files without out_dir.
   feats["label"] = np.eye(4, dtype=bool)[labels]
   ctx.out_dir, plots[:] = None, []

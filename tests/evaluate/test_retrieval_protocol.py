@@ -171,11 +171,11 @@ def test_run_with_fake_context(tmp_path):
       ctx,
       query_split="train",
       database_split="train",
-      query_ids_file=str(ids),
+      query_split_file=str(ids),
       ks=(1,),
       codes=False,
   )
   assert own["num_queries"] == 2 and own["num_database"] == 58
   ids.write_text("img1_3\nimg1_59\n")  # Row 59 is padding (mask False).
   with pytest.raises(ValueError, match="img1_59"):
-    retrieval.run(ctx, query_split="train", query_ids_file=str(ids), codes=False)
+    retrieval.run(ctx, query_split="train", query_split_file=str(ids), codes=False)
