@@ -31,6 +31,9 @@ adapt_params = adapt.adapt_params
 PyTree = Any
 META_FILE = "convert_meta.json"
 _PARAMS_KEYS = ("backbone", "head", "batch_stats")
+# What a preset puts in `config.init_from` when the user must give the weights (e.g.
+# configs/transfer.py): loading it is an error that says which override is missing.
+REQUIRED = "required:"
 
 
 def absolute(path: epath.PathLike) -> epath.Path:
@@ -45,6 +48,8 @@ def _step_dirs(path: epath.Path) -> list[int]:
 
 def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, Optional[int]]:
   """(absolute directory holding the pytree, its step or None) for any accepted source."""
+  if os.fspath(path).startswith(REQUIRED):
+    raise ValueError(f"config.init_from is not set: {os.fspath(path)[len(REQUIRED):].strip()}")
   p = absolute(path)
   if not p.exists():
     raise FileNotFoundError(
