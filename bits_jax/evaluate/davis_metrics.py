@@ -127,8 +127,8 @@ def summarize(per_sequence: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[st
   """Dataset scores from {sequence: (J per object [K], F per object [K])}.
 
   Returns:
-    {'J_mean', 'F_mean', 'JF_mean'} over all objects, and 'seq/<name>/JF' (mean over the
-    sequence's objects of (J + F) / 2).
+    {'J_mean', 'F_mean', 'JF_mean'} over all objects, and per sequence 'seq/<name>/J',
+    'seq/<name>/F' (means over its objects) and 'seq/<name>/JF' = (J + F) / 2.
   """
   if not per_sequence:
     raise ValueError("no sequence was scored.")
@@ -137,5 +137,6 @@ def summarize(per_sequence: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[st
   j_mean, f_mean = float(np.nanmean(j_all)), float(np.nanmean(f_all))
   out = {"J_mean": j_mean, "F_mean": f_mean, "JF_mean": (j_mean + f_mean) / 2}
   for name, (j, f) in per_sequence.items():
-    out[f"seq/{name}/JF"] = float(np.nanmean((np.asarray(j) + np.asarray(f)) / 2))
+    j, f = float(np.nanmean(j)), float(np.nanmean(f))
+    out.update({f"seq/{name}/J": j, f"seq/{name}/F": f, f"seq/{name}/JF": (j + f) / 2})
   return out

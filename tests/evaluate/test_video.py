@@ -82,7 +82,9 @@ def test_propagation_with_informative_features_tracks_the_squares(tmp_path):
   got = video.run(ctx, data_dir=root)
   assert got["JF_mean"] > 0.9, got
   assert got["J_mean"] > 0.9 and got["F_mean"] > 0.9
-  assert got["num_sequences"] == 1 and "seq/square/JF" in got
+  assert got["num_sequences"] == 1
+  assert got["seq/square/JF"] == pytest.approx((got["seq/square/J"] + got["seq/square/F"]) / 2)
+  assert got["seq/square/J"] == pytest.approx(got["J_mean"])  # one sequence
   assert len(ctx.plots) == 1 and os.path.isfile(ctx.plots[0])
   assert ctx.plots[0].startswith(os.path.join(str(tmp_path / "out"), "plots"))
 
@@ -220,6 +222,8 @@ def test_frame_scores_and_summary():
   )
   assert got["J_mean"] == pytest.approx(0.5) and got["F_mean"] == pytest.approx(0.5)
   assert got["seq/x/JF"] == pytest.approx(0.5) and got["seq/y/JF"] == pytest.approx(0.5)
+  assert got["seq/x/J"] == pytest.approx(0.75) and got["seq/x/F"] == pytest.approx(0.25)
+  assert got["seq/y/J"] == pytest.approx(0.0) and got["seq/y/F"] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------- bad input
