@@ -11,14 +11,10 @@ of `--steps` steps; prints the median steps/s per method over the rounds.
 import argparse
 import os
 import statistics
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # bits_jax and the `configs` package
-
+import common  # pylint: disable=g-import-not-at-top  # puts the repository on sys.path
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bits_jax import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bits_jax import train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -26,27 +22,11 @@ from bits_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-imp
 from bits_jax import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def synthetic_batch(config, seed: int = 0) -> dict:
-  """Gaussian multi-crop views: {'global': [b, G, S, S, C], 'local': [b, L, s, s, C]}."""
-  rng = np.random.default_rng(seed)
-  b, c, crops = config.input.batch_size, config.input.num_channels, config.input.crops
-  batch = {
-      "global": rng.standard_normal(
-          (b, crops.num_global, crops.global_size, crops.global_size, c), np.float32
-      )
-  }
-  if crops.num_local:
-    batch["local"] = rng.standard_normal(
-        (b, crops.num_local, crops.local_size, crops.local_size, c), np.float32
-    )
-  return batch
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument(
       "--config",
-      default=os.path.join(REPO, "configs", "fashion_mnist.py"),
+      default=os.path.join(common.REPO, "configs", "fashion_mnist.py"),
       help="config file, FILE.py[:preset] (as --config= of bits_jax.main).",
   )
   parser.add_argument("--methods", default="bits,dino,simdino")
@@ -61,7 +41,7 @@ def main():
     components = train_state.build(config)
     state = train_state.create(components, config, jax.random.PRNGKey(config.seed))
     step = jax.jit(train_step.make_train_step(components, config))
-    batch = jax.device_put(synthetic_batch(config))
+    batch = jax.device_put(common.synthetic_batch(config))
     t0 = time.time()
     state, _ = step(state, batch)
     jax.block_until_ready(state)
