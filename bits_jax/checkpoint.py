@@ -19,6 +19,15 @@ Guarantees (tested in tests/test_faults.py):
   * Disk: a save is refused up front when the free space is below the previous
     checkpoint's size; a failing write (full or read-only disk) raises
     `CheckpointWriteError` naming the intact steps.
+
+Any `etils.epath` workdir works (local, `gs://...`); all paths here are epath paths. On an
+object store (tested with a fake `gs://`, tests/test_gcs_workdir.py) Orbax commits a step by
+writing `commit_success.txt` last instead of renaming a tmp dir, so an incomplete save is a
+step directory without that file (removed at the next start like a tmp dir); the manifest
+is written as one object (object writes are atomic, no tmp + rename); hashing reads every
+object back through epath (one download of the checkpoint per save and per verified
+restore); a quarantined step is copied object by object, then deleted (object stores
+cannot rename); and there is no free-space check (buckets have no fixed size).
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ import os
 import shutil
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bits_jax import run_guard
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state as train_state_lib
 from bits_jax import utils
@@ -43,6 +54,7 @@ from bits_jax.train_state import TrainState
 MANIFEST = "bits_manifest.json"
 QUARANTINE = "corrupt_checkpoints"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+_COMMIT_FILE = "commit_success.txt"  # Orbax's commit marker on object stores
 
 
 class CheckpointWriteError(RuntimeError):
@@ -60,14 +72,14 @@ def _say(message: str, *, warn: bool = True) -> None:
     print(message, flush=True)
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: epath.PathLike, config) -> ocp.CheckpointManager:
   """Async Orbax manager of `WORKDIR/checkpoints`; retention is done by `Checkpoints`."""
   del config
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None, create=True, enable_async_checkpointing=True
   )
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      run_guard.workdir_path(workdir) / "checkpoints",
       item_handlers=ocp.StandardCheckpointHandler(),
       options=options,
   )
@@ -76,26 +88,36 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 # -------------------------------------------------------------------------- manifests
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(path: epath.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       digest.update(chunk)
   return digest.hexdigest()
 
 
-def _list_files(step_dir: str) -> list[str]:
-  """Relative paths of the files of a step directory, without the manifest."""
+def _list_files(step_dir: epath.PathLike) -> list[str]:
+  """Relative paths ('a/b') of the files of a step directory, without the manifest."""
   files = []
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != MANIFEST:
+
+  def visit(directory: epath.Path, prefix: str) -> None:
+    for child in directory.iterdir():
+      rel = f"{prefix}{child.name}"
+      if child.is_dir():
+        visit(child, rel + "/")
+      elif rel != MANIFEST:
         files.append(rel)
+
+  visit(epath.Path(step_dir), "")
   return sorted(files)
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_text_atomically(path: epath.Path, text: str) -> None:
+  """Readers see the old or the new text, never a part: tmp + fsync + rename on a local
+  disk; object stores make a single object write atomic themselves."""
+  if not run_guard.is_local(path):
+    path.write_text(text)
+    return
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -104,13 +126,11 @@ def _write_atomically(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def write_manifest(step_dir: str, step: int) -> dict:
+def write_manifest(step_dir: epath.PathLike, step: int) -> dict:
   """Records size and SHA-256 of every file of a committed step; returns the manifest."""
+  step_dir = epath.Path(step_dir)
   files = {
-      rel: {
-          "size": os.path.getsize(os.path.join(step_dir, rel)),
-          "sha256": _file_digest(os.path.join(step_dir, rel)),
-      }
+      rel: {"size": (step_dir / rel).stat().length, "sha256": _file_digest(step_dir / rel)}
       for rel in _list_files(step_dir)
   }
   manifest = {
@@ -119,16 +139,15 @@ def write_manifest(step_dir: str, step: int) -> dict:
       "total_bytes": int(sum(f["size"] for f in files.values())),
       "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
   }
-  _write_atomically(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=1))
+  write_text_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1))
   return manifest
 
 
-def read_manifest(step_dir: str) -> dict | None:
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
+def read_manifest(step_dir: epath.PathLike) -> dict | None:
+  path = epath.Path(step_dir) / MANIFEST
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def manifest_problem(step_dir: str) -> str | None:
@@ -141,7 +160,7 @@ def manifest_problem(step_dir: str) -> str | None:
   except (OSError, ValueError) as e:
     return f"unreadable manifest ({e})"
   if manifest is None:
-    raise FileNotFoundError(os.path.join(step_dir, MANIFEST))
+    raise FileNotFoundError(os.fspath(epath.Path(step_dir) / MANIFEST))
   expected = manifest.get("files", {})
   present = set(_list_files(step_dir))
   missing = sorted(set(expected) - present)
@@ -151,8 +170,8 @@ def manifest_problem(step_dir: str) -> str | None:
   if extra:
     return f"{len(extra)} unexpected file(s), e.g. {extra[0]}"
   for rel, want in sorted(expected.items()):
-    path = os.path.join(step_dir, rel)
-    size = os.path.getsize(path)
+    path = epath.Path(step_dir) / rel
+    size = path.stat().length
     if size != want["size"]:
       return f"{rel} has {size} bytes, the manifest says {want['size']} (truncated?)"
     if _file_digest(path) != want["sha256"]:
@@ -163,8 +182,8 @@ def manifest_problem(step_dir: str) -> str | None:
 # --------------------------------------------------------------------------- restore
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(manager.directory), str(step))
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  return epath.Path(manager.directory) / str(step)
 
 
 def _leaf_specs(tree) -> list[tuple[tuple[int, ...], str]]:
@@ -206,31 +225,59 @@ def _restored_problem(state: TrainState, step: int) -> str | None:
   return None
 
 
-def remove_incomplete_writes(directory: str) -> list[str]:
-  """Deletes the tmp dirs of saves that never committed; returns their names."""
-  if not os.path.isdir(directory):
+def _incomplete_writes(directory: epath.Path) -> list[str]:
+  """Names of saves that never committed: Orbax tmp dirs, and on object stores step
+  directories without Orbax's commit file."""
+  names = []
+  for child in directory.iterdir():
+    if _TMP_MARKER in child.name:
+      names.append(child.name)
+    elif (
+        not run_guard.is_local(directory)
+        and child.name.isdigit()
+        and not (child / _COMMIT_FILE).exists()
+    ):
+      names.append(child.name)
+  return sorted(names)
+
+
+def remove_incomplete_writes(directory: epath.PathLike) -> list[str]:
+  """Deletes the writes of saves that never committed; returns their names."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
     return []
-  names = sorted(n for n in os.listdir(directory) if _TMP_MARKER in n)
+  names = _incomplete_writes(directory)
   if jax.process_index() == 0:
     for name in names:
       _say(
-          f"Found an incomplete checkpoint write {os.path.join(directory, name)} (the run "
-          "stopped while saving): it was never a complete checkpoint; removing it."
+          f"Found an incomplete checkpoint write {directory / name} (the run stopped while "
+          "saving): it was never a complete checkpoint; removing it."
       )
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      (directory / name).rmtree(missing_ok=True)
   utils.sync_processes("bits_jax_remove_incomplete_writes")
   return names
 
 
-def quarantine(manager: ocp.CheckpointManager, step: int, problem: str) -> str:
+def _move_tree(source: epath.Path, dest: epath.Path) -> None:
+  """Renames a directory; on object stores (no rename) copies it object by object first."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  if run_guard.is_local(source) and run_guard.is_local(dest):
+    shutil.move(os.fspath(source), os.fspath(dest))
+    return
+  for rel in _list_files(source) + ([MANIFEST] if (source / MANIFEST).exists() else []):
+    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    (source / rel).copy(dest / rel)
+  source.rmtree()
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int, problem: str) -> epath.Path:
   """Moves a damaged step to `WORKDIR/corrupt_checkpoints/` (never deletes it); returns where."""
   source = _step_dir(manager, step)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-  dest = os.path.join(os.path.dirname(str(manager.directory)), QUARANTINE, f"{step}-{stamp}")
+  dest = epath.Path(manager.directory).parent / QUARANTINE / f"{step}-{stamp}"
   utils.sync_processes(f"bits_jax_quarantine_{step}")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    shutil.move(source, dest)
+    _move_tree(source, dest)
     _say(
         f"Checkpoint step {step} in {manager.directory} is damaged: {problem}. Moved it to "
         f"{dest}; falling back to the previous checkpoint."
@@ -246,7 +293,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | 
   Returns None when no intact checkpoint is left. Raises `CheckpointMismatchError` for an
   intact checkpoint that does not fit `target` (a config change, not damage).
   """
-  remove_incomplete_writes(str(manager.directory))
+  remove_incomplete_writes(manager.directory)
   manager.reload()
   damaged = []
   for step in sorted(manager.all_steps(), reverse=True):
@@ -356,9 +403,9 @@ class Checkpoints:
   retention of that step happen at the next `save` or at `finalize()`, which waits.
   """
 
-  def __init__(self, workdir: str, config):
+  def __init__(self, workdir: epath.PathLike, config):
     self.manager = checkpoint_manager(workdir, config)
-    self.directory = str(self.manager.directory)
+    self.directory = epath.Path(self.manager.directory)
     self.keep = int(config.keep_checkpoints)
     self._pending: int | None = None
 
@@ -379,7 +426,9 @@ class Checkpoints:
 
   def _check_free_space(self, step: int, state) -> None:
     """Refuses a save that cannot fit: the previous checkpoint's size, else the raw state."""
-    previous = [read_manifest(os.path.join(self.directory, str(s))) for s in self.steps()[-1:]]
+    if not run_guard.is_local(self.directory):
+      return  # buckets have no fixed size; a failing write still raises CheckpointWriteError
+    previous = [read_manifest(self.directory / str(s)) for s in self.steps()[-1:]]
     needed = previous[0]["total_bytes"] if previous and previous[0] else _state_bytes(state)
     needed = int(needed * 1.1) + (64 << 10)
     free = shutil.disk_usage(self.directory).free
@@ -409,8 +458,8 @@ class Checkpoints:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore I/O errors
       raise self._write_error(step, _os_error_in(e) or e) from e
-    step_dir = os.path.join(self.directory, str(step))
-    if not os.path.isdir(step_dir):
+    step_dir = self.directory / str(step)
+    if not step_dir.is_dir():
       raise self._write_error(step, RuntimeError("the save did not commit"))
     try:
       if jax.process_index() == 0:

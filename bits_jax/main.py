@@ -36,7 +36,9 @@ from bits_jax import train
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:preset]).", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics, results (local or any epath: gs://...)."
+)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",

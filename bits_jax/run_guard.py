@@ -27,6 +27,7 @@ import socket
 import threading
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -146,6 +147,17 @@ class StopRequest:
 # ---------------------------------------------------------------------------- workdir
 
 
+def workdir_path(workdir: epath.PathLike) -> epath.Path:
+  """`workdir` as an absolute epath: local paths made absolute, `gs://...` URLs kept."""
+  path = epath.Path(workdir)
+  return path if path.is_absolute() else path.absolute()
+
+
+def is_local(path: epath.PathLike) -> bool:
+  """Whether `path` is on a local (POSIX) file system rather than an object store (gs://...)."""
+  return "://" not in os.fspath(path)
+
+
 def _describe(e: OSError) -> str:
   if e.errno == errno.EROFS:
     return "the file system is read-only"
@@ -156,40 +168,74 @@ def _describe(e: OSError) -> str:
   return f"{type(e).__name__}: {e}"
 
 
-def check_writable(workdir: str) -> None:
+def check_writable(workdir: epath.PathLike) -> None:
   """Creates `workdir` and writes, syncs and removes a probe file; WorkdirError if it fails."""
-  probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+  workdir = workdir_path(workdir)
+  probe = workdir / f".write_probe.{socket.gethostname()}.{os.getpid()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "wb") as f:
-      f.write(b"\0" * 4096)
-      f.flush()
-      os.fsync(f.fileno())
-    os.remove(probe)
-  except OSError as e:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_local(workdir):
+      with open(probe, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    else:
+      probe.write_bytes(b"\0" * 4096)
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  # object stores raise their own errors
+    problem = _describe(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
     raise WorkdirError(
-        f"Workdir {workdir} is not writable: {_describe(e)}. Checkpoints already there are "
-        "untouched. Fix the disk (free space, remount read-write) or pass another "
-        "--workdir."
+        f"Workdir {workdir} is not writable: {problem}. Checkpoints already there are "
+        "untouched. Fix the disk (free space, remount read-write) or the bucket's "
+        "permissions, or pass another --workdir."
     ) from e
 
 
+def _holder_text() -> str:
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  return f"pid {os.getpid()} on {socket.gethostname()}, started {now}\n"
+
+
 class WorkdirLock:
-  """Exclusive lock on `workdir` (flock on WORKDIR/.bits_jax.lock) for the life of a run.
+  """Exclusive lock on `workdir` (WORKDIR/.bits_jax.lock) for the life of a run.
 
   A second run on the same workdir fails at once with the holder's pid, host and start
-  time. The kernel drops the lock when the process dies, even by SIGKILL, so a crashed run
-  leaves no stale lock. On several processes only process 0 locks (they share the workdir).
-  flock on network file systems may be per-host only.
+  time. On several processes only process 0 locks (they share the workdir).
+
+  Local file systems: flock. The kernel drops the lock when the process dies, even by
+  SIGKILL, so a crashed run leaves no stale lock. flock on network file systems may be
+  per-host only.
+
+  Object stores (gs://...) have neither flock nor an atomic create-if-absent through epath,
+  so the lock is best effort (a warning says so): a lock object holding the holder and a
+  heartbeat time that a thread refreshes every `HEARTBEAT_S` seconds. A lock object whose
+  heartbeat is older than `STALE_S` (a crashed or preempted run) is taken over with a
+  warning; two runs starting within the same few seconds may both proceed (after writing,
+  the lock is read back and the run whose text is not there stops). The object is deleted
+  when the run ends.
   """
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+  HEARTBEAT_S = 60.0
+  STALE_S = 300.0
+
+  def __init__(self, workdir: epath.PathLike):
+    self.workdir = workdir_path(workdir)
+    self.path = self.workdir / LOCK_FILE
     self._fd: int | None = None
+    self._text: str | None = None
+    self._stop: threading.Event | None = None
+    self._thread: threading.Thread | None = None
 
   def __enter__(self) -> "WorkdirLock":
     if jax.process_index() != 0:
       return self
+    if is_local(self.workdir):
+      self._flock()
+    else:
+      self._lock_object()
+    return self
+
+  def _flock(self) -> None:
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -197,22 +243,82 @@ class WorkdirLock:
       holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
       os.close(fd)
       if e.errno in (errno.EAGAIN, errno.EACCES):
-        raise WorkdirError(
-            f"Workdir {os.path.dirname(self.path)} is in use by another run ({holder}). Wait "
-            "for it to finish or stop it, or pass another --workdir."
-        ) from e
+        raise self._in_use(holder) from e
       raise WorkdirError(f"Cannot lock {self.path}: {_describe(e)}.") from e
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+    os.pwrite(fd, _holder_text().encode(), 0)
     self._fd = fd
-    return self
+
+  def _in_use(self, holder: str) -> WorkdirError:
+    return WorkdirError(
+        f"Workdir {self.workdir} is in use by another run ({holder}). Wait for it to finish "
+        "or stop it, or pass another --workdir."
+    )
+
+  def _read_object(self) -> tuple[str, float] | None:
+    """(holder text, seconds since its heartbeat) of the lock object, None if there is none."""
+    try:
+      text = self.path.read_text()
+    except FileNotFoundError:
+      return None
+    beat = text.rsplit("heartbeat ", 1)[-1].strip() if "heartbeat " in text else ""
+    try:
+      age = (
+          datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(beat)
+      ).total_seconds()
+    except ValueError:
+      age = float("inf")  # not our format: treated as stale
+    return text.split("; heartbeat", 1)[0].strip(), age
+
+  def _write_object(self) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    self.path.write_text(f"{self._text.strip()}; heartbeat {now}\n")
+
+  def _lock_object(self) -> None:
+    logging.warning(
+        "Workdir %s is on an object store: the workdir lock is best effort (no atomic "
+        "exclusive create); do not start two runs on it at once.",
+        self.workdir,
+    )
+    existing = self._read_object()
+    if existing is not None:
+      holder, age = existing
+      if age < self.STALE_S:
+        raise self._in_use(f"{holder}; last heartbeat {age:.0f}s ago")
+      message = (
+          f"Taking over the lock of {self.workdir} from {holder}: no heartbeat for "
+          f"{age:.0f}s (a run that crashed or was preempted)."
+      )
+      logging.warning("%s", message)
+      print(message, flush=True)
+    self._text = _holder_text()
+    self._write_object()
+    existing = self._read_object()
+    if existing is None or existing[0] != self._text.strip():
+      raise self._in_use(existing[0] if existing else "unknown; the lock object vanished")
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
+    self._thread.start()
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.HEARTBEAT_S):
+      try:
+        self._write_object()
+      except Exception as e:  # pylint: disable=broad-except  # a missed beat is not fatal
+        logging.warning("Could not refresh the workdir lock %s: %s", self.path, e)
 
   def __exit__(self, *exc) -> None:
     if self._fd is not None:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+      existing = self._read_object()
+      if existing is not None and existing[0] == self._text.strip():
+        self.path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------- non-finite

@@ -14,6 +14,7 @@ import os
 import time
 
 from clu import metric_writers
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -52,38 +53,36 @@ def teacher_variables(state: TrainState) -> dict:
   return variables
 
 
-def _store_config(config, workdir: str, resuming: bool) -> None:
+def _store_config(config, workdir: epath.PathLike, resuming: bool) -> None:
   """Checks a resumed run's config against WORKDIR/config.json, then (re)writes it."""
-  path = os.path.join(workdir, "config.json")
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
+  path = run_guard.workdir_path(workdir) / "config.json"
+  if resuming and path.exists():
+    stored = json.loads(path.read_text())
     for key, (old, new) in config_validation.check_resume_config(stored, config).items():
       if jax.process_index() == 0:
         print(f"Config change on resume: {key}: {old!r} -> {new!r}", flush=True)
   if jax.process_index() == 0:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    checkpoint_lib.write_text_atomically(path, config.to_json_best_effort(indent=2))
 
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: epath.PathLike,
     *,
     stop_at_step: int | None = None,
     devices=None,
 ) -> TrainState:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the final state.
 
-  Before anything is built: the config is validated (`ConfigError`), the workdir must be
+  `workdir`: any etils.epath path (local, relative, `gs://...`). Before anything is built:
+  the config is validated (`ConfigError`), the workdir must be
   writable and not in use by another run (`run_guard.WorkdirError`). A SIGTERM/SIGINT
   ends the run after the current step with a checkpoint there (`run_guard.Preempted`);
   non-finite updates are skipped, and `NonFiniteError` stops the run per
   `config.on_nonfinite` / `max_consecutive_nonfinite`, without saving the bad state.
   """
   config_validation.validate_config(config, devices=devices)
+  workdir = run_guard.workdir_path(workdir)
   run_guard.check_writable(workdir)
   with run_guard.WorkdirLock(workdir), run_guard.StopRequest() as stop:
     return _train(config, workdir, stop, stop_at_step=stop_at_step, devices=devices)
@@ -91,7 +90,7 @@ def train(
 
 def _train(
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: epath.Path,
     stop: run_guard.StopRequest,
     *,
     stop_at_step: int | None = None,
@@ -120,7 +119,9 @@ def _train(
   start_step = int(state.step)
   periodic = {name: entry for name, entry in config.evals.items() if entry.every > 0}
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(
+      os.fspath(workdir), just_logging=jax.process_index() > 0
+  )
   if start_step == 0:
     writer.write_hparams({
         k: v
@@ -209,17 +210,13 @@ def _train(
   if timed_steps > 0 and jax.process_index() == 0:
     jax.block_until_ready(state)
     seconds = time.time() - run_t0
-    with open(os.path.join(workdir, "train_speed.json"), "w") as f:
-      json.dump(
-          {
-              "steps": timed_steps,
-              "seconds": seconds,
-              "steps_per_second": timed_steps / seconds,
-              "devices": [str(d) for d in mesh.devices.flat],
-          },
-          f,
-          indent=2,
-      )
+    speed = {
+        "steps": timed_steps,
+        "seconds": seconds,
+        "steps_per_second": timed_steps / seconds,
+        "devices": [str(d) for d in mesh.devices.flat],
+    }
+    (workdir / "train_speed.json").write_text(json.dumps(speed, indent=2))
   return state
 
 
@@ -305,7 +302,7 @@ def _knn_headline(results: dict, config) -> tuple[str, int] | None:
   return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   """Train; then the `at_end` evaluators on the trained teacher (and the random-init model).
 
   `WORKDIR/results.json` holds every metric under `trained/`, `random_init/` and (with
@@ -314,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import run as run_lib  # pylint: disable=g-import-not-at-top
 
+  workdir = run_guard.workdir_path(workdir)
   state = train(config, workdir)
   names = [name for name, entry in config.evals.items() if entry.at_end]
   if not names:
@@ -333,28 +331,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "dataset": config.input.dataset,
   }
   plots = []
-  for label, variables in evaluated.items():
-    out_dir = os.path.join(workdir, "eval") if label == "trained" else None
-    ctx = common.EvalContext(
-        config,
-        components,
-        variables,
-        mesh,
-        step=int(state.step),
-        out_dir=out_dir if jax.process_index() == 0 else None,
-    )
-    results.update(
-        {f"{label}/{k}": v for k, v in common.run_evaluators(ctx, config.evals, names).items()}
-    )
-    plots += ctx.plots
-  headline = _knn_headline(results, config)
-  if headline:
-    key, k = headline
-    results["knn_k"] = k
-    for label in evaluated:
-      suffix = "" if label == "trained" else f"_{label}"
-      results[f"knn_top1{suffix}"] = results[f"{label}/{key}"]
-  run_lib.write_results(results, workdir, step=int(state.step), plots=plots, prefix="")
+  with run_lib.local_figure_dir(workdir / "eval") as figure_dir:
+    for label, variables in evaluated.items():
+      ctx = common.EvalContext(
+          config,
+          components,
+          variables,
+          mesh,
+          step=int(state.step),
+          out_dir=figure_dir if label == "trained" and jax.process_index() == 0 else None,
+      )
+      results.update(
+          {f"{label}/{k}": v for k, v in common.run_evaluators(ctx, config.evals, names).items()}
+      )
+      plots += ctx.plots
+    headline = _knn_headline(results, config)
+    if headline:
+      key, k = headline
+      results["knn_k"] = k
+      for label in evaluated:
+        suffix = "" if label == "trained" else f"_{label}"
+        results[f"knn_top1{suffix}"] = results[f"{label}/{key}"]
+    # Figures are read from the local staging dir (TensorBoard), then uploaded on exit.
+    run_lib.write_results(results, workdir, step=int(state.step), plots=plots, prefix="")
   if headline and jax.process_index() == 0:
     split = next(e.query_split for e in config.evals.values() if e.type == "knn")
     print(

@@ -7,17 +7,16 @@ that do not come with a config.json (e.g. converted weights). By default the lat
 checkpoint in --workdir is evaluated (the EMA teacher); --weights points at any other run,
 checkpoint step or converted params directory. --evals picks entries of config.evals
 (default: all). Results go to --out (default DIR/eval): results.json, results.md, figures
-(*.png), TensorBoard events.
+(*.png), TensorBoard events. Paths may be any etils.epath path (relative, gs://...).
 """
-
-import json
-import os
 
 from absl import app
 from absl import flags
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from bits_jax import weights as weights_lib
 from bits_jax.evaluate import run
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,12 +31,11 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval
 _EVALS = flags.DEFINE_list("evals", None, "config.evals entries to run (default: all).")
 
 
-def run_config(workdir: str | None) -> ml_collections.ConfigDict:
+def run_config(workdir: epath.PathLike | None) -> ml_collections.ConfigDict:
   """The run's config.json (with --config.* overrides) or the --config file's config."""
-  stored = os.path.join(workdir, "config.json") if workdir else None
-  if stored and os.path.exists(stored):
-    with open(stored) as f:
-      config = _with_tuples(ml_collections.ConfigDict(json.load(f)))
+  stored = epath.Path(workdir) / "config.json" if workdir else None
+  if stored and stored.exists():
+    config = run.config_from_json(stored.read_text())
     if _CONFIG.value is not None:
       # Every override syntax absl accepts (`--config.k=v`, `--config.k v`), parsed with the
       # types of the --config file's fields.
@@ -64,27 +62,16 @@ def _check_names(config: ml_collections.ConfigDict, names) -> None:
     )
 
 
-def _with_tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """JSON stores tuples as lists; the code (and the defaults' types) expect tuples."""
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      _with_tuples(value)
-    elif isinstance(value, list):
-      with config.ignore_type():
-        config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-  return config
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  workdir = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else None
-  weights = os.path.abspath(_WEIGHTS.value) if _WEIGHTS.value else workdir
+  workdir = weights_lib.absolute(_WORKDIR.value) if _WORKDIR.value else None
+  weights = weights_lib.absolute(_WEIGHTS.value) if _WEIGHTS.value else workdir
   if not weights:
     raise app.UsageError("Give --workdir (a run to evaluate) or --weights.")
   config = run_config(workdir)
   _check_names(config, _EVALS.value)
-  out = os.path.abspath(_OUT.value) if _OUT.value else os.path.join(workdir or weights, "eval")
+  out = weights_lib.absolute(_OUT.value) if _OUT.value else (workdir or weights) / "eval"
   results = run.evaluate(
       config, weights=weights, out_dir=out, which=_WHICH.value, names=_EVALS.value
   )

@@ -3,17 +3,22 @@
 `evaluate(config, weights=..., out_dir=...)` loads weights (a run's checkpoint or converted
 weights, see `bits_jax/weights.py`), builds an `EvalContext` and runs the evaluators
 (`common.run_evaluators`); `write_results` writes `results.json`, `results.md` and TensorBoard
-scalars and images. The train loop uses the same pieces.
+scalars and images. The train loop uses the same pieces. `out_dir` is any etils.epath path
+(local or `gs://...`); evaluators draw their figures in a local directory
+(`local_figure_dir`) that is uploaded when it is not the output directory itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 from absl import logging
 from clu import metric_writers
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -22,6 +27,21 @@ from bits_jax import sharding as sharding_lib
 from bits_jax import train_state as train_state_lib
 from bits_jax import weights as weights_lib
 from bits_jax.evaluate import common
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """A run's config.json as a ConfigDict (JSON lists back to the tuples the code expects)."""
+
+  def with_tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    for key, value in config.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        with_tuples(value)
+      elif isinstance(value, list):
+        with config.ignore_type():
+          config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return config
+
+  return with_tuples(ml_collections.ConfigDict(json.loads(text)))
 
 
 def load_variables(config, components, weights: str, which: str = "teacher"):
@@ -45,11 +65,29 @@ def load_variables(config, components, weights: str, which: str = "teacher"):
   return weights_lib.adapt_params(loaded, target), step
 
 
+@contextlib.contextmanager
+def local_figure_dir(out_dir: epath.PathLike) -> Iterator[str]:
+  """A local directory for the evaluators' figures: `out_dir` itself when it is local, else
+  a temporary one whose files are copied to `out_dir` (e.g. gs://...) on exit (process 0)."""
+  out_dir = epath.Path(out_dir)
+  if "://" not in os.fspath(out_dir):
+    yield os.fspath(out_dir.absolute())
+    return
+  with tempfile.TemporaryDirectory(prefix="bits_jax_figures_") as local:
+    yield local
+    if jax.process_index() == 0:
+      for root, _, names in os.walk(local):
+        for name in names:
+          rel = os.path.relpath(os.path.join(root, name), local)
+          (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+          (out_dir / rel).write_bytes(epath.Path(root, name).read_bytes())
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     *,
-    weights: str,
-    out_dir: str,
+    weights: epath.PathLike,
+    out_dir: epath.PathLike,
     which: str = "teacher",
     mesh=None,
     names=None,
@@ -59,38 +97,46 @@ def evaluate(
   sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
   components = train_state_lib.build(config)
   variables, step = load_variables(config, components, weights, which)
-  ctx = common.EvalContext(
-      config,
-      components,
-      variables,
-      mesh,
-      step=step,
-      out_dir=out_dir if jax.process_index() == 0 else None,
-  )
   results: dict[str, Any] = {
-      "weights": weights,
+      "weights": os.fspath(weights),
       "step": step,
       "which": which,
       "dataset": config.input.dataset,
       "method": config.objective.name,
   }
-  results.update(common.run_evaluators(ctx, config.evals, names))
-  write_results(results, out_dir, step=step or 0, plots=ctx.plots)
+  with local_figure_dir(out_dir) as figure_dir:
+    ctx = common.EvalContext(
+        config,
+        components,
+        variables,
+        mesh,
+        step=step,
+        out_dir=figure_dir if jax.process_index() == 0 else None,
+    )
+    results.update(common.run_evaluators(ctx, config.evals, names))
+    write_results(results, out_dir, step=step or 0, plots=ctx.plots)
   return results
 
 
 def write_results(
-    results: dict[str, Any], out_dir: str, *, step: int, plots=(), prefix: str = "eval/"
+    results: dict[str, Any],
+    out_dir: epath.PathLike,
+    *,
+    step: int,
+    plots=(),
+    prefix: str = "eval/",
 ) -> None:
-  """results.json, results.md, TensorBoard scalars (and the PNGs in `plots`), process 0."""
+  """results.json, results.md, TensorBoard scalars (and the PNGs in `plots`), process 0.
+
+  `out_dir`: any epath (local or gs://); `plots`: local PNG paths (see `local_figure_dir`).
+  """
   if jax.process_index() != 0:
     return
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, default=float)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(markdown_table(results))
-  writer = metric_writers.create_default_writer(out_dir)
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+  (out_dir / "results.md").write_text(markdown_table(results))
+  writer = metric_writers.create_default_writer(os.fspath(out_dir))
   writer.write_scalars(step, scalars(results, prefix))
   if plots:
     from bits_jax.evaluate import plots as plots_lib  # pylint: disable=g-import-not-at-top
