@@ -7,7 +7,9 @@ Random-weight ViTs on synthetic inputs (the cost does not depend on the weights)
   maskcut: images/s at 480x480: last-block keys, then the jitted NCut (3 masks).
 Compilation is excluded (one warm-up pass with the same shapes).
 
-  python benchmarks/dense.py [--models tiny,small --frames 6 --images 4 --patch 16]
+  python benchmarks/dense.py [--models small,tiny --frames 6 --images 4 --patch 16]
+
+Prints a markdown table and the load average before and after (shared machines).
 """
 
 import argparse
@@ -95,19 +97,18 @@ def bench_davis(size: str, patch: int, n_frames: int, batch_frames: int):
   seconds = _timed(full)
   seconds_prop = _timed(propagation_only)
   propagated = n_frames - 1
-  print(
-      f"davis vit_{size}/{patch} {size_hw[0]}x{size_hw[1]} frames: "
-      f"{propagated / seconds:.2f} frames/s with features, "
-      f"{propagated / seconds_prop:.2f} frames/s propagation only "
-      f"({propagated} propagated frames, batch_frames={batch_frames})"
-  )
+  setting = f"vit_{size}/{patch}, {size_hw[0]}x{size_hw[1]}, batch_frames={batch_frames}"
+  return [
+      ("davis: features + propagation", setting, f"{propagated / seconds:.2f} frames/s"),
+      ("davis: propagation only", setting, f"{propagated / seconds_prop:.2f} frames/s"),
+  ]
 
 
 def bench_scoring():
   gt = _first_mask()
   pred = np.roll(gt, 6, axis=1)
   seconds = _timed(lambda: davis_metrics.frame_scores(pred, gt, 2), repeats=5)
-  print(f"davis J/F scoring 480x854, 2 objects: {1000 * seconds:.1f} ms/frame")
+  return [("davis: J/F scoring", "480x854, 2 objects", f"{1000 * seconds:.1f} ms/frame")]
 
 
 def bench_maskcut(size: str, patch: int, n_images: int, image_size: int = 480):
@@ -126,30 +127,39 @@ def bench_maskcut(size: str, patch: int, n_images: int, image_size: int = 480):
     return maskcut.batch_masks(feats, grid=grid).block_until_ready()
 
   t_keys, t_cut = _timed(keys), _timed(cut)
-  print(
-      f"maskcut vit_{size}/{patch} {image_size}px ({grid[0] * grid[1]} patches): "
-      f"{n_images / (t_keys + t_cut):.2f} images/s "
-      f"(keys {1000 * t_keys / n_images:.0f} ms/image, "
-      f"NCut x3 {1000 * t_cut / n_images:.0f} ms/image)"
-  )
+  setting = f"vit_{size}/{patch}, {image_size}px, {grid[0] * grid[1]} patches, 3 masks"
+  return [
+      ("maskcut: keys + NCut", setting, f"{n_images / (t_keys + t_cut):.2f} images/s"),
+      ("maskcut: last-block keys", setting, f"{1000 * t_keys / n_images:.0f} ms/image"),
+      ("maskcut: NCut x3", setting, f"{1000 * t_cut / n_images:.0f} ms/image"),
+  ]
+
+
+def _load() -> str:
+  return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="tiny,small")
+  parser.add_argument("--models", default="small")
   parser.add_argument("--patch", type=int, default=16)
   parser.add_argument("--frames", type=int, default=6)
   parser.add_argument("--batch_frames", type=int, default=4)
   parser.add_argument("--images", type=int, default=4)
   args = parser.parse_args()
+  load_before = _load()
+  rows = bench_scoring()
+  for size in args.models.split(","):
+    rows += bench_davis(size, args.patch, args.frames, args.batch_frames)
+    rows += bench_maskcut(size, args.patch, args.images)
   print(
       f"jax {jax.__version__} on {jax.devices()[0].platform} "
-      f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)"
+      f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs); "
+      f"load average (1/5/15 min) {load_before} before, {_load()} after"
   )
-  bench_scoring()
-  for size in args.models.split(","):
-    bench_davis(size, args.patch, args.frames, args.batch_frames)
-    bench_maskcut(size, args.patch, args.images)
+  print("| measure | setting | throughput |\n| --- | --- | --- |")
+  for row in rows:
+    print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
