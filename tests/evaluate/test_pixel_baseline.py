@@ -1,0 +1,78 @@
+"""pixel_baseline.pixel_knn: the k-NN protocol on eval-pipeline pixels vs a numpy reference."""
+
+import numpy as np
+import pytest
+
+from bits_jax import config_defaults
+from bits_jax.evaluate import pixel_baseline
+
+
+def _reference_top1(bank, bank_labels, queries, query_labels, k, temperature, classes):
+  """Weighted cosine k-NN top-1 in float64 (ties between equal sims cannot occur here)."""
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  sims = unit(queries.astype(np.float64)) @ unit(bank.astype(np.float64)).T
+  top = np.argsort(-sims, axis=1)[:, :k]
+  votes = np.zeros((len(queries), classes))
+  for i, row in enumerate(top):
+    np.add.at(votes[i], bank_labels[row], np.exp(sims[i, row] / temperature))
+  return float(np.mean(votes.argmax(1) == query_labels))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """3 classes of 8x8 gray images: a bright band at a class-specific row, plus noise."""
+  rng = np.random.default_rng(0)
+
+  def make(n):
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 90, (n, 8, 8), dtype=np.uint8)
+    for i, c in enumerate(labels):
+      images[i, 2 * c : 2 * c + 2] += 160
+    return images, labels
+
+  images, labels = make(48)
+  test_images, test_labels = make(21)
+  path = str(tmp_path_factory.mktemp("pix") / "tiny.npz")
+  np.savez(path, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
+  return path, images, labels, test_images, test_labels
+
+
+def _config(path):
+  config = config_defaults.base_config()
+  config.input.dataset = f"npz:{path}"
+  config.input.num_channels = 1
+  config.input.crops.global_size = 8
+  config.input.eval_batch_size = 16  # 48 and 21 rows: padded batches, masked rows
+  config.input.augment.normalize_mean = (0.5,)
+  config.input.augment.normalize_std = (0.25,)
+  config.evals.knn.update(dict(bank_split="train", query_split="test", ks=(1, 5), temperature=0.1))
+  return config
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_matches_numpy_reference(dataset, normalized):
+  path, images, labels, test_images, test_labels = dataset
+  shift = 0.5 if normalized else 0.0
+  scale = 0.25 if normalized else 1.0
+  prep = lambda x: (x.reshape(len(x), -1) / 255.0 - shift) / scale
+  results = pixel_baseline.pixel_knn(_config(path), normalized=normalized)
+  for k in (1, 5):
+    expected = _reference_top1(prep(images), labels, prep(test_images), test_labels, k, 0.1, 3)
+    assert results[f"knn_top1_k{k}"] == pytest.approx(expected, abs=1e-9)
+  assert results["knn_top1_k5"] > 0.9  # the class band is visible in the pixels
+
+
+def test_features_have_pixels_labels_and_mask(dataset):
+  path, images, labels, *_ = dataset
+  feats = pixel_baseline.pixel_features(_config(path), "train", normalized=False)
+  valid = feats["mask"]
+  assert feats["pixels"].shape == (len(valid), 64) and valid.sum() == len(images)
+  np.testing.assert_allclose(feats["pixels"][valid], images.reshape(48, -1) / 255.0, atol=1e-5)
+  np.testing.assert_array_equal(feats["label"][valid], labels)
+
+
+def test_needs_a_knn_entry(dataset):
+  config = _config(dataset[0])
+  config.evals.knn.type = "linear"
+  with pytest.raises(ValueError, match="no entry of type 'knn'"):
+    pixel_baseline.knn_entry(config)
