@@ -32,6 +32,12 @@ The context (`EvalContext`, built by `bits_jax.evaluate.run`) offers:
                    (any n, any H, W divisible by the patch size); outputs among 'cls',
                    'cls_last4', 'patch_tokens' [n, h*w, D], 'logits' [n, bits],
                    'last_keys' [n, h*w, D] (keys of the last attention block, ViT only)
+  ctx.predict_batch(images, outputs) -> {name: global jax.Array}
+                   the same on one batch of this process's rows (rows divisible by the
+                   local devices), e.g. an eval-stream batch
+  ctx.gather(rows) -> np.ndarray
+                   this process's rows of a batch -> the global batch's, in the row order
+                   of predict_batch outputs (labels and masks of a stream batch)
   ctx.normalize(images_uint8) -> float32 images normalised as in training
   ctx.add_plot(path) registers a written PNG for TensorBoard
 """
@@ -223,8 +229,7 @@ class EvalContext:
       hit = wanted[(wanted >= offset) & (wanted < offset + size)]
       if len(hit):  # Every process sees the same hits: the gather below is collective.
         local = self.denormalize(batch["image"])
-        if jax.process_count() > 1:
-          local = utils.to_host(utils.to_global(local, self._batch_sharding, "images"))
+        local = self.gather(local)
         for r in hit:
           found[int(r)] = local[r - offset]
       offset += size
@@ -234,6 +239,16 @@ class EvalContext:
           f"rows {missing[:5]} are beyond the {offset} feature rows of split {split!r}."
       )
     return np.stack([found[int(r)] for r in rows]) if rows.size else np.zeros((0,), np.uint8)
+
+  def gather(self, rows) -> np.ndarray:
+    """This process's rows of a batch [b, ...] -> the global batch's rows, numpy.
+
+    The row order is that of `predict_batch` outputs and `features`; with one process the
+    rows come back as they are.
+    """
+    if jax.process_count() == 1:
+      return np.asarray(rows)
+    return utils.to_host(utils.to_global(np.asarray(rows), self._batch_sharding, "rows"))
 
   def denormalize(self, images) -> np.ndarray:
     """The inverse of `normalize`: float32 images -> uint8 (rounded, clipped)."""

@@ -1,4 +1,14 @@
-"""Linear and MLP probes on frozen, cached features with a learning-rate sweep.
+"""Linear and MLP probes on a frozen backbone with a learning-rate sweep.
+
+Two protocols (`protocol` of the 'linear' evaluator):
+  'frozen' (default, fast): the probes train on cached features of the evaluation views
+    (resize + center crop) of the train split, `epochs` 50.
+  'augmented' (the SimDINO / DINO linear-evaluation protocol): every epoch the train split
+    passes through the frozen backbone again with a random resized crop (scale 0.08-1,
+    aspect 3/4-4/3) and a horizontal flip of each evaluation view, `epochs` 100; one
+    optimiser step per eval batch. The crops are cut from the evaluation view rather than
+    the full image. The learning rate is chosen on held-out train rows (their center-crop
+    features) without retraining, and the chosen head is scored on the test views.
 
 The MLP probe is Linear(d, hidden) -> GELU -> Linear(hidden, classes), first layer
 truncated-normal with std sqrt(2 / d), last layer and biases zero; the linear probe is one
@@ -11,13 +21,14 @@ raw gradients) and for AdamW (decay is scaled by the rate too).
 """
 
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bits_jax import utils
 from bits_jax.evaluate import common
 
 _EVAL_CHUNK = 8192
@@ -307,13 +318,17 @@ def mlp_probe(
   )
 
 
+PROTOCOLS = {"frozen": 50, "augmented": 100}  # protocol -> default epochs
+
+
 @common.register("linear")
 def run(
     ctx,
     *,
     train_split: str = "train",
     test_split: str = "test",
-    epochs: int = 50,
+    protocol: str = "frozen",
+    epochs: Optional[int] = None,
     mlp: bool = False,
     last4: bool = False,
     learning_rates: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
@@ -322,13 +337,20 @@ def run(
     batch_size: int = 1024,
     optimizer: str = "sgd",
     weight_decay: float = 0.0,
+    val_fraction: float = 0.1,
     seed: int = 0,
 ) -> dict[str, float]:
-  """Frozen-feature probes: train on `train_split`, score on `test_split`.
+  """Probes on the frozen backbone: train on `train_split`, score on `test_split`.
 
   Probes the CLS features ('linear_*'), with `mlp` also an MLP head ('mlp_*'), and with
   `last4` (ViT only) the same on the concatenated CLS of the last 4 blocks ('last4/...').
+  `protocol`: 'frozen' (cached center-crop features) or 'augmented' (SimDINO: augmented
+  views through the backbone every epoch; `batch_size` is then the eval batch size), see
+  the module docstring. `epochs` None or 0: the protocol's default (50 / 100).
   """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"unknown probe protocol {protocol!r}: use one of {sorted(PROTOCOLS)}.")
+  epochs = int(epochs or PROTOCOLS[protocol])
   train, test = ctx.features(train_split), ctx.features(test_split)
   if np.ndim(train["label"]) != 1:
     raise ValueError(
@@ -340,12 +362,32 @@ def run(
     if "cls_last4" not in train:
       raise ValueError("last4=True needs 'cls_last4' features (ViT backbones only).")
     feature_sets["last4/"] = "cls_last4"
+  heads = [("linear", 0, tuple(learning_rates))]
+  if mlp:
+    if hidden_dim < 1:
+      raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}.")
+    heads.append(("mlp", int(hidden_dim), tuple(mlp_learning_rates)))
+  if protocol == "augmented":
+    return _augmented_probes(
+        ctx,
+        train_split,
+        train,
+        test,
+        feature_sets,
+        heads,
+        epochs=epochs,
+        optimizer=optimizer,
+        weight_decay=float(weight_decay),
+        val_fraction=float(val_fraction),
+        seed=int(seed),
+    )
   common_args = {
       "num_classes": int(ctx.num_classes),
-      "epochs": int(epochs),
+      "epochs": epochs,
       "batch_size": int(batch_size),
       "optimizer": optimizer,
       "weight_decay": float(weight_decay),
+      "val_fraction": float(val_fraction),
       "train_mask": train["mask"],
       "test_mask": test["mask"],
       "seed": int(seed),
@@ -353,13 +395,140 @@ def run(
   results = {}
   for prefix, key in feature_sets.items():
     args = (train[key], train["label"], test[key], test["label"])
-    probes = [linear_probe(*args, learning_rates=learning_rates, **common_args)]
-    if mlp:
-      probes.append(
-          mlp_probe(
-              *args, hidden_dim=int(hidden_dim), learning_rates=mlp_learning_rates, **common_args
-          )
-      )
-    for probe in probes:
+    for _, hidden, rates in heads:
+      probe = linear_probe(*args, learning_rates=rates, hidden_dim=hidden, **common_args)
       results.update({prefix + k: float(v) for k, v in probe.items()})
+  return results
+
+
+# ------------------------------------------------------------- the augmented protocol
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "ratio"))
+def random_resized_crop_flip(key, images, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """A random resized crop (area fraction in `scale`, aspect w/h in `ratio`) and a random
+  horizontal flip of each image: [n, S, S, C] float32 -> [n, S, S, C] (bilinear, antialiased).
+
+  Out-of-range crop sides are clipped to the image (torchvision retries instead).
+  """
+  n, height, width, _ = images.shape
+  k_area, k_ratio, k_y, k_x, k_flip = jax.random.split(key, 5)
+  area = jax.random.uniform(k_area, (n,), minval=scale[0], maxval=scale[1]) * height * width
+  log_r = jax.random.uniform(k_ratio, (n,), minval=np.log(ratio[0]), maxval=np.log(ratio[1]))
+  crop_w = jnp.clip(jnp.sqrt(area * jnp.exp(log_r)), 1.0, width)
+  crop_h = jnp.clip(jnp.sqrt(area / jnp.exp(log_r)), 1.0, height)
+  y0 = jax.random.uniform(k_y, (n,)) * (height - crop_h)
+  x0 = jax.random.uniform(k_x, (n,)) * (width - crop_w)
+
+  def one(image, h, w, y, x):
+    s = jnp.stack([height / h, width / w])
+    return jax.image.scale_and_translate(
+        image, image.shape, (0, 1), s, -jnp.stack([y, x]) * s, method="linear"
+    )
+
+  out = jax.vmap(one)(images, crop_h, crop_w, y0, x0)
+  flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+  return jnp.where(flip[:, None, None, None], out[:, :, ::-1], out)
+
+
+def _make_step(tx: optax.GradientTransformation):
+  """One update of m heads on a batch: (params, state, lrs [m], x [b, d], y [b], w [b])."""
+
+  def loss_fn(p, x, y, w):
+    ce = optax.softmax_cross_entropy_with_integer_labels(_head(p, x), y)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  def update_one(p, state, lr, x, y, w):
+    grads = jax.grad(loss_fn)(p, x, y, w)
+    updates, state = tx.update(grads, state, p)
+    return optax.apply_updates(p, jax.tree.map(lambda u: lr * u, updates)), state
+
+  return jax.jit(jax.vmap(update_one, in_axes=(0, 0, 0, None, None, None)))
+
+
+def _augmented_probes(
+    ctx,
+    train_split,
+    train,
+    test,
+    feature_sets,
+    heads,
+    *,
+    epochs,
+    optimizer,
+    weight_decay,
+    val_fraction,
+    seed,
+) -> dict[str, float]:
+  """The 'augmented' protocol for every (feature set, head) in one pass per epoch."""
+  from bits_jax import data  # pylint: disable=g-import-not-at-top
+
+  num_classes = int(ctx.num_classes)
+  valid = np.asarray(train["mask"], bool)
+  rows = np.flatnonzero(valid)
+  key = jax.random.key(seed)
+  n_val = int(round(len(rows) * val_fraction))
+  if n_val == 0 and any(len(rates) > 1 for _, _, rates in heads):
+    raise ValueError(
+        "a learning-rate sweep needs held-out rows: set val_fraction > 0 or pass a single "
+        "learning rate."
+    )
+  val_rows = rows[np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), len(rows)))][:n_val]
+  train_weight = valid.astype(np.float32)
+  train_weight[val_rows] = 0.0
+  if not train_weight.any():
+    raise ValueError(f"no train rows left in {train_split!r} after holding out {n_val}.")
+  batch_rows = int(ctx.config.input.eval_batch_size)
+  steps = epochs * -(-len(valid) // batch_rows)
+  tx = _make_optimizer(optimizer, steps, weight_decay, 0.9)
+  step_fn = _make_step(tx)
+
+  stats, probes = {}, []
+  for prefix, feature in feature_sets.items():
+    x = np.asarray(train[feature], np.float32)[train_weight > 0]
+    stats[feature] = (x.mean(0), x.std(0) + 1e-6)
+    for name, hidden, rates in heads:
+      key, init_key = jax.random.split(key)
+      params = _init_params(init_key, len(rates), x.shape[1], num_classes, hidden)
+      probes.append([prefix, feature, name, rates, params, jax.vmap(tx.init)(params)])
+
+  outputs = tuple(feature_sets.values())
+  aug_key = jax.random.fold_in(jax.random.fold_in(key, 2), jax.process_index())
+  for epoch in range(epochs):
+    offset = 0
+    for k, batch in enumerate(data.make_eval_iterator(ctx.config, train_split)):
+      images = random_resized_crop_flip(
+          jax.random.fold_in(jax.random.fold_in(aug_key, epoch), k), batch["image"]
+      )
+      feats = ctx.predict_batch(np.asarray(images), outputs)
+      labels = ctx.gather(np.asarray(batch["label"], np.int32))
+      weight = train_weight[offset : offset + len(labels)]
+      offset += len(labels)
+      for probe in probes:
+        _, feature, _, rates, params, state = probe
+        mean, std = stats[feature]
+        x = (utils.to_host(feats[feature]) - mean) / std
+        probe[4], probe[5] = step_fn(
+            params, state, jnp.asarray(rates, jnp.float32), x, labels, weight
+        )
+
+  results = {}
+  test_valid = np.asarray(test["mask"], bool)
+  for prefix, feature, name, rates, params, _ in probes:
+    mean, std = stats[feature]
+    best = 0
+    if n_val:
+      x_val = (np.asarray(train[feature], np.float32)[val_rows] - mean) / std
+      val_acc = _accuracy(params, x_val, np.asarray(train["label"])[val_rows].astype(np.int32))
+      best = int(np.argmax(val_acc[:, 0]))
+      for lr, acc in zip(rates, val_acc[:, 0]):
+        results[f"{prefix}{name}_val_top1_lr{lr:g}"] = float(acc)
+      results[f"{prefix}{name}_val_top1"] = float(val_acc[best, 0])
+    x_test = (np.asarray(test[feature], np.float32)[test_valid] - mean) / std
+    y_test = np.asarray(test["label"])[test_valid].astype(np.int32)
+    test_acc = _accuracy(jax.tree.map(lambda p: p[best : best + 1], params), x_test, y_test)[0]
+    results[f"{prefix}{name}_best_lr"] = float(rates[best])
+    results[f"{prefix}{name}_top1"] = float(test_acc[0])
+    if num_classes >= 5:
+      results[f"{prefix}{name}_top5"] = float(test_acc[1])
   return results

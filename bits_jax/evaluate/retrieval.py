@@ -713,9 +713,9 @@ def code_retrieval(
 
 
 def _split_rows(feats: dict, ids_file: Optional[str], split: str) -> np.ndarray:
-  """Rows of a split to use: the valid rows, or those named in a split file."""
+  """Rows of a split to use: the valid rows, or those named in a split file ('' or None: all)."""
   valid = np.asarray(feats["mask"], bool)
-  if ids_file is None:
+  if not ids_file:
     return np.flatnonzero(valid)
   if "id" not in feats:
     raise ValueError(

@@ -9,6 +9,7 @@ from bits_jax import train_state
 from bits_jax.evaluate import codes
 from bits_jax.evaluate import common
 from bits_jax.evaluate import features
+from bits_jax.evaluate import linear
 from bits_jax.evaluate import retrieval
 from tests import helpers
 
@@ -16,13 +17,13 @@ from tests import helpers
 @pytest.fixture(scope="module")
 def npz_context(tmp_path_factory):
   """(EvalContext of the tiny test model on a 4-class npz file with string ids, its images
-  [52, 28, 28] uint8, number of train images, tmp dir); features cached across tests."""
+  [190, 28, 28] uint8, number of train images, tmp dir); features cached across tests."""
   tmp_path = tmp_path_factory.mktemp("npz")
-  n, n_test = 40, 12
+  n, n_test = 150, 40
   rng = np.random.default_rng(0)
   labels = np.arange(n + n_test) % 4
-  images = (rng.random((n + n_test, 28, 28)) * 60).astype(np.uint8)
-  images += (labels * 50)[:, None, None].astype(np.uint8)  # Classes differ in brightness.
+  # Classes by brightness: crops and flips keep it, and a random-init ViT's CLS shows it.
+  images = (rng.random((n + n_test, 28, 28)) * 40 + (labels * 60)[:, None, None]).astype(np.uint8)
   path = tmp_path / "tiny.npz"
   np.savez(
       path,
@@ -35,7 +36,7 @@ def npz_context(tmp_path_factory):
   )
   config = helpers.load_config("fashion_mnist", "test")
   config.input.dataset = f"npz:{path}"
-  config.input.eval_batch_size = 16
+  config.input.eval_batch_size = 32
   mesh = sharding.make_mesh(config)
   components = train_state.build(config)
   init = jax.jit(lambda key: train_state.init_variables(components, key))  # Eager: 2x slower.
@@ -48,7 +49,7 @@ def npz_context(tmp_path_factory):
 def test_features_ids_split_files_and_images(npz_context):
   ctx, images, n, tmp_path = npz_context
   train = ctx.features("train")
-  assert len(train["id"]) == 48  # 40 rows padded to 3 batches of 16.
+  assert len(train["id"]) == 160  # 150 rows padded to 5 batches of 32.
   assert list(train["id"][:3]) == ["tr/000.png", "tr/001.png", "tr/002.png"]
   assert set(train["id"][~train["mask"]]) == {""}
   assert list(ctx.features("test[2:5]")["id"][:3]) == ["te/002.png", "te/003.png", "te/004.png"]
@@ -65,7 +66,7 @@ def test_features_ids_split_files_and_images(npz_context):
       ks=(1, 5),
       codes=False,
   )
-  assert got["num_queries"] == 3 and got["num_database"] == 20
+  assert got["num_queries"] == 3 and got["num_database"] == 75
   # The same metric computed by hand on the selected rows.
   test = ctx.features("test")
   q, db = [3, 0, 5], slice(0, n, 2)
@@ -85,8 +86,8 @@ def test_features_ids_split_files_and_images(npz_context):
   np.testing.assert_allclose(
       ctx.normalize(got_images), ctx.normalize(images[rows][..., None]), atol=1e-6
   )
-  with pytest.raises(ValueError, match="beyond the 48 feature rows"):
-    ctx.images("train", [48])
+  with pytest.raises(ValueError, match="beyond the 160 feature rows"):
+    ctx.images("train", [160])
 
 
 def test_codes_grids_read_real_images(npz_context):
@@ -113,3 +114,34 @@ def test_ids_travel_as_fixed_width_bytes():
 
   back = features.bytes_to_ids(utils.to_host(utils.to_global(words, spec)))
   assert list(back) == [f"img{i}" for i in range(8)]
+
+
+def test_random_resized_crop_flip():
+  images = np.random.default_rng(0).normal(size=(16, 8, 8, 2)).astype(np.float32)
+  key = jax.random.key(0)
+  whole = np.asarray(linear.random_resized_crop_flip(key, images, scale=(1, 1), ratio=(1, 1)))
+  flipped = np.all(np.isclose(whole, images[:, :, ::-1], atol=1e-5), axis=(1, 2, 3))
+  kept = np.all(np.isclose(whole, images, atol=1e-5), axis=(1, 2, 3))
+  assert np.all(flipped | kept) and 0 < flipped.sum() < 16  # Whole image, some flipped.
+  crops = np.asarray(linear.random_resized_crop_flip(key, images))
+  assert crops.shape == images.shape and np.isfinite(crops).all()
+  assert not np.any(np.all(np.isclose(crops, images, atol=1e-5), axis=(1, 2, 3)))
+
+
+def test_augmented_probe_protocol_beats_chance(npz_context):
+  ctx = npz_context[0]
+  got = linear.run(
+      ctx,
+      protocol="augmented",
+      epochs=10,
+      mlp=True,
+      hidden_dim=16,
+      learning_rates=(0.03, 0.3),
+      mlp_learning_rates=(0.03,),
+      val_fraction=0.25,
+  )
+  # 4 brightness classes: chance is 0.25 on the 40 test images.
+  assert got["linear_top1"] > 0.6 and got["mlp_top1"] > 0.6, got
+  assert {"linear_val_top1_lr0.03", "linear_val_top1_lr0.3", "mlp_best_lr"} <= set(got)
+  with pytest.raises(ValueError, match="unknown probe protocol"):
+    linear.run(ctx, protocol="simdino")
