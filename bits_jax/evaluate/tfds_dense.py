@@ -53,7 +53,7 @@ def _split(builder, name: str, split: str) -> str:
 
 def decode_image(data: bytes, what: str) -> Image.Image:
   """PIL image of encoded bytes; `what` names the record in errors."""
-  if not len(data):  # pylint: disable=g-explicit-length-test  # bytes or np.bytes_
+  if not data:
     raise ValueError(f"{what} is empty.")
   return Image.open(io.BytesIO(data))
 
