@@ -11,7 +11,11 @@
 
 import ml_collections
 
-METHODS = ("bits", "dino", "simdino")
+# Presets of the comparison: BITS-reset (the head re-initialised on the config's period),
+# BITS-fixed (never reset), BITS-cosine (cosine agreement on the logits, paper Tab. 3, with
+# resets), and the baselines, which keep their head.
+METHODS = ("bits", "bits_fixed", "bits_cosine", "dino", "simdino")
+_OBJECTIVE = {"bits_fixed": "bits", "bits_cosine": "bits"}
 
 
 def parse_arg(arg, **options) -> ml_collections.ConfigDict:
@@ -52,9 +56,13 @@ def _describe(options) -> str:
 
 
 def set_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """`config.objective.name = method`; DINO and SimDINO keep their projection head."""
-  config.objective.name = method
-  if method != "bits":
+  """The objective of a METHODS preset; only 'bits' and 'bits_cosine' keep head resets."""
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}: use one of {METHODS}.")
+  config.objective.name = _OBJECTIVE.get(method, method)
+  if method == "bits_cosine":
+    config.objective.bits.agreement = "cosine"
+  if method not in ("bits", "bits_cosine"):
     config.objective.head.reset_every_steps = 0
     config.objective.head.reset_every_epochs = 0
   return config

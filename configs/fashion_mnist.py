@@ -4,9 +4,18 @@
   python -m bits_jax.main --config=configs/fashion_mnist.py:test,dino --workdir=/tmp/t
 
 Presets (`:arg`, comma-separated, see `configs/common.py`):
-  size  demo (default): a narrow ViT sized for a 2-core CPU | test: a tiny model, few steps.
-  method  bits (default) | dino | simdino, with the same backbone, data, schedule and
-    evaluation. DINO and SimDINO keep the projection head (no periodic re-init).
+  size    demo (default): a narrow ResNet-18 sized for a 2-core CPU | test: a tiny ViT, 6 steps.
+  method  bits (BITS-reset, default) | bits_fixed | bits_cosine | dino | simdino, with the same
+    backbone, data, schedule and evaluation. Only the BITS-reset presets re-initialise the head.
+
+Recipe (issue 12, measured on this CPU at a few hundred steps; not the paper's ImageNet one):
+  - backbone: ResNet-18 with the small-image stem (3x3/1 conv, no max-pool) at width 16: its
+    random-init k-NN (~80%) is far above the 16-token ViT's (72%), the convolution's inductive
+    bias that a few minutes of training cannot buy;
+  - two global crops only: local crops dilute the global-pair agreement at this budget;
+  - no blur or solarisation: too strong on 28 px gray images;
+  - teacher momentum 0.99 -> 1: 0.996 leaves much of the random init in the teacher after a
+    few hundred steps.
 Offline, the data come from the Debian package `dataset-fashion-mnist` (IDX files) when the
 TFDS dataset is not prepared; with internet, TFDS downloads it.
 """
@@ -19,9 +28,9 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, size=("demo", "test"), method=common.METHODS)
   config = config_defaults.base_config()
   config.seed = 0
-  config.total_steps = 800
-  config.log_every = 50
-  config.checkpoint_every = 200
+  config.total_steps = 300
+  config.log_every = 25
+  config.checkpoint_every = 100
 
   data = config.input
   data.dataset = "fashion_mnist"
@@ -33,24 +42,26 @@ def get_config(arg=None):
           global_size=28,
           local_size=14,
           num_global=2,
-          num_local=4,
+          num_local=0,
           global_scale=(0.4, 1.0),
           local_scale=(0.1, 0.4),
       )
   )
+  data.augment.update(dict(blur_probs=(0.0, 0.0, 0.0), solarize_prob=0.0))
 
-  config.model = dict(name="vit", patch_size=7, width=128, depth=4, num_heads=4)
-  config.objective.head.update(dict(hidden_dim=512, bottleneck_dim=128, num_layers=3))
+  config.model = dict(name="resnet18", small_stem=True, width=16)
+  config.objective.head.update(dict(hidden_dim=512, bottleneck_dim=0, num_layers=3))
+  config.objective.head.reset_every_steps = 100
   config.objective.bits.num_bits = 256
-  config.objective.head.reset_every_steps = 400
   config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = 80
+  config.optim.warmup_steps = 30
+  config.optim.teacher_momentum = 0.99
 
   if arg.size == "test":
     config.total_steps = 6
     config.log_every = 2
     config.checkpoint_every = 3
-    config.model.update(dict(width=32, depth=1, num_heads=2))
+    config.model = dict(name="vit", patch_size=7, width=32, depth=1, num_heads=2)
     config.objective.head.update(dict(hidden_dim=64, bottleneck_dim=32))
     config.objective.bits.num_bits = 32
     config.objective.head.reset_every_steps = 4
