@@ -327,8 +327,8 @@ def test_imagenet_presets(name, model):
     )
     assert (crops.num_global, crops.global_size) == (2, 224)
     assert (crops.num_local, crops.local_size) == (10, 96)
-    assert (config.input.batch_size, bits.num_bits, bits.eps) == (1024, 256, 0.05)
-    steps_per_epoch = 1_281_167 // 1024
+    assert (config.input.batch_size, bits.num_bits, bits.eps) == (256, 256, 0.05)
+    steps_per_epoch = 1_281_167 // 256
     assert config.total_steps == epochs * steps_per_epoch
     assert train_state.build(config).head_reset_every == 10 * steps_per_epoch
     assert config.dtype == "bfloat16"
