@@ -41,6 +41,29 @@ def _is_prepared(builder) -> bool:
     return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
 
 
+def _prepare_once(builder, name: str) -> None:
+  """Downloads and prepares `builder` on process 0 while the others wait (a shared
+  data_dir, e.g. gs://, is prepared once); a process whose data_dir is its own disk and still
+  lacks the data prepares it after that. Collective: every process calls it."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from bits_jax import utils  # pylint: disable=g-import-not-at-top
+
+  def prepare():
+    logging.info(
+        "TFDS dataset %s is not prepared in %s: downloading and preparing it.",
+        name,
+        builder.data_dir,
+    )
+    builder.download_and_prepare()
+
+  if jax.process_index() == 0 and not _is_prepared(builder):
+    prepare()
+  utils.sync_processes(f"bits_jax_tfds_prepare_{name}")
+  if jax.process_index() != 0 and not _is_prepared(builder):
+    prepare()
+
+
 def _prepared_without_download(name: str, data_dir: Optional[str]) -> bool:
   """Whether TFDS `name` is already prepared (never touches the network)."""
   try:
@@ -188,13 +211,7 @@ class TfdsSource(core.DataSource):
         raise ValueError(
             f"unknown dataset {self.arg!r}: use {core.accepted_forms()} ({reason})"
         ) from e
-      if not _is_prepared(builder):
-        logging.info(
-            "TFDS dataset %s is not prepared in %s: downloading and preparing it.",
-            self.arg,
-            builder.data_dir,
-        )
-        builder.download_and_prepare()
+      _prepare_once(builder, self.arg)
       self._builder = builder
     return self._builder
 
