@@ -284,7 +284,10 @@ class WorkdirLock:
     if existing is not None:
       holder, age = existing
       if age < self.STALE_S:
-        raise self._in_use(f"{holder}; last heartbeat {age:.0f}s ago")
+        raise self._in_use(
+            f"{holder}; last heartbeat {age:.0f}s ago. If that run is dead, its lock is taken "
+            f"over {self.STALE_S - age:.0f}s from now: rerun then"
+        )
       message = (
           f"Taking over the lock of {self.workdir} from {holder}: no heartbeat for "
           f"{age:.0f}s (a run that crashed or was preempted)."
