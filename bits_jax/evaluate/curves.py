@@ -4,7 +4,8 @@ The train loop logs every periodic evaluator (`config.evals.<name>.every` > 0) a
 'eval/<name>/<metric>' in the workdir. A resumed run opens a new event file next to the old
 ones, so the history survives a restart; the steps between the last checkpoint and the
 interruption are trained, evaluated and logged again, and `read_scalars` keeps the value
-written last for such a step.
+written last for such a step. `plots.plot_training_curves(read_scalars(workdir), path)` draws
+them (Fig. 4).
 """
 
 from __future__ import annotations

@@ -240,3 +240,19 @@ def plot_image_grid(
   if title:
     fig.suptitle(title, fontsize=9)
   return _save(fig, path)
+
+
+def plot_training_curves(
+    curves: Mapping[str, Sequence[tuple[int, float]]], path: str, title: str = "Evaluation"
+) -> str:
+  """Fig. 4: one line per metric, {name: [(step, value)]} (e.g. curves.read_scalars)."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, points in sorted(curves.items()):
+    if points:
+      steps, values = zip(*points)
+      ax.plot(steps, values, marker="o", ms=3, label=name)
+  ax.set(xlabel="training step", ylabel="value", title=title)
+  if curves:
+    ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  return _save(fig, path)

@@ -5,6 +5,7 @@ import time
 from clu import metric_writers
 
 from bits_jax.evaluate import curves
+from bits_jax.evaluate import plots
 
 
 def test_curves_of_a_resumed_run_keep_history_and_last_values(tmp_path):
@@ -26,3 +27,6 @@ def test_curves_of_a_resumed_run_keep_history_and_last_values(tmp_path):
   assert steps == (10, 20, 30, 40)
   assert [round(v, 6) for v in values] == [0.1, 0.2, 0.35, 0.4]
   assert curves.read_scalars(logdir, prefix="loss")["loss"] == [(10, 1.0), (20, 1.0), (30, 1.0)]
+  path = plots.plot_training_curves(got, str(tmp_path / "curves.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
