@@ -712,24 +712,27 @@ def code_retrieval(
 # -------------------------------------------------------------------------- the evaluator
 
 
-def _split_rows(feats: dict, ids_file: Optional[str], split: str) -> np.ndarray:
-  """Rows of a split to use: the valid rows, or those named in a split file ('' or None: all)."""
-  valid = np.asarray(feats["mask"], bool)
-  if not ids_file:
-    return np.flatnonzero(valid)
+def _split_rows(feats: dict, ids_file: Optional[str], classes_file: Optional[str], split: str):
+  """Rows of a split to use: the valid rows, or those named in a split file, then (with a
+  class list) those of the listed classes ('' or None: no selection)."""
+  rows = np.flatnonzero(np.asarray(feats["mask"], bool))
+  if not ids_file and not classes_file:
+    return rows
   if "id" not in feats:
     raise ValueError(
-        f"a split file ({ids_file}) needs image ids, but the features of split "
-        f"{split!r} have no 'id': extract features with ids."
+        f"a split file or class list ({ids_file or classes_file}) needs image ids, but the "
+        f"features of split {split!r} have no 'id': extract features with ids."
     )
-  rows = np.flatnonzero(valid)
-  try:
-    picked = split_file.select_by_ids(
-        np.asarray(feats["id"])[rows], split_file.read_split_file(ids_file)
-    )
-  except ValueError as e:
-    raise ValueError(f"split file {ids_file} against split {split!r}: {e}") from e
-  return rows[picked]
+  for path, select in (
+      (ids_file, split_file.select_by_ids),
+      (classes_file, split_file.select_by_classes),
+  ):
+    if path:
+      try:
+        rows = rows[select(np.asarray(feats["id"])[rows], split_file.read_split_file(path))]
+      except ValueError as e:
+        raise ValueError(f"{path} against split {split!r}: {e}") from e
+  return rows
 
 
 @common.register("retrieval")
@@ -747,14 +750,18 @@ def run(
     seed: int = 0,
     query_split_file: Optional[str] = None,
     database_split_file: Optional[str] = None,
+    query_classes_file: Optional[str] = None,
+    database_classes_file: Optional[str] = None,
     max_elements: int = ranking.DEFAULT_MAX_ELEMENTS,
     max_bits: int = 4096,
 ) -> dict[str, float]:
   """The paper's retrieval protocol on ctx's features: every query against the database.
 
-  Queries are the valid rows of `query_split` (or those listed in `query_split_file`), the
-  database those of `database_split` (or `database_split_file`); when both come from the same
-  split, a query's own row is left out of its ranking. Cut-offs above the database size are
+  Queries are the valid rows of `query_split` (or those listed in `query_split_file`, one
+  image id per line), the database those of `database_split` (or `database_split_file`);
+  `query_classes_file` / `database_classes_file` (one class token per line, e.g. the WordNet
+  ids of ImageNet100) keep the rows of those classes only (split_file.py). When both come
+  from the same split, a query's own row is left out of its ranking. Cut-offs above the database size are
   dropped. Codes (logits > 0) are evaluated when the weights have a head of at most
   `max_bits` outputs (a BITS message, not DINO prototypes) and `codes` is set.
 
@@ -766,8 +773,8 @@ def run(
   mesh = getattr(ctx, "mesh", None)
   q_feats = ctx.features(query_split)
   db_feats = ctx.features(database_split)
-  q_rows = _split_rows(q_feats, query_split_file, query_split)
-  db_rows = _split_rows(db_feats, database_split_file, database_split)
+  q_rows = _split_rows(q_feats, query_split_file, query_classes_file, query_split)
+  db_rows = _split_rows(db_feats, database_split_file, database_classes_file, database_split)
   query_self = None
   n_ranked = len(db_rows)
   if query_split == database_split:

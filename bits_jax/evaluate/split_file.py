@@ -5,8 +5,13 @@ field, so `n01440764/n01440764_10026.JPEG 0` (id and label) and plain ids both w
 lines and lines starting with `#` are ignored. Ids are matched exactly (after decoding bytes)
 against the dataset's ids, e.g. the 'id' feature of an evaluation split: use the same naming
 in the file as the dataset uses (file name, or path relative to the image root).
+
+A class list (e.g. the 100 WordNet ids of ImageNet100) is read the same way and selects the
+images of those classes by the class token of their ids: the part before the first '/' or
+'_' ('n01440764/x.JPEG' of an image folder, 'n01440764_10026.JPEG' of TFDS imagenet2012).
 """
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -62,3 +67,28 @@ def select_by_ids(ids_of_dataset: Sequence, wanted: Sequence[str]) -> np.ndarray
     seen.add(w)
     out.append(position[w])
   return np.asarray(out, np.int64)
+
+
+def class_of_id(image_id) -> str:
+  """The class token of an id: 'n01440764/a.JPEG' and 'n01440764_10026.JPEG' -> 'n01440764'."""
+  return re.split(r"[/_]", _as_str(image_id), maxsplit=1)[0]
+
+
+def select_by_classes(ids_of_dataset: Sequence, classes: Sequence[str]) -> np.ndarray:
+  """Row indices [k] int64, in dataset order, of the ids whose class token is in `classes`.
+
+  Raises:
+    ValueError: a listed class has no image (the first such class is named).
+  """
+  tokens = np.array([class_of_id(i) for i in ids_of_dataset], dtype=object)
+  wanted = [_as_str(c) for c in classes]
+  present = set(tokens.tolist())
+  missing = [c for c in wanted if c not in present]
+  if missing:
+    example = tokens[0] if len(tokens) else None
+    raise ValueError(
+        f"{len(missing)} of {len(wanted)} classes have no image in the dataset, the first "
+        f"being {missing[0]!r} (class tokens of the dataset's ids look like {example!r}): "
+        "check the class list against the dataset."
+    )
+  return np.flatnonzero(np.isin(tokens, np.array(wanted, dtype=object))).astype(np.int64)

@@ -1,5 +1,7 @@
 """Tests for bits_jax.evaluate.report (results.md as the paper's tables) on hand-made results."""
 
+import ml_collections
+
 from bits_jax.evaluate import report
 from tests import helpers
 
@@ -105,3 +107,17 @@ def test_transfer_retrieval_probes_maskcut_and_davis():
   paper_jf = report._reference("video").get("BITS-fixed", {}).get("JF_mean")  # pylint: disable=protected-access
   if paper_jf is not None:
     assert tab7[2] == f"| J&F | 60.00 | {paper_jf:g} |"
+
+
+def test_imagenet100_class_list_is_a_tab5_column_beside_tab1():
+  config = helpers.load_config("imagenet_vitb16")
+  with config.evals.unlocked():
+    config.evals.in100 = ml_collections.ConfigDict(
+        dict(type="retrieval", query_classes_file="/lists/ImageNet100.txt")
+    )
+  results = {"trained/retrieval/map_all": 0.51, "trained/in100/map_all": 0.83}
+  text = report.markdown_report(results, config)
+  assert (
+      _section(text, "Tab. 5: transfer retrieval, ImageNet100")[2] == "| mAP@ALL | 83.00 | 82.29 |"
+  )
+  assert _section(text, "Tab. 1")[2] == "| mAP@ALL | 51.00 | 50.64 |"
