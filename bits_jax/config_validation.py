@@ -49,6 +49,8 @@ RESUME_SAFE_KEYS = (
     "partition_rules",
     "fsdp_min_size",
     "model.remat",
+    "log_term_grad_norms",  # extra metrics only
+    "xla_cpu_ynn_fusion",  # how XLA:CPU fuses the dots, not what they compute
 )
 # Sections whose keys are not fixed by the defaults.
 _OPEN_SECTIONS = ("model", "evals")
@@ -235,7 +237,7 @@ def _check_head_resets(c: _Checker) -> None:
   steps, epochs = "objective.head.reset_every_steps", "objective.head.reset_every_epochs"
   for key in (steps, epochs):
     c.non_negative(key, "0 = never")
-  if not c.ok(steps, epochs):
+  if not c.ok(steps, epochs) or cfg[steps] < 0 or cfg[epochs] < 0:
     return
   if cfg[steps] and cfg[epochs]:
     c.add(

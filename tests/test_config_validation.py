@@ -105,6 +105,26 @@ _BAD_CONFIGS = {
             "would never"
         ),
     ),
+    "head resets set twice": (
+        {"objective.head.reset_every_steps": 2, "objective.head.reset_every_epochs": 1},
+        "config.objective.head.reset_every_steps=2 and reset_every_epochs=1 are both set",
+    ),
+    "negative head reset": (
+        {"objective.head.reset_every_epochs": -1},
+        "config.objective.head.reset_every_epochs=-1 must be >= 0 (0 = never)",
+    ),
+    "negative bottleneck": (
+        {"objective.head.bottleneck_dim": -1},
+        "config.objective.head.bottleneck_dim=-1 must be >= 0 (0 = the paper's head",
+    ),
+    "unknown agreement": (
+        {"objective.bits.agreement": "l1"},
+        "config.objective.bits.agreement='l1': use one of ('bce', 'cosine')",
+    ),
+    "unknown rate convention": (
+        {"objective.bits.rate_eps_convention": "dino"},
+        "config.objective.bits.rate_eps_convention='dino': use one of ('simdino', 'paper')",
+    ),
     "min lr above peak": (
         {"optim.end_learning_rate": 1.0},
         "config.optim.end_learning_rate=1.0 is above config.optim.learning_rate",

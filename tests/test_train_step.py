@@ -1,11 +1,15 @@
 """The pure train step: sharding invariance, head re-init, numerical guard, bad input."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from bits_jax import objectives
 from bits_jax import sharding as sharding_lib
 from bits_jax import train_state
 from bits_jax import train_step
@@ -148,3 +152,84 @@ def test_image_not_divisible_by_patch(config):
   bad.input.crops.global_size = 30
   with pytest.raises(ValueError, match="not divisible by patch_size"):
     train_state.create(train_state.build(bad), bad, jax.random.PRNGKey(0))
+
+
+def test_term_grad_norms_on_logged_steps_only(single_device_run):
+  _, metrics = single_device_run  # log_every=2: step 0 is not logged, step 1 is
+  for key in (
+      "grad_norm/agreement",
+      "grad_norm/coding_rate",
+      "grad_norm/agreement_backbone",
+      "grad_norm/coding_rate_backbone",
+  ):
+    assert np.isnan(metrics[0][key]), key
+    assert np.isfinite(metrics[1][key]) and metrics[1][key] > 0, key
+  assert metrics[1]["grad_norm/agreement_backbone"] <= metrics[1]["grad_norm/agreement"]
+
+
+def test_term_grads_equal_the_gradient_of_each_term_alone(config, assert_trees_close):
+  components = train_state.build(config)
+  state = train_state.create(components, config, jax.random.PRNGKey(1))
+  batch = helpers.random_batch(config, seed=5)
+
+  def grads_of(cfg, now):
+    fn = lambda s, b: train_step.loss_and_grads(s, b, components, cfg, term_grads_now=now)
+    _, _, metrics, grads = jax.jit(fn)(state, batch)
+    return metrics, grads
+
+  metrics, total = grads_of(config, jnp.asarray(True))
+  only = {}
+  for term, zeroed in (("agreement", "coding_rate_weight"), ("coding_rate", "bce_weight")):
+    cfg = config.copy_and_resolve_references()
+    cfg.objective.bits[zeroed] = 0.0
+    only[term] = grads_of(cfg, None)[1]
+    assert_trees_close(metrics["term_grads"][term], only[term], rtol=2e-3, atol=1e-6)
+  summed = jax.tree_util.tree_map(jnp.add, only["agreement"], only["coding_rate"])
+  assert_trees_close(total, summed, rtol=2e-3, atol=1e-6)
+
+
+class _NoisyBackbone(nn.Module):
+  """Adds N(0, 1) to its features when it runs in train mode with a "drop_path" rng."""
+
+  feature_dim: int = 8
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(self.feature_dim)(jnp.mean(x, axis=(1, 2)))
+    if train and self.has_rng("drop_path"):
+      h = h + jax.random.normal(self.make_rng("drop_path"), h.shape)
+    return {"cls": h}
+
+
+def test_drop_path_rng_reaches_the_student_only(config):
+  def probe(student, teacher, state, *, step, config, batch_shards=1):
+    del step, config, batch_shards
+    return jnp.sum(student), (state, {"student": student, "teacher": teacher})
+
+  components = dataclasses.replace(
+      train_state.build(config),
+      backbone=_NoisyBackbone(),
+      objective=dataclasses.replace(objectives.get("bits"), loss=probe),
+  )
+  state = train_state.create(components, config, jax.random.PRNGKey(0))
+  batch = helpers.random_batch(config)
+  run = jax.jit(lambda s: train_step.loss_and_grads(s, batch, components, config)[2])
+  at = lambda step: run(state.replace(step=jnp.asarray(step, jnp.int32)))
+  clean = components.student.apply({"params": state.params}, batch["global"], train=True)
+  m0, m0_again, m1 = at(0), at(0), at(1)
+  np.testing.assert_allclose(m0["teacher"], clean, rtol=1e-5, atol=1e-6)  # no noise
+  np.testing.assert_allclose(m1["teacher"], clean, rtol=1e-5, atol=1e-6)
+  num_global = clean.shape[0]
+  assert not np.allclose(m0["student"][:num_global], clean, rtol=0.1, atol=0)
+  np.testing.assert_array_equal(m0["student"], m0_again["student"])  # a function of the step
+  assert not np.allclose(m0["student"], m1["student"], rtol=0.1, atol=0)
+
+
+def test_ynn_fusion_option_applies_to_cpu_meshes_only(config):
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  off = config.copy_and_resolve_references()
+  off.xla_cpu_ynn_fusion = False
+  assert train_step.compiler_options(off, mesh) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  on = config.copy_and_resolve_references()
+  on.xla_cpu_ynn_fusion = True
+  assert train_step.compiler_options(on, mesh) is None

@@ -1,6 +1,8 @@
 """Coding rate (log-det) of a batch of vectors, the channel-usage regularizer.
 
-R(z) = 0.5 * logdet(I_d + d / (n * eps) * Zn^T Zn), with Zn the rows of z L2-normalized.
+R(z) = 0.5 * logdet(I_d + d / (n * eps) * Zn^T Zn), with Zn the rows of z L2-normalized
+(SimDINO's convention, `coding_rate`). `rate_of_unit_rows` also offers the paper's Eq. 9,
+0.5 * logdet(I_d + d / eps^2 * Cov(Zn)), and per-device Gram matrices.
 
 By Sylvester's determinant identity logdet(I_d + a Z^T Z) = logdet(I_n + a Z Z^T), so we
 factor whichever Gram matrix is smaller. The matrix is symmetric positive definite with all
@@ -69,18 +71,57 @@ def logdet_spd(matrix: jax.Array) -> jax.Array:
   return _logdet_symmetric(0.5 * (matrix + matrix.T) + _JITTER * eye)
 
 
+CONVENTIONS = ("simdino", "paper")
+
+
+def _half_logdet_gram(x: jax.Array, scale) -> jax.Array:
+  """0.5 * logdet(I_d + scale * X^T X) for `x: [m, d]`, factoring the smaller Gram matrix."""
+  m, d = x.shape
+  hi = jax.lax.Precision.HIGHEST
+  if d <= m:
+    gram = jnp.matmul(x.T, x, precision=hi)  # [d, d]
+  else:
+    gram = jnp.matmul(x, x.T, precision=hi)  # [m, m]
+  eye = jnp.eye(gram.shape[0], dtype=jnp.float32)
+  return 0.5 * logdet_spd(eye + scale * gram)
+
+
+def rate_of_unit_rows(
+    zn: jax.Array, eps: float, *, convention: str = "simdino", num_shards: int = 1
+) -> jax.Array:
+  """Coding rate of `zn: [n, d]` (rows already L2-normalized, or means of such rows).
+
+  convention 'simdino': 0.5 logdet(I + d / (n eps) Zk^T Zk), n the whole batch;
+  'paper' (Eq. 9): 0.5 logdet(I + d / eps^2 Cov(Zk)), Cov the centered covariance (1 / m).
+  `num_shards > 1` splits the rows into that many contiguous blocks Zk of m = n / num_shards
+  rows (one per device when the batch is split over the devices) and averages their rates:
+  SimDINO's per-GPU Gram matrices, which keep the global n in d / (n eps). One block: Zk = Zn.
+  Returns a float32 scalar.
+  """
+  if zn.ndim != 2:
+    raise ValueError(f"coding rate expects z of shape [n, d], got {zn.shape}.")
+  if convention not in CONVENTIONS:
+    raise ValueError(f"Unknown coding-rate convention {convention!r}: use one of {CONVENTIONS}.")
+  n, d = zn.shape
+  if n % num_shards:
+    raise ValueError(
+        f"a batch of {n} rows does not split into {num_shards} per-device blocks: use a batch "
+        "divisible by the number of devices, or config.objective.bits.rate_scope='global'."
+    )
+  m = n // num_shards
+  blocks = zn.astype(jnp.float32).reshape(num_shards, m, d)
+  if convention == "paper":
+    blocks = blocks - jnp.mean(blocks, axis=1, keepdims=True)
+    scale = d / (eps**2 * m)
+  else:
+    scale = d / (n * eps)
+  if num_shards == 1:
+    return _half_logdet_gram(blocks[0], scale)
+  return jnp.mean(jax.vmap(lambda x: _half_logdet_gram(x, scale))(blocks))
+
+
 def coding_rate(z: jax.Array, eps: float = 0.05) -> jax.Array:
   """0.5 * logdet(I_d + d / (n * eps) * Zn^T Zn) for `z: [n, d]`; float32 scalar."""
   if z.ndim != 2:
     raise ValueError(f"coding_rate expects z of shape [n, d], got {z.shape}.")
-  n, d = z.shape
-  zn = utils.l2_normalize(z.astype(jnp.float32))
-  scale = d / (n * eps)
-  hi = jax.lax.Precision.HIGHEST
-  if d <= n:
-    gram = jnp.matmul(zn.T, zn, precision=hi)  # [d, d]
-    eye = jnp.eye(d, dtype=jnp.float32)
-  else:
-    gram = jnp.matmul(zn, zn.T, precision=hi)  # [n, n]
-    eye = jnp.eye(n, dtype=jnp.float32)
-  return 0.5 * logdet_spd(eye + scale * gram)
+  return rate_of_unit_rows(utils.l2_normalize(z.astype(jnp.float32)), eps)

@@ -4,8 +4,12 @@ An objective module defines `OBJECTIVE = Objective(...)`:
 
   make_head(config) -> nn.Module               the projection head
   init_state(config) -> pytree                 state between steps (a DINO center; {})
-  loss(student_out, teacher_out, state, *, step, config) -> (loss, (new_state, metrics))
-      student_out: [V, batch, dim] (the G global views first), teacher_out: [G, batch, dim]
+  loss(student_out, teacher_out, state, *, step, config, batch_shards=1)
+      -> (loss, (new_state, metrics))
+      student_out: [V, batch, dim] (the G global views first), teacher_out: [G, batch, dim];
+      batch_shards: the devices the batch is split over (per-device statistics).
+      metrics[LOSS_TERMS] (optional): {name: scalar} weighted terms summing to the loss; the
+      train step logs the gradient norm of each (`grad_norm/<name>`) and drops the entry.
   mask_updates(tree, step, config) -> tree     zeroes what must not move yet (DINO's
                                                frozen prototypes); identity by default
   config_problems(config) -> list[str]         impossible settings, each with its fix
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
+LOSS_TERMS = "loss_terms"  # the metrics entry holding the loss's weighted terms
 
 
 def _identity(tree, step, config):

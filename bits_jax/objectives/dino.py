@@ -109,6 +109,7 @@ def loss(
     *,
     step,
     config: ml_collections.ConfigDict,
+    batch_shards: int = 1,
 ):
   """DINO objective.
 
@@ -118,9 +119,11 @@ def loss(
     state: {'center': [K]}.
     step: the global step (drives the teacher temperature warm-up).
     config: reads `config.objective.dino`.
+    batch_shards: unused (the center is a global-batch mean).
   Returns:
     (loss, (new_state, metrics)).
   """
+  del batch_shards
   dino = config.objective.dino
   pairs = common.cross_view_pairs(teacher_out.shape[0], student_out.shape[0], "DINO")
   temp = teacher_temperature(step, config)

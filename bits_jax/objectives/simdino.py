@@ -48,7 +48,8 @@ def loss(
     state,
     *,
     step,
-    config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict,
+    batch_shards: int = 1,
 ):
   """SimDINO objective.
 
@@ -58,10 +59,11 @@ def loss(
     state: objective state (empty).
     step: the global step (unused).
     config: reads `config.objective.simdino` (eps, coding_rate_weight).
+    batch_shards: unused (the coding rate is over the global batch).
   Returns:
-    (loss, (new_state, metrics)).
+    (loss, (new_state, metrics)); metrics[common.LOSS_TERMS]: {'distance', 'coding_rate'}.
   """
-  del step
+  del step, batch_shards
   simdino = config.objective.simdino
   pairs = common.cross_view_pairs(teacher_out.shape[0], student_out.shape[0], "SimDINO")
   zs = utils.l2_normalize(student_out.astype(jnp.float32))
@@ -79,6 +81,7 @@ def loss(
   gamma = simdino.coding_rate_weight * common.coding_rate_balance(n, d)
   total = distance - gamma * rate
   metrics = {
+      common.LOSS_TERMS: {"distance": distance, "coding_rate": -gamma * rate},
       "loss": total,
       "distance": distance,
       "cosine_similarity": 1.0 - distance,

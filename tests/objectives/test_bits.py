@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bits_jax import config_defaults
 from bits_jax import objectives
 from bits_jax.objectives import bits
 from bits_jax.objectives import coding_rate as cr
@@ -27,9 +28,9 @@ def numpy_bce(logits, targets):
 
 
 def _config(**overrides):
-  """`config.objective.bits` is all the loss reads."""
-  settings = dict(bce_weight=1.0, coding_rate_weight=0.1, eps=0.05)
-  settings.update(overrides)
+  """`config.objective.bits` (the defaults) is all the loss reads."""
+  settings = config_defaults.objective_defaults().bits
+  settings.update(dict(dict(bce_weight=1.0, coding_rate_weight=0.1, eps=0.05), **overrides))
   return ml_collections.ConfigDict(dict(objective=dict(bits=settings)))
 
 

@@ -57,7 +57,7 @@ def _loss_and_grad(student, teacher, settings_items):
 
 def _items(config):
   settings = config.objective.bits
-  return tuple((k, settings[k]) for k in ("bce_weight", "coding_rate_weight", "eps"))
+  return tuple(settings.items())
 
 
 @_SETTINGS
