@@ -353,7 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         suffix = "" if label == "trained" else f"_{label}"
         results[f"knn_top1{suffix}"] = results[f"{label}/{key}"]
     # Figures are read from the local staging dir (TensorBoard), then uploaded on exit.
-    run_lib.write_results(results, workdir, step=int(state.step), plots=plots, prefix="")
+    run_lib.write_results(
+        results, workdir, step=int(state.step), plots=plots, prefix="", config=config
+    )
   if headline and jax.process_index() == 0:
     split = next(e.query_split for e in config.evals.values() if e.type == "knn")
     print(

@@ -27,6 +27,7 @@ from bits_jax import sharding as sharding_lib
 from bits_jax import train_state as train_state_lib
 from bits_jax import weights as weights_lib
 from bits_jax.evaluate import common
+from bits_jax.evaluate import report
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
@@ -114,7 +115,7 @@ def evaluate(
         out_dir=figure_dir if jax.process_index() == 0 else None,
     )
     results.update(common.run_evaluators(ctx, config.evals, names))
-    write_results(results, out_dir, step=step or 0, plots=ctx.plots)
+    write_results(results, out_dir, step=step or 0, plots=ctx.plots, config=config)
   return results
 
 
@@ -125,17 +126,19 @@ def write_results(
     step: int,
     plots=(),
     prefix: str = "eval/",
+    config: ml_collections.ConfigDict | None = None,
 ) -> None:
   """results.json, results.md, TensorBoard scalars (and the PNGs in `plots`), process 0.
 
-  `out_dir`: any epath (local or gs://); `plots`: local PNG paths (see `local_figure_dir`).
+  `out_dir`: any epath (local or gs://); `plots`: local PNG paths (see `local_figure_dir`);
+  results.md is `report.markdown_report(results, config)` (the paper's tables beside ours).
   """
   if jax.process_index() != 0:
     return
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
-  (out_dir / "results.md").write_text(markdown_table(results))
+  (out_dir / "results.md").write_text(report.markdown_report(results, config))
   writer = metric_writers.create_default_writer(os.fspath(out_dir))
   writer.write_scalars(step, scalars(results, prefix))
   if plots:
