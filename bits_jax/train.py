@@ -302,6 +302,19 @@ def _knn_headline(results: dict, config) -> tuple[str, int] | None:
   return None
 
 
+def _pixel_rows(config, mesh, key: str) -> dict:
+  """The k-NN on raw pixels ([0, 1]) and on normalised pixels: the rows SSL must beat."""
+  from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
+
+  metric = key.split("/", 1)[1]
+  rows = {}
+  for label, normalized in (("pixels", False), ("pixels_normalized", True)):
+    knn_results = pixel_baseline.pixel_knn(config, mesh, normalized=normalized)
+    rows.update({f"{label}/knn/{k}": v for k, v in knn_results.items()})
+    rows[f"knn_top1_{label}"] = knn_results[metric]
+  return rows
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   """Train; then the `at_end` evaluators on the trained teacher (and the random-init model).
 
@@ -352,6 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       for label in evaluated:
         suffix = "" if label == "trained" else f"_{label}"
         results[f"knn_top1{suffix}"] = results[f"{label}/{key}"]
+      if config.get("baseline_pixels", True):
+        results.update(_pixel_rows(config, mesh, key))
     # Figures are read from the local staging dir (TensorBoard), then uploaded on exit.
     run_lib.write_results(
         results, workdir, step=int(state.step), plots=plots, prefix="", config=config
@@ -369,6 +384,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         + (
             f" | before (init_from) {100 * results['knn_top1_init_from']:.2f}%"
             if "knn_top1_init_from" in results
+            else ""
+        )
+        + (
+            f" | raw pixels {100 * results['knn_top1_pixels']:.2f}%"
+            if "knn_top1_pixels" in results
             else ""
         ),
         flush=True,

@@ -39,7 +39,9 @@ def test_train_and_evaluate_writes_results(config, tmp_path):
   results = train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)
-  for key in ("knn_top1", "knn_top1_random_init"):
+  for key in ("knn_top1", "knn_top1_random_init", "knn_top1_pixels", "knn_top1_pixels_normalized"):
     assert 0.0 <= on_disk[key] <= 1.0
     assert on_disk[key] == results[key]
+  # The pixel rows are the k-NN evaluator's protocol on the images: 10 classes, well above 1/10.
+  assert results["knn_top1_pixels"] > 0.3
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))

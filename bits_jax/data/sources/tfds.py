@@ -20,6 +20,7 @@ import os
 from typing import Optional
 
 import tensorflow as tf
+from etils import epath
 
 from bits_jax.data.sources import core
 from bits_jax.data.sources import idx
@@ -67,6 +68,10 @@ def _prepare_once(builder, name: str) -> None:
 def _prepared_without_download(name: str, data_dir: Optional[str]) -> bool:
   """Whether TFDS `name` is already prepared (never touches the network)."""
   try:
+    # Building a builder for a dataset with no folder logs a TFDS warning per lookup.
+    root = epath.Path(data_dir or _tfds().core.constants.DATA_DIR)
+    if not (root / name.split(":")[0].split("/")[0]).exists():
+      return False
     return _is_prepared(_tfds().builder(name, data_dir=data_dir))
   except Exception:  # pylint: disable=broad-except
     return False
