@@ -31,6 +31,7 @@ def _run_steps(config, devices, batches):
 def config():
   config = helpers.load_config("fashion_mnist", "test")
   config.input.batch_size = 16
+  config.log_term_grad_norms = True  # the per-term gradients on the logged steps too
   return config
 
 
