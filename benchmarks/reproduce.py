@@ -271,6 +271,24 @@ def pixel_row() -> dict:
 _ENTRIES = ("knn", "linear", "retrieval", "geometry")
 
 
+def random_init_row() -> dict:
+  """The same evaluators on the backbone at random init (BITS head; seed 0's init)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bits_jax import sharding  # pylint: disable=g-import-not-at-top
+  from bits_jax import train  # pylint: disable=g-import-not-at-top
+  from bits_jax import train_state  # pylint: disable=g-import-not-at-top
+  from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+
+  config = run_config("bits", 0)
+  components = train_state.build(config, train.steps_per_epoch(config))
+  params, stats = train_state.init_variables(components, jax.random.PRNGKey(config.seed + 1))
+  variables = dict(params, **({"batch_stats": stats} if stats else {}))
+  t0 = time.time()
+  ctx = common.EvalContext(config, components, variables, sharding.make_mesh(config))
+  metrics = _code_key(common.run_evaluators(ctx, config.evals, list(_ENTRIES)))
+  return {"method": "random_init", "seed": 0, "wall_seconds": time.time() - t0, "metrics": metrics}
+
+
 def _mean_std(values) -> str:
   if not values:
     return "-"
@@ -286,7 +304,7 @@ def markdown_table(rows: list[dict], methods) -> str:
       "| method | runs | " + " | ".join(c for c, _, _ in COLUMNS) + " | bit acc first -> last |"
   )
   lines = [header, "|" + " --- |" * (len(COLUMNS) + 3)]
-  for method in ["pixels"] + list(methods):
+  for method in ["pixels", "random_init"] + list(methods):
     mine = [r for r in rows if r["method"] == method]
     if not mine:
       continue
@@ -298,7 +316,9 @@ def markdown_table(rows: list[dict], methods) -> str:
     histories = [list(r["bit_accuracy"].values()) for r in mine if r.get("bit_accuracy")]
     if histories:
       acc = ", ".join(f"{h[0]:.3f} -> {h[-1]:.3f}" for h in histories)
-    label = "raw pixels" if method == "pixels" else LABELS.get(method, method)
+    label = {"pixels": "raw pixels", "random_init": "random init (BITS head)"}.get(
+        method, LABELS.get(method, method)
+    )
     lines.append(f"| {label} | {len(mine)} | " + " | ".join(cells) + f" | {acc} |")
   return "\n".join(lines) + "\n"
 
@@ -337,6 +357,9 @@ def main(argv):
   done = {(r["method"], r["seed"]) for r in rows}
   if ("pixels", 0) not in done:
     rows.append(pixel_row())
+    save_rows(rows, _RESULTS.value)
+  if ("random_init", 0) not in done:
+    rows.append(random_init_row())
     save_rows(rows, _RESULTS.value)
   for seed in (int(s) for s in _SEEDS.value):
     for method in _METHODS.value:
