@@ -109,7 +109,7 @@ def objective_defaults() -> ConfigDict:
                   # 'simdino': logdet(I + d/(n eps) Z^T Z) | 'paper': logdet(I + d/eps^2 Cov(Z))
                   rate_eps_convention="simdino",
                   rate_balance=True,  # times SimDINO's balancing factor (d + n) / (d n)
-                  eps=0.05,  # coding-rate distortion (not stated by the paper)
+                  eps=0.05,  # coding-rate distortion
               )
           ),
           dino=ConfigDict(
