@@ -41,6 +41,29 @@ def drop_path_key(state: TrainState, micro_batch=0) -> jax.Array:
   return jax.random.fold_in(key, micro_batch)
 
 
+def logit_grad_norms(objective_loss: Callable, logits: jax.Array) -> dict:
+  """{'grad_norm/<term>_logits'}: each loss term's gradient norm wrt the student's outputs.
+
+  Every term reaches the parameters through the same network Jacobian from the outputs
+  `[views, batch, dim]`, so their ratio here shows the balance of the terms on every step for
+  the price of the loss's own backward (the per-parameter norms, `log_term_grad_norms`, need
+  a backward through the network per term). Empty for objectives with fewer than two terms.
+  """
+  terms = jax.eval_shape(objective_loss, logits)[1][1].get(objectives_common.LOSS_TERMS)
+  if not terms or len(terms) < 2:
+    return {}
+  names = list(terms)
+  stacked = lambda o: jnp.stack(
+      [objective_loss(o)[1][1][objectives_common.LOSS_TERMS][k] for k in names]
+  )
+  _, vjp_fn = jax.vjp(stacked, logits)
+  eye = jnp.eye(len(names), dtype=jnp.float32)
+  return {
+      f"grad_norm/{name}_logits": jax.lax.stop_gradient(optax.tree.norm(vjp_fn(eye[i])[0]))
+      for i, name in enumerate(names)
+  }
+
+
 def loss_and_grads(
     state: TrainState,
     batch: dict,
@@ -92,14 +115,19 @@ def loss_and_grads(
           params, batch_stats, batch["local"], {"drop_path": jax.random.fold_in(key, 1)}
       )
       out = jnp.concatenate([out, local_out], axis=0)
-    loss, (objective_state, metrics) = components.objective.loss(
-        out,
-        teacher_out,
-        state.objective_state,
-        step=state.step,
-        config=config,
-        batch_shards=batch_shards,
-    )
+
+    def objective_loss(student_out):
+      return components.objective.loss(
+          student_out,
+          teacher_out,
+          state.objective_state,
+          step=state.step,
+          config=config,
+          batch_shards=batch_shards,
+      )
+
+    loss, (objective_state, metrics) = objective_loss(out)
+    metrics.update(logit_grad_norms(objective_loss, jax.lax.stop_gradient(out)))
     return loss, (objective_state, batch_stats, metrics)
 
   probe = None

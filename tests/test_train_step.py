@@ -234,3 +234,24 @@ def test_ynn_fusion_option_applies_to_cpu_meshes_only(config):
   on = config.copy_and_resolve_references()
   on.xla_cpu_ynn_fusion = True
   assert train_step.compiler_options(on, mesh) is None
+
+
+def test_logit_grad_norms_on_every_step(single_device_run):
+  _, metrics = single_device_run
+  for m in metrics:
+    for key in ("grad_norm/agreement_logits", "grad_norm/coding_rate_logits"):
+      assert np.isfinite(m[key]) and m[key] > 0, key
+
+
+def test_logit_grad_norms_are_each_terms_gradient():
+  logits = jnp.arange(6.0).reshape(1, 2, 3) - 2.0
+
+  def objective_loss(out):
+    terms = {"a": jnp.sum(out**2), "b": 3.0 * jnp.sum(out)}
+    return terms["a"] + terms["b"], ({}, {objectives.common.LOSS_TERMS: terms})
+
+  norms = jax.jit(lambda o: train_step.logit_grad_norms(objective_loss, o))(logits)
+  np.testing.assert_allclose(norms["grad_norm/a_logits"], 2 * np.linalg.norm(logits), rtol=1e-6)
+  np.testing.assert_allclose(norms["grad_norm/b_logits"], 3 * np.sqrt(6), rtol=1e-6)
+  single = lambda out: (jnp.sum(out), ({}, {objectives.common.LOSS_TERMS: {"a": jnp.sum(out)}}))
+  assert train_step.logit_grad_norms(single, logits) == {}
