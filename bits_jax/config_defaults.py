@@ -20,6 +20,7 @@ registry lists them); the other sections have fixed keys, checked by
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
+placeholder = ml_collections.config_dict.placeholder
 
 
 def input_defaults() -> ConfigDict:
@@ -181,7 +182,8 @@ def evals_defaults() -> ConfigDict:
                   at_end=False,
                   train_split="train",
                   test_split="test",
-                  epochs=50,
+                  epochs=0,  # 0: the protocol's default (frozen 50, augmented 100)
+                  protocol="frozen",  # 'frozen' features | 'augmented' (crop + flip each epoch)
                   last4=False,
               )
           ),
@@ -193,6 +195,10 @@ def evals_defaults() -> ConfigDict:
                   at_end=False,
                   database_split="train",
                   query_split="test",
+                  query_split_file="",  # ids (one per line) selecting the queries; '' = all
+                  database_split_file="",  # ids selecting the database rows; '' = all
+                  query_classes_file="",  # class names (e.g. ImageNet100 wnids); '' = all
+                  database_classes_file="",  # class names selecting database rows; '' = all
               )
           ),
           # Statistics of the teacher's binary messages (balance, entropy, correlation, ...).
@@ -201,6 +207,31 @@ def evals_defaults() -> ConfigDict:
           geometry=ConfigDict(dict(type="geometry", every=0, at_end=False, split="test")),
           # Patch-token k-NN segmentation of synthetic squares.
           dense=ConfigDict(dict(type="dense", every=0, at_end=False, num_images=64)),
+          # DAVIS-2017 label propagation, DINO's protocol (paper Tab. 7); set a data source.
+          davis=ConfigDict(
+              dict(
+                  type="davis",
+                  every=0,
+                  at_end=False,
+                  data_dir=placeholder(str),  # DAVIS-2017 root (JPEGImages/, Annotations/, ...)
+                  tfds_name=placeholder(str),  # or a prepared TFDS builder: 'davis/480p'
+                  tfds_data_dir=placeholder(str),  # its TFDS data_dir (None: TFDS default)
+                  max_sequences=placeholder(int),  # only the first sequences (None: all)
+              )
+          ),
+          # MaskCut class-agnostic detection/segmentation AP on COCO val2017 (paper Tab. 6).
+          maskcut=ConfigDict(
+              dict(
+                  type="maskcut",
+                  every=0,
+                  at_end=False,
+                  images_dir=placeholder(str),  # COCO val2017/ images
+                  annotations=placeholder(str),  # instances_val2017.json
+                  tfds_name=placeholder(str),  # or 'coco/2017' (boxes) / 'coco/2017_panoptic'
+                  tfds_data_dir=placeholder(str),  # its TFDS data_dir (None: TFDS default)
+                  max_images=placeholder(int),  # only the first images (None: all)
+              )
+          ),
       )
   )
 
@@ -215,13 +246,15 @@ def base_config() -> ConfigDict:
   config.checkpoint_every = 500  # steps between Orbax checkpoints
   config.keep_checkpoints = 3  # newest checkpoints kept
   # Continued SSL from other weights (a run workdir, checkpoint or converted params dir):
-  # the backbone is loaded (channels / position grid adapted), the head starts fresh.
+  # the backbone is loaded (channels / position grid adapted), the head per init_from_head.
   config.init_from = ""
+  config.init_from_head = "reset"  # 'reset': a fresh head (BITS-reset) | 'keep' (BITS-fixed)
   # Fault tolerance (bits_jax/run_guard.py, checkpoint.py, config_validation.py).
   config.on_nonfinite = "skip"  # non-finite loss/grads: 'skip' the update (counted) | 'stop'
   config.max_consecutive_nonfinite = 10  # stop after this many skipped updates in a row
   config.allow_config_change = ""  # resume: keys allowed to differ ('a.b,c'; '*' = any)
   config.baseline_random_init = True  # at-end evaluators also on the random-init model
+  config.baseline_pixels = True  # at-end k-NN also on raw and normalised pixels
   # Gradient norm of each loss term on the logged steps (grad_norm/<term>, an extra backward
   # inside a lax.cond). Off: on XLA:CPU the taken branch ran 18x slower than a plain step
   # (demo preset, 2-core CPU), +50% per step on average at log_every=50.

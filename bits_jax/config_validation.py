@@ -33,6 +33,7 @@ RESUME_SAFE_KEYS = (
     "checkpoint_every",
     "keep_checkpoints",
     "baseline_random_init",
+    "baseline_pixels",
     "evals.",
     "input.eval_batch_size",
     "input.eval_resize_size",
@@ -225,6 +226,11 @@ def _check_values(c: _Checker) -> None:
     c.add(
         f"config.on_nonfinite={cfg['on_nonfinite']!r}: use 'skip' (skip the update and "
         "count it) or 'stop'."
+    )
+  if c.ok("init_from_head") and cfg["init_from_head"] not in ("reset", "keep"):
+    c.add(
+        f"config.init_from_head={cfg['init_from_head']!r}: use 'reset' (a fresh head) or "
+        "'keep' (the init_from checkpoint's head)."
     )
   if c.ok("dtype") and cfg["dtype"] not in _DTYPES:
     c.add(f"config.dtype={cfg['dtype']!r}: use 'float32' or 'bfloat16'.")

@@ -173,6 +173,10 @@ _BAD_CONFIGS = {
         "directory /nonexistent/dir does not exist",
     ),
     "non-finite policy": ({"on_nonfinite": "ignore"}, "config.on_nonfinite='ignore': use 'skip'"),
+    "init_from head policy": (
+        {"init_from_head": "fresh"},
+        "config.init_from_head='fresh': use 'reset'",
+    ),
     "zero consecutive": (
         {"max_consecutive_nonfinite": 0},
         "config.max_consecutive_nonfinite=0 must be positive",

@@ -54,7 +54,14 @@ def _keyword_lines(
   for arg in call.args:
     _keyword_lines(arg, prefix, out, parents)
   for keyword in call.keywords:
-    if isinstance(keyword.value, ast.Call) and keyword.value.args:
+    value = keyword.value
+    # A nested section is `ConfigDict(dict(...))`; other calls (e.g. `placeholder(str)`) are values.
+    if (
+        isinstance(value, ast.Call)
+        and value.args
+        and isinstance(value.func, ast.Name)
+        and value.func.id in ("ConfigDict", "dict")
+    ):
       _keyword_lines(keyword.value, f"{prefix}{keyword.arg}.", out, (keyword.lineno,) + parents)
     else:
       out[f"{prefix}{keyword.arg}"] = (keyword.lineno,) + parents
