@@ -32,10 +32,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-direc
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """A copy of `config` training `method` (the method's own settings stay as configured)."""
+  """A copy of `config` training `method`: one of `configs.common.METHODS` (an objective, or a
+  variant such as 'bits_fixed', 'bits_cosine'); the method's own settings stay as configured."""
   from configs import common  # pylint: disable=g-import-not-at-top
 
-  objectives.get(method)  # fails early on an unknown method
   return common.set_method(config.copy_and_resolve_references(), method)
 
 

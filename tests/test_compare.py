@@ -57,3 +57,12 @@ def test_markdown_table():
   assert table[0].startswith("| method | k-NN top-1 (k=20) |")
   assert table[2] == "| bits | 81.23% | 70.00% | 800 | 1.23 | 600 |"
   assert table[3] == "| dino | 75.00% | 70.00% | 800 | n/a | 610 |"
+
+
+def test_method_variants_of_the_presets():
+  base = helpers.load_config("fashion_mnist", "test")
+  fixed = compare.method_config(base, "bits_fixed")
+  cosine = compare.method_config(base, "bits_cosine")
+  assert fixed.objective.name == cosine.objective.name == "bits"
+  assert fixed.objective.head.reset_every_steps == 0
+  assert cosine.objective.bits.agreement == "cosine"
