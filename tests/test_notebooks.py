@@ -1,7 +1,8 @@
 """notebooks/*.ipynb execute on CPU with the tiny preset and draw their figures (nbclient).
 
-Marked slow: each trains the `fashion_mnist.py:test` preset in a fresh kernel (on the shared
-2-core CI machine: about 1-3 minutes per notebook). Outputs must be stripped in git.
+Part of the default run, so CI executes both notebooks (issue 15): each trains the
+`fashion_mnist.py:test` preset in a fresh kernel (on the 2-core CI machine about 1-3 minutes
+per notebook). Outputs must be stripped in git.
 """
 
 import os

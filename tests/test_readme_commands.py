@@ -98,7 +98,6 @@ def test_readme_commands_run_after_the_demo(tmp_path):
   assert not os.path.exists(tmp_path / "gs:")
 
 
-@pytest.mark.slow
 def test_short_run_prints_at_most_15_lines(tmp_path):
   """20 steps logged every 5, checkpoint and the end-of-run k-NN: default verbosity."""
   os.symlink(os.path.join(helpers.REPO, "configs"), tmp_path / "configs")
