@@ -262,6 +262,10 @@ def base_config() -> ConfigDict:
   # False passes the XLA:CPU option xla_cpu_experimental_ynn_fusion_type="" to the train-step
   # compilation (CPU meshes only), measured +3-8% on the 2-core AVX-512 CPU.
   config.xla_cpu_ynn_fusion = False
+  # A jax profiler trace of `profile_steps` steps from `profile_first_step` (process 0, written
+  # to WORKDIR/plugins/profile for TensorBoard's profile tab); 0 = no trace.
+  config.profile_steps = 0
+  config.profile_first_step = 10  # after the compilation
 
   config.input = input_defaults()
   # The backbone (bits_jax/models: 'vit_tiny' / 'vit_small' / 'vit_base' / 'vit_large', 'vit'

@@ -34,6 +34,8 @@ RESUME_SAFE_KEYS = (
     "keep_checkpoints",
     "baseline_random_init",
     "baseline_pixels",
+    "profile_steps",
+    "profile_first_step",
     "evals.",
     "input.eval_batch_size",
     "input.eval_resize_size",

@@ -53,6 +53,33 @@ def teacher_variables(state: TrainState) -> dict:
   return variables
 
 
+class _Trace:
+  """A jax profiler trace of steps (profile_first_step, + profile_steps] on process 0."""
+
+  def __init__(self, config, workdir):
+    self.steps = config.get("profile_steps", 0) if jax.process_index() == 0 else 0
+    self.first = config.get("profile_first_step", 10)
+    self.logdir = os.fspath(workdir)
+    self.running = False
+
+  def after_step(self, done: int, state) -> None:
+    if not self.steps:
+      return
+    if done == self.first and not self.running:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.logdir)
+      self.running = True
+    elif self.running and done >= self.first + self.steps:
+      self.stop(state)
+
+  def stop(self, state) -> None:
+    if self.running:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.running = False
+      print(f"Profile written to {self.logdir}/plugins/profile (TensorBoard: Profile tab)")
+
+
 def _store_config(config, workdir: epath.PathLike, resuming: bool) -> None:
   """Checks a resumed run's config against WORKDIR/config.json, then (re)writes it."""
   path = run_guard.workdir_path(workdir) / "config.json"
@@ -158,6 +185,7 @@ def _train(
           "to resume from it."
       )
 
+  trace = _Trace(config, workdir)
   stopping = False
   for step in range(start_step, last_step):
     batch = next(batches)
@@ -167,6 +195,7 @@ def _train(
     settle()
     pending = (step + 1, metrics["update_skipped"])
     done = step + 1
+    trace.after_step(done, state)
     if run_t0 is None:  # rates and the ETA leave out the first step (compilation)
       jax.block_until_ready(state.step)
       run_t0 = t0 = time.time()
@@ -202,6 +231,7 @@ def _train(
     if stopping:
       break
   settle()
+  trace.stop(state)  # a run that ends inside the traced steps
   checkpoints.finalize()  # waits for the async save to commit, writes its manifest
   writer.flush()
   if stopping:

@@ -36,7 +36,13 @@ def test_resume_gives_same_params_as_uninterrupted(config, tmp_path):
 
 def test_train_and_evaluate_writes_results(config, tmp_path):
   workdir = str(tmp_path / "run")
+  config = config.copy_and_resolve_references()
+  config.profile_steps, config.profile_first_step = 2, 2  # a trace of steps 3-4
   results = train.train_and_evaluate(config, workdir)
+  traces = [
+      f for _, _, files in os.walk(os.path.join(workdir, "plugins", "profile")) for f in files
+  ]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)
   for key in ("knn_top1", "knn_top1_random_init", "knn_top1_pixels", "knn_top1_pixels_normalized"):
