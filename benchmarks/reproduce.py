@@ -55,30 +55,62 @@ COLUMNS = (
     ("r_eff", "geometry/r_eff", 1),
 )
 
-_CONFIG = flags.DEFINE_string("config", "configs/fashion_mnist.py", "Config file (its demo).")
-_PRESET = flags.DEFINE_string("preset", "", "Preset before method=M, e.g. 'test' (a smoke run).")
-_METHODS = flags.DEFINE_list("methods", list(LABELS), "Methods (configs/common.METHODS).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each seeds init, data, augment.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run; 0: the config's.")
-_SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
+# Our own flag set, added to absl's only when run as a script: tests import this module next
+# to bits_jax.compare, whose --config/--methods/--workdir flags share these names.
+_FLAGS = flags.FlagValues()
+_CONFIG = flags.DEFINE_string(
+    "config", "configs/fashion_mnist.py", "Config file (its demo).", flag_values=_FLAGS
+)
+_PRESET = flags.DEFINE_string(
+    "preset", "", "Preset before method=M, e.g. 'test' (a smoke run).", flag_values=_FLAGS
+)
+_METHODS = flags.DEFINE_list(
+    "methods", list(LABELS), "Methods (configs/common.METHODS).", flag_values=_FLAGS
+)
+_SEEDS = flags.DEFINE_list(
+    "seeds", ["0", "1", "2"], "Seeds; each seeds init, data, augment.", flag_values=_FLAGS
+)
+_STEPS = flags.DEFINE_integer(
+    "steps", 0, "Training steps per run; 0: the config's.", flag_values=_FLAGS
+)
+_SET = flags.DEFINE_multi_string(
+    "set", [], "key=value config overrides for every run.", flag_values=_FLAGS
+)
 # One train-side and one test-side split for every evaluator, so each run extracts features
 # of two splits only (mAP@ALL over 10k x 60k per run does not fit the CPU budget).
 _TRAIN_SPLIT = flags.DEFINE_string(
-    "train_split", "train[:10000]", "k-NN bank, probe training set, retrieval database."
+    "train_split",
+    "train[:10000]",
+    "k-NN bank, probe training set, retrieval database.",
+    flag_values=_FLAGS,
 )
 _TEST_SPLIT = flags.DEFINE_string(
-    "test_split", "test[:5000]", "k-NN and retrieval queries, probe test set, d_eff / r_eff."
+    "test_split",
+    "test[:5000]",
+    "k-NN and retrieval queries, probe test set, d_eff / r_eff.",
+    flag_values=_FLAGS,
 )
-_PROBE_EPOCHS = flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/bits_reproduce", "Run directories.")
+_PROBE_EPOCHS = flags.DEFINE_integer("probe_epochs", 30, "Linear-probe epochs.", flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "/tmp/bits_reproduce", "Run directories.", flag_values=_FLAGS
+)
 _RESULTS = flags.DEFINE_string(
-    "results", os.path.join(REPO, "benchmarks", "reproduce_results.json"), "Cached rows."
+    "results",
+    os.path.join(REPO, "benchmarks", "reproduce_results.json"),
+    "Cached rows.",
+    flag_values=_FLAGS,
 )
 _README = flags.DEFINE_string(
-    "readme", os.path.join(REPO, "benchmarks", "README_reproduce.md"), "Markdown output."
+    "readme",
+    os.path.join(REPO, "benchmarks", "README_reproduce.md"),
+    "Markdown output.",
+    flag_values=_FLAGS,
 )
 _PLOT_DIR = flags.DEFINE_string(
-    "plot_dir", os.path.join(REPO, "benchmarks", "reproduce_plots"), "Bit-accuracy PNGs."
+    "plot_dir",
+    os.path.join(REPO, "benchmarks", "reproduce_plots"),
+    "Bit-accuracy PNGs.",
+    flag_values=_FLAGS,
 )
 
 
@@ -350,6 +382,7 @@ def describe() -> str:
 
 def main(argv):
   del argv
+  _FLAGS.mark_as_parsed()  # parsed through absl's FLAGS, which app.run filled
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs ~5 INFO lines per checkpoint
   os.makedirs(_WORKDIR.value, exist_ok=True)
@@ -379,4 +412,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.FLAGS.append_flag_values(_FLAGS)
   app.run(main)
