@@ -276,14 +276,29 @@ def _last_keys(intermediates) -> jax.Array:
   return keys[:, 1:].reshape(keys.shape[0], keys.shape[1] - 1, -1).astype(jnp.float32)
 
 
+class MissingData(ValueError):
+  """An evaluator's data source is not configured (e.g. DAVIS or COCO paths left unset)."""
+
+
 def run_evaluators(ctx: EvalContext, evals, names=None) -> dict[str, Any]:
-  """Runs `config.evals` entries (all, or `names`) on `ctx`: {'<name>/<metric>': value}."""
+  """Runs `config.evals` entries (all, or `names`) on `ctx`: {'<name>/<metric>': value}.
+
+  Running all entries skips those whose data is not configured (`MissingData`, with a note);
+  an entry named in `names` raises instead.
+  """
   results: dict[str, Any] = {}
   for name, entry in evals.items():
     if names is not None and name not in names:
       continue
     kwargs = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
-    for key, value in get(entry["type"])(ctx, **kwargs).items():
+    try:
+      metrics = get(entry["type"])(ctx, **kwargs)
+    except MissingData as e:
+      if names is not None:
+        raise
+      print(f"evals.{name}: skipped ({e})", flush=True)
+      continue
+    for key, value in metrics.items():
       results[f"{name}/{key}"] = value
   return results
 

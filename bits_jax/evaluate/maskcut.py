@@ -330,7 +330,7 @@ def run(
     records = directory_images(images_dir, annotations, max_images)
     with_masks, source = True, "instances json"
   else:
-    raise ValueError(
+    raise common.MissingData(
         "the maskcut evaluator needs images_dir=<COCO val2017/> and "
         "annotations=<annotations/instances_val2017.json>, or tfds_name='coco/2017'."
     )

@@ -581,7 +581,7 @@ def _sequences(
       yield encoded_sequence(name, frames, annotations, origin=f"TFDS {tfds_name} {tfds_split}")
     return
   if not data_dir:
-    raise ValueError(
+    raise common.MissingData(
         "the davis evaluator needs data_dir=<DAVIS-2017 root> (with JPEGImages/, "
         "Annotations/ and ImageSets/2017/) or tfds_name='davis/480p'."
     )
