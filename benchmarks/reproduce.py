@@ -336,7 +336,7 @@ def markdown_table(rows: list[dict], methods) -> str:
       "| method | runs | " + " | ".join(c for c, _, _ in COLUMNS) + " | bit acc first -> last |"
   )
   lines = [header, "|" + " --- |" * (len(COLUMNS) + 3)]
-  for method in ["pixels", "random_init"] + list(methods):
+  for method in dict.fromkeys(["pixels", "random_init"] + list(methods)):  # each once
     mine = [r for r in rows if r["method"] == method]
     if not mine:
       continue
