@@ -137,29 +137,36 @@ class VisionTransformer(nn.Module):
 
 
 class BitsHead(nn.Module):
-  """`[B, D] -> [B, bits]`: (layers - 1) x (Linear + GELU), bottleneck, logits."""
+  """`[B, D] -> [B, bits]`: (layers - 1) x (Linear + GELU), [a linear bottleneck,] logits.
+
+  `bottleneck_dim=0` is the paper's head (D -> 2048 -> 2048 -> bits), as ours.
+  """
 
   def __init__(
-      self, width: int, bits: int, hidden_dim: int, bottleneck_dim: int, num_layers: int = 3
+      self, width: int, bits: int, hidden_dim: int, bottleneck_dim: int = 0, num_layers: int = 3
   ):
     super().__init__()
     dims = [width] + [hidden_dim] * (num_layers - 1)
     self.hidden = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
-    self.bottleneck = nn.Linear(dims[-1], bottleneck_dim)
-    self.logits = nn.Linear(bottleneck_dim, bits)
+    self.bottleneck = nn.Linear(dims[-1], bottleneck_dim) if bottleneck_dim else None
+    self.logits = nn.Linear(bottleneck_dim or dims[-1], bits)
     self.reset_parameters()
 
+  def _linears(self) -> list[nn.Linear]:
+    return list(self.hidden) + ([self.bottleneck] if self.bottleneck else []) + [self.logits]
+
   def reset_parameters(self):
-    """Our head's init (Flax Dense): truncated-normal kernels of variance 1 / fan_in."""
-    for layer in list(self.hidden) + [self.bottleneck, self.logits]:
-      std = 1.0 / math.sqrt(layer.in_features) / 0.87962566103423978
-      nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    """Our head's init: truncated-normal(0.02) kernels (cut at +-2 std), zero biases."""
+    for layer in self._linears():
+      nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
       nn.init.zeros_(layer.bias)
 
   def forward(self, x):
     for layer in self.hidden:
       x = F.gelu(layer(x))
-    return self.logits(self.bottleneck(x))
+    if self.bottleneck is not None:
+      x = self.bottleneck(x)
+    return self.logits(x)
 
 
 class MultiCropWrapper(nn.Module):
@@ -189,7 +196,7 @@ def make_student(
     num_heads: int,
     bits: int,
     head_hidden_dim: int,
-    head_bottleneck_dim: int,
+    head_bottleneck_dim: int = 0,
     head_layers: int = 3,
     gelu_approximate: bool = False,
     fused_attention: bool = False,
@@ -257,13 +264,14 @@ def vit_state_dict(params: Mapping) -> dict:
 
 
 def head_state_dict(params: Mapping) -> dict:
-  """Our BitsHead params (`dense0..`, `bottleneck`, `logits`) -> `BitsHead` state_dict."""
+  """Our BitsHead params (`dense0..`, [`bottleneck`,] `logits`) -> `BitsHead` state_dict."""
   hidden = sorted((k for k in params if re.fullmatch(r"dense\d+", k)), key=lambda k: int(k[5:]))
   sd = {}
   for i, name in enumerate(hidden):
     _linear(sd, f"hidden.{i}", params[name]["kernel"], params[name]["bias"])
   for name in ("bottleneck", "logits"):
-    _linear(sd, name, params[name]["kernel"], params[name]["bias"])
+    if name in params:  # the paper's head has no bottleneck
+      _linear(sd, name, params[name]["kernel"], params[name]["bias"])
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
 

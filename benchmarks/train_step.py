@@ -1,12 +1,14 @@
 """Train-step throughput: our jitted BITS step vs a PyTorch step of the same work, same run.
 
   nice -n 5 python benchmarks/train_step.py [--rows=vit_tiny_32_b64,vit_tiny_32_b256] \
-      [--rounds=5] [--steps=2] [--no-torch_compile] [--dtype=auto] \
-      [--compiler_option=xla_cpu_experimental_ynn_fusion_type=]
+      [--rounds=5] [--steps=2] [--no-torch_compile] [--compile_rows=...] [--dtype=auto] \
+      [--compiler_option=xla_cpu_experimental_ynn_fusion_type=] [--json_out=rows.json]
+
+On a GPU: `benchmarks/gpu_table.sh` (the device run, with its environment).
 
 Rows (`--rows`, comma-separated; `all` for every one): ViT-T at 32 px, patch 4, local crops
-of 16 px; ViT-S/16 at 224 px, local crops of 96 px; multi-crop 2 global + 6 local, 256 bits,
-head 2048-2048-256, batch 64 or 256. For each row:
+of 16 px; ViT-S/16 and ViT-B/16 at 224 px, local crops of 96 px; multi-crop 2 global + 6
+local, 256 bits, the paper's head (d -> 2048 -> 2048 -> 256), batch 64 or 256. For each row:
   * ours: the project's jitted train step (`build_jax_step`: AdamW, EMA teacher, BCE +
     coding rate, non-finite guard, head re-init `lax.cond`), on one device;
   * torch eager: `benchmarks/torch_reference.py` (same model, loss and update; the same
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -42,7 +45,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bits_jax.models import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_GLOBAL, NUM_LOCAL = 2, 6
-BITS, HEAD_HIDDEN, HEAD_BOTTLENECK, HEAD_LAYERS = 256, 2048, 256, 3
+# The paper's head: d -> 2048 -> 2048 -> 256 bit logits, no bottleneck.
+BITS, HEAD_HIDDEN, HEAD_BOTTLENECK, HEAD_LAYERS = 256, 2048, 0, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,8 @@ ROWS = {
         Row("tiny", 32, 4, 16, 256),
         Row("small", 224, 16, 96, 64),
         Row("small", 224, 16, 96, 256),
+        Row("base", 224, 16, 96, 64),
+        Row("base", 224, 16, 96, 256),
     )
 }
 DEFAULT_ROWS = "vit_tiny_32_b64,vit_tiny_32_b256"
@@ -77,7 +83,8 @@ DEFAULT_ROWS = "vit_tiny_32_b64,vit_tiny_32_b256"
 def train_step_flops(row: Row) -> float:
   """Model FLOPs of one step: teacher forward (global crops) + student forward + backward."""
   width, depth, _ = vit.VIT_SIZES[row.model]
-  head_dims = [width] + [HEAD_HIDDEN] * (HEAD_LAYERS - 1) + [HEAD_BOTTLENECK, BITS]
+  head_dims = [width] + [HEAD_HIDDEN] * (HEAD_LAYERS - 1) + [HEAD_BOTTLENECK or None, BITS]
+  head_dims = [d for d in head_dims if d]
   view = lambda size: common.vit_forward_flops(
       width, depth, size, row.patch, row.channels
   ) + common.mlp_flops(head_dims)
@@ -314,7 +321,10 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
   print(f"ours: built, compiled and one step in {time.perf_counter() - t0:.1f} s", flush=True)
   if ref is not None:
     device = "cuda" if gpu else "cpu"
-    variants = ["eager"] + (["compile"] if args.torch_compile else [])
+    compile_this = args.torch_compile and (
+        not args.compile_rows or row.name in args.compile_rows.split(",")
+    )
+    variants = ["eager"] + (["compile"] if compile_this else [])
     for variant in variants:
       t0 = time.perf_counter()
       try:
@@ -444,6 +454,12 @@ def main(argv=None):
   )
   parser.add_argument("--torch_compile", default=True, action=argparse.BooleanOptionalAction)
   parser.add_argument(
+      "--compile_rows", default="", help="comma-separated rows for torch.compile (default: all)"
+  )
+  parser.add_argument(
+      "--json_out", default="", help="write the rows' raw timings and summaries here, per row"
+  )
+  parser.add_argument(
       "--gelu_approximate",
       action="store_true",
       help="tanh GELU in both models (default: exact erf, as the paper's)",
@@ -488,8 +504,29 @@ def main(argv=None):
       flush=True,
   )
   peak = MatmulPeak(gpu, args.dtype)
-  results = [bench_row(ROWS[n], args, ref, peak, gpu) for n in names]
-  summaries = [summarize(r, ROWS[r["row"]].batch, device, args.dtype) for r in results]
+  results, summaries = [], []
+  for name in names:
+    try:
+      results.append(bench_row(ROWS[name], args, ref, peak, gpu))
+    except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: the next row
+      print(f"{name} failed: {_first_line(e)}", flush=True)
+      errors = {"ours": _first_line(e)}
+      results.append(
+          dict(row=name, model_flops=train_step_flops(ROWS[name]), xla_flops=None, errors=errors)
+      )
+    summaries.append(summarize(results[-1], ROWS[name].batch, device, args.dtype))
+    if args.json_out:  # per row, so a run stopped at its time limit keeps what it measured
+      with open(args.json_out, "w") as f:
+        json.dump(
+            dict(device=device.device_kind, dtype=args.dtype, results=results, summaries=summaries),
+            f,
+            indent=1,
+            default=float,
+        )
+    if ref is not None and gpu:  # the next row's allocations need the memory torch cached
+      import torch  # pylint: disable=g-import-not-at-top
+
+      torch.cuda.empty_cache()
   entries = ["ours"] + [
       n
       for n in ("torch_eager", "torch_compile")

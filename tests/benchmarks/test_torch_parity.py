@@ -47,9 +47,9 @@ def _random_params(shapes, seed: int = 0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _ours(num_bits: int):
+def _ours(num_bits: int, bottleneck_dim: int = 16):
   backbone = vit.ViT(width=32, depth=1, num_heads=2, patch_size=4, image_size=16)
-  head = heads.BitsHead(bits=num_bits, hidden_dim=64, bottleneck_dim=16, num_layers=3)
+  head = heads.BitsHead(bits=num_bits, hidden_dim=64, bottleneck_dim=bottleneck_dim, num_layers=3)
   shapes = jax.eval_shape(
       lambda k: {
           "backbone": backbone.init(k, jnp.zeros((1, 16, 16, 3)))["params"],
@@ -78,10 +78,11 @@ def _ours(num_bits: int):
   return _random_params(shapes), loss
 
 
-def test_torch_reference_loss_and_gradients_equal_ours():
+@pytest.mark.parametrize("bottleneck_dim", [0, 16])  # the paper's head; the first landing's
+def test_torch_reference_loss_and_gradients_equal_ours(bottleneck_dim):
   """Teacher = student weights; 2 global 16 px + 2 local 8 px crops, batch 8, 32 bits."""
   ref = _load_reference()
-  params, loss_fn = _ours(32)
+  params, loss_fn = _ours(32, bottleneck_dim)
   rng = np.random.RandomState(0)
   global_views = rng.randn(8, 2, 16, 16, 3).astype(np.float32)
   local_views = rng.randn(8, 2, 8, 8, 3).astype(np.float32)
@@ -98,7 +99,7 @@ def test_torch_reference_loss_and_gradients_equal_ours():
       num_heads=2,
       bits=32,
       head_hidden_dim=64,
-      head_bottleneck_dim=16,
+      head_bottleneck_dim=bottleneck_dim,
   )
   ref.load_flax_params(student, params)
   crops = ref.images_to_torch(global_views) + ref.images_to_torch(local_views)
