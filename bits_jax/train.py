@@ -338,8 +338,9 @@ def _pixel_rows(config, mesh, key: str) -> dict:
 
   metric = key.split("/", 1)[1]
   rows = {}
+  variants = pixel_baseline.pixel_knn_rows(config, mesh)  # reads the splits once
   for label, normalized in (("pixels", False), ("pixels_normalized", True)):
-    knn_results = pixel_baseline.pixel_knn(config, mesh, normalized=normalized)
+    knn_results = variants[normalized]
     rows.update({f"{label}/knn/{k}": v for k, v in knn_results.items()})
     rows[f"knn_top1_{label}"] = knn_results[metric]
   return rows

@@ -31,26 +31,39 @@ def knn_entry(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return entries[0]
 
 
-def pixel_features(
-    config: ml_collections.ConfigDict, split: str, *, normalized: bool = True
-) -> dict[str, np.ndarray]:
-  """{'pixels': [n, H*W*C] float32, 'label': [n], 'mask': [n] bool} of an eval split."""
+def _eval_pixels(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
+  """{'pixels': [n, H*W*C] normalised float32, 'label': [n], 'mask': [n] bool} of a split."""
   from bits_jax import data  # pylint: disable=g-import-not-at-top
-  from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
 
-  spec = augment.color_spec(config.input)
-  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
   parts: dict[str, list[np.ndarray]] = {"pixels": [], "label": [], "mask": []}
   for batch in data.make_eval_iterator(config, split):
     images = np.asarray(batch["image"], np.float32)
-    if not normalized:
-      images = images * std + mean
     parts["pixels"].append(images.reshape(len(images), -1))
     parts["label"].append(np.asarray(batch["label"]))
     parts["mask"].append(np.asarray(batch["mask"], bool))
   if not parts["pixels"]:
     raise ValueError(f"split {split!r} of {config.input.dataset!r} yielded no batches.")
   return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _unnormalize(config: ml_collections.ConfigDict, pixels: np.ndarray) -> np.ndarray:
+  """Normalised `[n, H*W*C]` pixels back to [0, 1] (channels last, so `C` varies fastest)."""
+  from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+  spec = augment.color_spec(config.input)
+  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+  n = len(pixels)
+  return (pixels.reshape(n, -1, mean.size) * std + mean).reshape(n, -1)
+
+
+def pixel_features(
+    config: ml_collections.ConfigDict, split: str, *, normalized: bool = True
+) -> dict[str, np.ndarray]:
+  """{'pixels': [n, H*W*C] float32, 'label': [n], 'mask': [n] bool} of an eval split."""
+  feats = _eval_pixels(config, split)
+  if not normalized:
+    feats["pixels"] = _unnormalize(config, feats["pixels"])
+  return feats
 
 
 def pixel_knn(
@@ -66,22 +79,40 @@ def pixel_knn(
   Returns:
     {'knn_top1_k{k}', 'knn_top5_k{k}'} as the k-NN evaluator returns them.
   """
-  entry = knn_entry(config)
-  bank = pixel_features(config, entry.bank_split, normalized=normalized)
-  queries = pixel_features(config, entry.query_split, normalized=normalized)
-  if bank["label"].ndim != 1:
-    raise ValueError("pixel k-NN needs single-label data (labels [n]); got multi-hot labels.")
+  return pixel_knn_rows(config, mesh, variants=(normalized,))[normalized]
+
+
+def pixel_knn_rows(
+    config: ml_collections.ConfigDict,
+    mesh: Optional[Mesh] = None,
+    *,
+    variants: tuple[bool, ...] = (False, True),
+) -> dict[bool, dict[str, float]]:
+  """`pixel_knn` for each `normalized` in `variants`, reading the splits once."""
   from bits_jax import data  # pylint: disable=g-import-not-at-top
 
-  return knn.knn_classify(
-      bank["pixels"],
-      bank["label"],
-      queries["pixels"],
-      queries["label"],
-      num_classes=int(data.get_dataset_info(config).num_classes),
-      ks=tuple(entry.ks),
-      temperature=float(entry.temperature),
-      bank_mask=bank["mask"],
-      query_mask=queries["mask"],
-      mesh=mesh,
-  )
+  entry = knn_entry(config)
+  bank = _eval_pixels(config, entry.bank_split)
+  queries = _eval_pixels(config, entry.query_split)
+  if bank["label"].ndim != 1:
+    raise ValueError("pixel k-NN needs single-label data (labels [n]); got multi-hot labels.")
+  num_classes = int(data.get_dataset_info(config).num_classes)
+  rows = {}
+  for normalized in variants:
+    pixels = {
+        name: feats["pixels"] if normalized else _unnormalize(config, feats["pixels"])
+        for name, feats in (("bank", bank), ("queries", queries))
+    }
+    rows[normalized] = knn.knn_classify(
+        pixels["bank"],
+        bank["label"],
+        pixels["queries"],
+        queries["label"],
+        num_classes=num_classes,
+        ks=tuple(entry.ks),
+        temperature=float(entry.temperature),
+        bank_mask=bank["mask"],
+        query_mask=queries["mask"],
+        mesh=mesh,
+    )
+  return rows

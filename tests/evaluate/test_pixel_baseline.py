@@ -76,3 +76,28 @@ def test_needs_a_knn_entry(dataset):
   config.evals.knn.type = "linear"
   with pytest.raises(ValueError, match="no entry of type 'knn'"):
     pixel_baseline.knn_entry(config)
+
+
+def test_rows_read_once_equal_each_variant(dataset, monkeypatch):
+  config = _config(dataset[0])
+  reads = []
+  eval_pixels = pixel_baseline._eval_pixels  # pylint: disable=protected-access
+  monkeypatch.setattr(
+      pixel_baseline, "_eval_pixels", lambda c, split: reads.append(split) or eval_pixels(c, split)
+  )
+  rows = pixel_baseline.pixel_knn_rows(config)
+  assert reads == ["train", "test"]  # both variants from one read of each split
+  monkeypatch.setattr(pixel_baseline, "_eval_pixels", eval_pixels)
+  for normalized in (False, True):
+    assert rows[normalized] == pixel_baseline.pixel_knn(config, normalized=normalized)
+
+
+def test_unnormalize_is_per_channel():
+  config = config_defaults.base_config()
+  config.input.num_channels = 3
+  config.input.augment.normalize_mean = (0.1, 0.2, 0.3)
+  config.input.augment.normalize_std = (0.5, 0.25, 2.0)
+  raw = np.random.default_rng(0).random((4, 2, 2, 3)).astype(np.float32)
+  normalised = (raw - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
+  back = pixel_baseline._unnormalize(config, normalised.reshape(4, -1).astype(np.float32))  # pylint: disable=protected-access
+  np.testing.assert_allclose(back, raw.reshape(4, -1), atol=1e-6)
