@@ -111,6 +111,11 @@ def objective_defaults() -> ConfigDict:
                   rate_eps_convention="simdino",
                   rate_balance=True,  # times SimDINO's balancing factor (d + n) / (d n)
                   eps=0.05,  # coding-rate distortion
+                  bce_logit_scale=0.0,  # not in the paper: >0 = BCE on logits of RMS this per bit
+                  # Not in the paper (off = Eq. 7): threshold a_t - c, c an EMA of the teacher
+                  # logits' batch mean per bit (DINO's centring), so no bit stays constant.
+                  teacher_center=False,  # not in the paper: centre the teacher logits
+                  teacher_center_momentum=0.9,  # EMA momentum of c (teacher_center only)
               )
           ),
           dino=ConfigDict(

@@ -30,6 +30,17 @@ Settings (`config.objective.bits`) and why each default:
   rate_balance=True       times SimDINO's (d + n) / (d n) (n: the global batch); the paper
                           does not state it; beta = 0.1 was tuned with it here.
   eps                     the distortion (unstated by the paper; SimDINO uses 0.5).
+  bce_logit_scale=0       NOT in the paper (0 = Eq. 8 on the raw logits). kappa > 0: the BCE
+                          sees the student logits rescaled to RMS kappa per bit (kappa sqrt(B)
+                          a / ||a||, signs kept). With raw logits the BCE grows ||a||, and the
+                          rate on a / ||a|| has a gradient ~ 1 / ||a||: whichever term leads
+                          wins for good (small logits: the rate, no agreement learnt; large:
+                          the BCE, collapse). Rescaled, both gradients scale as 1 / ||a||.
+  teacher_center=False    NOT in the paper (off = the paper's Eq. 7). True: the messages are
+                          1[a_t - c > 0], c an EMA over steps of the mean teacher logit per bit
+                          (DINO's centring, momentum `teacher_center_momentum`): every bit stays
+                          near half on over the batch, so a strong agreement term cannot reach
+                          the constant message (where the normalised rate has no gradient).
 """
 
 import jax
@@ -69,7 +80,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems += common.positive(
       config, "bits", ("eps",), "the distortion in the coding rate, e.g. 0.05"
   )
-  for key in ("bce_weight", "coding_rate_weight", "target_temperature"):
+  for key in ("bce_weight", "coding_rate_weight", "target_temperature", "bce_logit_scale"):
     if bits[key] is None or bits[key] < 0:
       problems.append(f"config.objective.bits.{key}={bits[key]} must be >= 0 (0 disables it).")
   for key, choices in (
@@ -81,7 +92,30 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   ):
     if bits[key] not in choices:
       problems.append(f"config.objective.bits.{key}={bits[key]!r}: use one of {choices}.")
+  momentum = bits.get("teacher_center_momentum", 0.9)
+  if bits.get("teacher_center", False) and not (momentum is not None and 0 <= momentum < 1):
+    problems.append(
+        f"config.objective.bits.teacher_center_momentum={momentum} must be in [0, 1) "
+        "(0: the current batch's mean only; DINO uses 0.9)."
+    )
   return problems
+
+
+def init_state(config: ml_collections.ConfigDict):
+  """`{'center': [bits]}` zeros with teacher_center, else {} (the paper's BITS is stateless)."""
+  bits = config.objective.bits
+  if not bits.get("teacher_center", False):
+    return {}
+  return {"center": jnp.zeros((bits.num_bits,), jnp.float32)}
+
+
+def updated_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
+  """EMA of the mean teacher logit per bit over the views and the (global) batch.
+
+  `center: [bits]`, `teacher_logits: [G, batch, bits]`; no gradient.
+  """
+  batch_mean = jnp.mean(teacher_logits.astype(jnp.float32), axis=(0, 1))
+  return jax.lax.stop_gradient(momentum * center + (1.0 - momentum) * batch_mean)
 
 
 def messages(teacher_logits: jax.Array) -> jax.Array:
@@ -95,6 +129,14 @@ def targets(teacher_logits: jax.Array, temperature: float) -> jax.Array:
   if not temperature:
     return messages(teacher_logits)
   return jax.lax.stop_gradient(jax.nn.sigmoid(teacher_logits.astype(jnp.float32) / temperature))
+
+
+def scaled_logits(s: jax.Array, scale: float) -> jax.Array:
+  """`s: [..., bits]` as is (scale 0), else rescaled to RMS `scale` per bit:
+  scale * sqrt(bits) * s / ||s|| (same signs; the norm no longer moves the BCE)."""
+  if not scale:
+    return s
+  return scale * jnp.sqrt(float(s.shape[-1])) * utils.l2_normalize(s)
 
 
 def _pair_loss(s: jax.Array, t: jax.Array, kind: str, reduction: str) -> jax.Array:
@@ -113,6 +155,7 @@ def agreement(
     *,
     kind: str = "bce",
     reduction: str = "mean",
+    logit_scale: float = 0.0,
 ):
   """Cross-view agreement loss and bit accuracy.
 
@@ -120,14 +163,16 @@ def agreement(
     student_logits: [V, batch, bits], global views first, then local views.
     teacher_targets: [G, batch, bits] in [0, 1] (messages, or soft targets).
     kind: 'bce' | 'cosine'. reduction: 'mean' | 'sum' over the bits (BCE only).
+    logit_scale: 0 (the paper), or the BCE sees `scaled_logits(s, logit_scale)`.
   Returns:
     (loss, accuracy): float32 scalars averaged over the (g, v != g) pairs and the batch;
     accuracy is the fraction of bits whose sign matches the target's (t > 1/2).
   """
   pairs = common.cross_view_pairs(teacher_targets.shape[0], student_logits.shape[0], "BITS")
   s = student_logits.astype(jnp.float32)
+  scaled = scaled_logits(s, logit_scale) if kind == "bce" else s
   loss = common.mean_over_pairs(
-      lambda g, v: _pair_loss(s[v], teacher_targets[g], kind, reduction), pairs
+      lambda g, v: _pair_loss(scaled[v], teacher_targets[g], kind, reduction), pairs
   )
   accuracy = common.mean_over_pairs(
       lambda g, v: jnp.mean(((s[v] > 0) == (teacher_targets[g] > 0.5)).astype(jnp.float32)),
@@ -185,7 +230,7 @@ def loss(
   Args:
     student_logits: [V, batch, bits] for all views (G global first).
     teacher_logits: [G, batch, bits] for the global views.
-    state: objective state (empty for BITS).
+    state: objective state: {} (the paper's BITS), or {'center': [bits]} with teacher_center.
     step: the global step (unused by BITS).
     config: reads `config.objective.bits` (see the module docstring).
     batch_shards: devices the batch is split over (for rate_scope='device').
@@ -195,13 +240,20 @@ def loss(
   """
   del step
   settings = config.objective.bits
-  msgs = messages(teacher_logits)
+  sender_logits = teacher_logits  # what is thresholded into messages
+  if settings.get("teacher_center", False):
+    sender_logits = teacher_logits.astype(jnp.float32) - state["center"]
+    state = {
+        "center": updated_center(state["center"], teacher_logits, settings.teacher_center_momentum)
+    }
+  msgs = messages(sender_logits)
   soft_targets = bool(settings.target_temperature)
   agree, accuracy = agreement(
       student_logits,
-      targets(teacher_logits, settings.target_temperature),
+      targets(sender_logits, settings.target_temperature),
       kind=settings.agreement,
       reduction=settings.bce_reduction,
+      logit_scale=settings.get("bce_logit_scale", 0.0),
   )
   rate = coding_rate(student_logits, teacher_logits, settings, batch_shards)
   n, d = student_logits.shape[1], student_logits.shape[2]
@@ -211,7 +263,8 @@ def loss(
       "coding_rate": -settings.coding_rate_weight * balance * rate,
   }
   total = terms["agreement"] + terms["coding_rate"]
-  if settings.agreement == "bce" and settings.bce_reduction == "mean" and not soft_targets:
+  plain_bce = settings.bce_reduction == "mean" and not settings.get("bce_logit_scale", 0.0)
+  if settings.agreement == "bce" and plain_bce and not soft_targets:
     bce = agree
   else:  # the mean BCE against the messages, comparable across settings (ln 2 = chance)
     bce, _ = agreement(student_logits, msgs)
@@ -234,5 +287,6 @@ OBJECTIVE = common.Objective(
     name="bits",
     make_head=make_head,
     loss=loss,
+    init_state=init_state,
     config_problems=config_problems,
 )
