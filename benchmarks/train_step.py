@@ -285,6 +285,15 @@ class MatmulPeak:
 # ------------------------------------------------------------------------------- bench
 
 
+def _compiler_option(text: str) -> tuple[str, object]:
+  """'NAME=VALUE' -> (NAME, VALUE) with 'true'/'false' as bools and digits as ints (XLA
+  refuses the strings for its bool and int options)."""
+  name, value = text.split("=", 1)
+  if value.lower() in ("true", "false"):
+    return name, value.lower() == "true"
+  return name, int(value) if value.lstrip("-").isdigit() else value
+
+
 def _first_line(error: BaseException) -> str:
   text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
   return text[:120]
@@ -476,7 +485,7 @@ def main(argv=None):
   )
   parser.add_argument("--verbose", action="store_true", help="tracebacks of torch failures")
   args = parser.parse_args(argv)
-  args.compiler_options = dict(o.split("=", 1) for o in args.compiler_option)
+  args.compiler_options = dict(_compiler_option(o) for o in args.compiler_option)
   names = list(ROWS) if args.rows == "all" else args.rows.split(",")
   unknown = [n for n in names if n not in ROWS]
   if unknown:
