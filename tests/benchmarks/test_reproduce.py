@@ -35,7 +35,7 @@ def test_table_mean_std_per_method_and_missing_metrics():
   assert dino.startswith("| DINO | 1 | 70.00 |")
   # mean 85, sample std of (80, 90) = 7.07; codes mAP 45 +- 7.07; both bit-accuracy curves.
   assert bits.startswith("| BITS-reset | 2 | 85.00 ± 7.07 |")
-  assert "45.00 ± 7.07" in bits and "0.600 -> 0.800, 0.550 -> 0.750" in bits
+  assert "45.00 ± 7.07" in bits and "0.575 -> 0.775 |" in bits  # one segment, mean of 2 runs
   assert dino.count("| - |") >= 1  # DINO has no codes
 
 
@@ -53,3 +53,15 @@ def test_overrides_parse_literals_and_reject_unknown_keys():
   assert config.input.crops.global_scale == (0.3, 1.0)
   with pytest.raises(ValueError, match="no key"):
     reproduce.apply_overrides(config, ["optim.learning_rat=1"])
+
+
+def test_bit_accuracy_per_head_segment():
+  history = {"25": 0.8, "100": 0.9, "125": 0.7, "200": 0.85, "225": 0.6, "300": 0.65}
+  assert reproduce.segment_accuracy(history, 100) == [(0.8, 0.9), (0.7, 0.85), (0.6, 0.65)]
+  assert reproduce.segment_accuracy(history, 0) == [(0.8, 0.65)]
+  runs = [
+      {"bit_accuracy": history, "reset_every_steps": 100},
+      {"bit_accuracy": {"50": 0.6, "100": 0.8, "150": 0.5, "200": 0.7}, "reset_every_steps": 100},
+  ]
+  # Segments both runs have, each the mean over the runs.
+  assert reproduce._segments_cell(runs) == "0.700 -> 0.850, 0.600 -> 0.775"  # pylint: disable=protected-access
