@@ -106,7 +106,9 @@ def available_host_bytes() -> int | None:
 # ---------------------------------------------------------------------------- builders
 
 
-def row_config(row: Row, *, dtype: str = "float32", gelu_approximate: bool = False):
+def row_config(
+    row: Row, *, dtype: str = "float32", gelu_approximate: bool = False, attention: str = "xla"
+):
   """The project's config of a row's step: the only function here that knows config keys."""
   # pylint: disable=g-import-not-at-top
   from bits_jax import config_defaults
@@ -119,6 +121,7 @@ def row_config(row: Row, *, dtype: str = "float32", gelu_approximate: bool = Fal
       "name": f"vit_{row.model}",
       "patch_size": row.patch,
       "gelu_approximate": gelu_approximate,
+      "attention": attention,
   }
   config.input.num_channels = row.channels
   config.input.batch_size = row.batch
@@ -137,7 +140,12 @@ def row_config(row: Row, *, dtype: str = "float32", gelu_approximate: bool = Fal
 
 
 def build_jax_step(
-    row: Row, views: dict, *, dtype: str = "float32", gelu_approximate: bool = False
+    row: Row,
+    views: dict,
+    *,
+    dtype: str = "float32",
+    gelu_approximate: bool = False,
+    attention: str = "xla",
 ):
   """Our train step on one device through the project's API.
 
@@ -147,7 +155,7 @@ def build_jax_step(
   # pylint: disable=g-import-not-at-top
   from bits_jax import sharding
   # pylint: enable=g-import-not-at-top
-  config = row_config(row, dtype=dtype, gelu_approximate=gelu_approximate)
+  config = row_config(row, dtype=dtype, gelu_approximate=gelu_approximate, attention=attention)
   step, state, mesh, _ = common.jitted_step(config, jax.devices()[:1])
   params = jax.tree_util.tree_map(np.asarray, state.params)
   batch = jax.device_put(views, sharding.batch_sharding(mesh))
@@ -308,7 +316,7 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
   )
   t0 = time.perf_counter()
   step, state, batch, params = build_jax_step(
-      row, views, dtype=dtype, gelu_approximate=args.gelu_approximate
+      row, views, dtype=dtype, gelu_approximate=args.gelu_approximate, attention=args.attention
   )
   compiled = step.lower(state, batch).compile(compiler_options=args.compiler_options or None)
   result = {
@@ -474,6 +482,12 @@ def main(argv=None):
       help="tanh GELU in both models (default: exact erf, as the paper's)",
   )
   parser.add_argument(
+      "--attention",
+      default="xla",
+      choices=vit.ATTENTION_KERNELS,
+      help="our ViT's attention kernel (config.model.attention); cudnn: fused, GPU bf16 only",
+  )
+  parser.add_argument(
       "--compiler_option",
       action="append",
       default=[],
@@ -508,7 +522,7 @@ def main(argv=None):
   print(
       f"device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
       f"jax {jax.__version__}{threads}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-      f"our compiler options {args.compiler_options}; "
+      f"our compiler options {args.compiler_options}, attention {args.attention!r}; "
       f"load average {os.getloadavg()}",
       flush=True,
   )
@@ -527,7 +541,14 @@ def main(argv=None):
     if args.json_out:  # per row, so a run stopped at its time limit keeps what it measured
       with open(args.json_out, "w") as f:
         json.dump(
-            dict(device=device.device_kind, dtype=args.dtype, results=results, summaries=summaries),
+            dict(
+                device=device.device_kind,
+                dtype=args.dtype,
+                attention=args.attention,
+                gelu_approximate=args.gelu_approximate,
+                results=results,
+                summaries=summaries,
+            ),
             f,
             indent=1,
             default=float,

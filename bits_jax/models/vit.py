@@ -7,12 +7,18 @@ Returns a dict so dense evaluation needs no second model:
 Position embeddings are learned for a reference grid and resized (bilinear) for crops of
 another size, so global and local crops share one model.
 
+Attention kernel (`attention`): 'xla' (default) is flax's einsum + softmax attention;
+'cudnn' calls `jax.nn.dot_product_attention(implementation='cudnn')`, the fused cuDNN
+flash-attention kernel (NVIDIA GPUs, bfloat16/float16 only); 'auto' lets
+`jax.nn.dot_product_attention` choose. All compute softmax(q k^T / sqrt(d)) v.
+
 Stochastic depth (`drop_path_rate`, DINO / timm): block i of n drops each of its two residual
 branches per sample with probability rate * i / (n - 1) and rescales the kept ones by
 1 / (1 - p). It acts only in `train=True` applies given a 'drop_path' rng
 (`rngs={'drop_path': key}`, the student's); without that rng the forward pass is exact.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +49,29 @@ class MlpBlock(nn.Module):
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
+ATTENTION_KERNELS = ("xla", "cudnn", "auto")
+
+
+def _fused_attention(query, key, value, bias=None, mask=None, *, implementation, dtype=None, **_):
+  """flax `attention_fn` on `jax.nn.dot_product_attention`; [batch, len, heads, head_dim].
+
+  Dropout arguments are ignored: the backbone uses no attention dropout.
+  """
+  out = jax.nn.dot_product_attention(
+      query, key, value, bias=bias, mask=mask, implementation=implementation
+  )
+  return out if dtype is None else out.astype(dtype)
+
+
+def attention_fn(kernel: str):
+  """The flax `attention_fn` of `config.model.attention` (see the module doc)."""
+  if kernel not in ATTENTION_KERNELS:
+    raise ValueError(f"config.model.attention={kernel!r}: use one of {ATTENTION_KERNELS}.")
+  if kernel == "xla":
+    return nn.dot_product_attention
+  return functools.partial(_fused_attention, implementation=None if kernel == "auto" else kernel)
+
+
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
   """`x: [batch, ...]` with whole samples zeroed with probability `rate`, the rest / (1 - rate)."""
   keep = 1.0 - rate
@@ -62,6 +91,7 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
   gelu_approximate: bool = False
   drop_path_rate: float = 0.0
+  attention: str = "xla"
 
   def _residual(self, y):
     if not self.drop_path_rate:
@@ -71,9 +101,12 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(
-        y, y
-    )
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        attention_fn=attention_fn(self.attention),
+        name="attn",
+    )(y, y)
     x = x + self._residual(y)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     y = MlpBlock(
@@ -111,6 +144,8 @@ class ViT(nn.Module):
   gelu_approximate: bool = False
   # Stochastic depth of the last block (0 at the first, linear in between); see the module doc.
   drop_path_rate: float = 0.0
+  # Attention kernel: 'xla' | 'cudnn' | 'auto' (see the module doc).
+  attention: str = "xla"
 
   @property
   def feature_dim(self) -> int:
@@ -160,6 +195,7 @@ class ViT(nn.Module):
           dtype=self.dtype,
           gelu_approximate=self.gelu_approximate,
           drop_path_rate=rate,
+          attention=self.attention,
           name=f"block{i}",
       )(x)
       block_cls_tokens.append(x[:, 0])
