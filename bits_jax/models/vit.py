@@ -9,7 +9,8 @@ another size, so global and local crops share one model.
 
 Attention kernel (`attention`): 'xla' (default) is flax's einsum + softmax attention;
 'cudnn' calls `jax.nn.dot_product_attention(implementation='cudnn')`, the fused cuDNN
-flash-attention kernel (NVIDIA GPUs, bfloat16/float16 only); 'auto' lets
+flash-attention kernel (NVIDIA GPUs, bfloat16/float16 only; sequences padded to even length
+and masked); 'auto' lets
 `jax.nn.dot_product_attention` choose. All compute softmax(q k^T / sqrt(d)) v.
 
 Stochastic depth (`drop_path_rate`, DINO / timm): block i of n drops each of its two residual
@@ -52,14 +53,30 @@ class MlpBlock(nn.Module):
 ATTENTION_KERNELS = ("xla", "cudnn", "auto")
 
 
-def _fused_attention(query, key, value, bias=None, mask=None, *, implementation, dtype=None, **_):
+def _fused_attention(
+    query, key, value, bias=None, mask=None, *, implementation, pad_to=1, dtype=None, **_
+):
   """flax `attention_fn` on `jax.nn.dot_product_attention`; [batch, len, heads, head_dim].
 
-  Dropout arguments are ignored: the backbone uses no attention dropout.
+  `pad_to` > 1 pads the sequences to a multiple of it and masks the padding (cuDNN's training
+  kernel refuses odd lengths, and a ViT has 1 + h * w tokens). Dropout arguments are ignored:
+  the backbone uses no attention dropout.
   """
+  length, kv_length = query.shape[1], key.shape[1]
+  seq_lengths = {}
+  if pad_to > 1 and (length % pad_to or kv_length % pad_to):
+    if bias is not None or mask is not None:
+      raise ValueError("padded fused attention takes no bias or mask.")
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, -x.shape[1] % pad_to), (0, 0), (0, 0)))
+    query, key, value = pad(query), pad(key), pad(value)
+    batch = query.shape[0]
+    seq_lengths = dict(
+        query_seq_lengths=jnp.full((batch,), length, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), kv_length, jnp.int32),
+    )
   out = jax.nn.dot_product_attention(
-      query, key, value, bias=bias, mask=mask, implementation=implementation
-  )
+      query, key, value, bias=bias, mask=mask, implementation=implementation, **seq_lengths
+  )[:, :length]
   return out if dtype is None else out.astype(dtype)
 
 
@@ -69,7 +86,9 @@ def attention_fn(kernel: str):
     raise ValueError(f"config.model.attention={kernel!r}: use one of {ATTENTION_KERNELS}.")
   if kernel == "xla":
     return nn.dot_product_attention
-  return functools.partial(_fused_attention, implementation=None if kernel == "auto" else kernel)
+  if kernel == "auto":
+    return functools.partial(_fused_attention, implementation=None)
+  return functools.partial(_fused_attention, implementation="cudnn", pad_to=2)
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:

@@ -8,6 +8,8 @@ import helpers
 from bits_jax import models
 from bits_jax.models import vit
 
+flax_attention = vit.attention_fn("xla")
+
 
 def _vit(attention):
   return vit.ViT(width=16, depth=2, num_heads=2, patch_size=4, image_size=8, attention=attention)
@@ -41,3 +43,17 @@ def test_config_option_and_unknown_kernel():
   assert models.build_backbone(config).attention == "auto"
   with pytest.raises(ValueError, match="config.model.attention='flash'"):
     _vit("flash").init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32))
+
+
+@pytest.mark.parametrize("pad_to", [2, 8])
+def test_padded_fused_attention_matches_unpadded(pad_to):
+  # The padding path of the 'cudnn' kernel, run by XLA: 1 + 2 * 2 = 5 tokens, odd.
+  q, k, v = jax.random.normal(jax.random.PRNGKey(3), (3, 2, 5, 2, 8))
+  ref = flax_attention(q, k, v)
+  out = vit._fused_attention(q, k, v, implementation="xla", pad_to=pad_to)
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  grad = lambda fn: jax.grad(lambda q, k, v: (fn(q, k, v) * v).sum(), argnums=(0, 1, 2))(q, k, v)
+  padded = grad(lambda q, k, v: vit._fused_attention(q, k, v, implementation="xla", pad_to=pad_to))
+  for a, b in zip(grad(flax_attention), padded):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
