@@ -107,7 +107,7 @@ def available_host_bytes() -> int | None:
 
 
 def row_config(
-    row: Row, *, dtype: str = "float32", gelu_approximate: bool = False, attention: str = "xla"
+    row: Row, *, dtype: str = "float32", gelu_approximate: bool = False, attention: str = "auto"
 ):
   """The project's config of a row's step: the only function here that knows config keys."""
   # pylint: disable=g-import-not-at-top
@@ -145,7 +145,7 @@ def build_jax_step(
     *,
     dtype: str = "float32",
     gelu_approximate: bool = False,
-    attention: str = "xla",
+    attention: str = "auto",
 ):
   """Our train step on one device through the project's API.
 
@@ -483,9 +483,12 @@ def main(argv=None):
   )
   parser.add_argument(
       "--attention",
-      default="xla",
+      default="auto",
       choices=vit.ATTENTION_KERNELS,
-      help="our ViT's attention kernel (config.model.attention); cudnn: fused, GPU bf16 only",
+      help=(
+          "our ViT's attention kernel (config.model.attention): auto = cudnn on NVIDIA bf16,"
+          " else xla"
+      ),
   )
   parser.add_argument(
       "--compiler_option",

@@ -275,7 +275,7 @@ def base_config() -> ConfigDict:
   config.input = input_defaults()
   # The backbone (bits_jax/models: 'vit_tiny' / 'vit_small' / 'vit_base' / 'vit_large', 'vit'
   # with width, depth, num_heads; 'resnet18' / 'resnet50' with width, small_stem) and its
-  # options (any field of the module: patch_size, remat, gelu_approximate, ...).
+  # options (any field of the module: patch_size, remat, gelu_approximate, attention, ...).
   config.model = ConfigDict(dict(name="vit_small", patch_size=16))
   config.objective = objective_defaults()
   config.optim = optim_defaults()
