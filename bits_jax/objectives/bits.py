@@ -92,8 +92,8 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   ):
     if bits[key] not in choices:
       problems.append(f"config.objective.bits.{key}={bits[key]!r}: use one of {choices}.")
-  momentum = bits.get("teacher_center_momentum", 0.9)
-  if bits.get("teacher_center", False) and not (momentum is not None and 0 <= momentum < 1):
+  momentum = bits.teacher_center_momentum
+  if bits.teacher_center and not (momentum is not None and 0 <= momentum < 1):
     problems.append(
         f"config.objective.bits.teacher_center_momentum={momentum} must be in [0, 1) "
         "(0: the current batch's mean only; DINO uses 0.9)."
@@ -104,7 +104,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
 def init_state(config: ml_collections.ConfigDict):
   """`{'center': [bits]}` zeros with teacher_center, else {} (the paper's BITS is stateless)."""
   bits = config.objective.bits
-  if not bits.get("teacher_center", False):
+  if not bits.teacher_center:
     return {}
   return {"center": jnp.zeros((bits.num_bits,), jnp.float32)}
 
@@ -241,7 +241,7 @@ def loss(
   del step
   settings = config.objective.bits
   sender_logits = teacher_logits  # what is thresholded into messages
-  if settings.get("teacher_center", False):
+  if settings.teacher_center:
     sender_logits = teacher_logits.astype(jnp.float32) - state["center"]
     state = {
         "center": updated_center(state["center"], teacher_logits, settings.teacher_center_momentum)
@@ -253,7 +253,7 @@ def loss(
       targets(sender_logits, settings.target_temperature),
       kind=settings.agreement,
       reduction=settings.bce_reduction,
-      logit_scale=settings.get("bce_logit_scale", 0.0),
+      logit_scale=settings.bce_logit_scale,
   )
   rate = coding_rate(student_logits, teacher_logits, settings, batch_shards)
   n, d = student_logits.shape[1], student_logits.shape[2]
@@ -263,7 +263,7 @@ def loss(
       "coding_rate": -settings.coding_rate_weight * balance * rate,
   }
   total = terms["agreement"] + terms["coding_rate"]
-  plain_bce = settings.bce_reduction == "mean" and not settings.get("bce_logit_scale", 0.0)
+  plain_bce = settings.bce_reduction == "mean" and not settings.bce_logit_scale
   if settings.agreement == "bce" and plain_bce and not soft_targets:
     bce = agree
   else:  # the mean BCE against the messages, comparable across settings (ln 2 = chance)

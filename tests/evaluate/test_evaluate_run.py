@@ -181,3 +181,20 @@ def test_init_from_loads_backbone_and_keeps_fresh_head(trained_run):
       jax.device_get(fresh.params["backbone"]["patch_embed"]["kernel"]),
       loaded["backbone"]["patch_embed"]["kernel"],
   )
+
+
+def test_config_json_of_an_older_version_gets_the_new_options():
+  config = helpers.load_config("fashion_mnist", "test,dino")
+  stored = json.loads(config.to_json_best_effort())
+  # As written before these options existed.
+  del stored["objective"]["bits"]["bce_logit_scale"], stored["objective"]["bits"]["teacher_center"]
+  del stored["init_from_head"]
+  loaded = run.config_from_json(json.dumps(stored))
+  assert loaded.objective.bits.bce_logit_scale == 0.0 and not loaded.objective.bits.teacher_center
+  assert loaded.init_from_head == "reset"
+  # What the run did store wins, and the backbone's section is not completed with another
+  # backbone's options (a ResNet has no patch_size).
+  assert loaded.objective.name == "dino" and loaded.model.to_dict() == config.model.to_dict()
+  assert loaded.input.crops.global_size == config.input.crops.global_size
+  stored["model"] = {"name": "resnet18", "width": 16}
+  assert "patch_size" not in run.config_from_json(json.dumps(stored)).model
