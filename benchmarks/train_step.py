@@ -83,8 +83,8 @@ DEFAULT_ROWS = "vit_tiny_32_b64,vit_tiny_32_b256"
 def train_step_flops(row: Row) -> float:
   """Model FLOPs of one step: teacher forward (global crops) + student forward + backward."""
   width, depth, _ = vit.VIT_SIZES[row.model]
-  head_dims = [width] + [HEAD_HIDDEN] * (HEAD_LAYERS - 1) + [HEAD_BOTTLENECK or None, BITS]
-  head_dims = [d for d in head_dims if d]
+  bottleneck = [HEAD_BOTTLENECK] if HEAD_BOTTLENECK else []  # 0: the paper's head, none
+  head_dims = [width] + [HEAD_HIDDEN] * (HEAD_LAYERS - 1) + bottleneck + [BITS]
   view = lambda size: common.vit_forward_flops(
       width, depth, size, row.patch, row.channels
   ) + common.mlp_flops(head_dims)
