@@ -152,7 +152,8 @@ def optim_defaults() -> ConfigDict:
           b1=0.9,  # Adam first-moment decay
           b2=0.999,  # Adam second-moment decay
           clip_norm=3.0,  # global gradient-norm clipping, 0 = none
-          teacher_momentum=0.996,  # cosine to 1.0
+          teacher_momentum=0.996,  # cosine to teacher_momentum_end
+          teacher_momentum_end=1.0,  # DINO's; < 1 keeps the teacher moving at the end
           grad_accum_steps=1,  # micro-batches per update (a scan inside the step)
       )
   )

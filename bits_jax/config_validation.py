@@ -187,6 +187,7 @@ def _check_values(c: _Checker) -> None:
   c.non_negative("objective.head.bottleneck_dim", "0 = the paper's head, no bottleneck")
   _check_head_resets(c)
   c.within("optim.teacher_momentum", 0.0, 1.0, "the EMA momentum of the teacher, e.g. 0.996")
+  c.within("optim.teacher_momentum_end", 0.0, 1.0, "the teacher's final EMA momentum, e.g. 1.0")
   c.within("optim.b1", 0.0, 0.999999, "an Adam decay rate below 1")
   c.within("optim.b2", 0.0, 0.999999, "an Adam decay rate below 1")
   c.positive("optim.grad_accum_steps", "micro-batches per update; 1 = none")
@@ -435,15 +436,23 @@ def _as_plain(config) -> dict:
 
 
 def config_differences(stored: dict, config) -> dict[str, tuple[Any, Any]]:
-  """{dotted key: (stored value, current value)} for every leaf that differs."""
+  """{dotted key: (stored value, current value)} for every leaf that differs.
+
+  A key the stored config lacks (an option added to the code since the run was written)
+  counts as its default: the run was trained with the behaviour the default keeps.
+  """
+  from bits_jax import config_defaults  # pylint: disable=g-import-not-at-top
+
   stored, current = dict(flat_items(stored)), dict(flat_items(_as_plain(config)))
+  defaults = dict(flat_items(_as_plain(config_defaults.base_config())))
   keys = sorted(set(stored) | set(current))
   missing = object()
-  return {
-      k: (stored.get(k, "<absent>"), current.get(k, "<absent>"))
-      for k in keys
-      if stored.get(k, missing) != current.get(k, missing)
-  }
+  differences = {}
+  for k in keys:
+    old = stored.get(k, defaults.get(k, missing))
+    if old != current.get(k, missing):
+      differences[k] = (stored.get(k, "<absent>"), current.get(k, "<absent>"))
+  return differences
 
 
 def _resume_safe(key: str) -> bool:

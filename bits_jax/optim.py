@@ -32,7 +32,7 @@ class Schedules:
 
 
 def make_schedules(config) -> Schedules:
-  """Warm-up + cosine learning rate, cosine weight decay and teacher momentum (to 1)."""
+  """Warm-up + cosine learning rate, cosine weight decay and teacher momentum (to its end)."""
   optim, total = config.optim, config.total_steps
   learning_rate = optax.warmup_cosine_decay_schedule(
       init_value=0.0,
@@ -49,10 +49,10 @@ def make_schedules(config) -> Schedules:
         decay_steps=max(total, 1),
         alpha=optim.weight_decay_end / optim.weight_decay,
     )
-  gap = optax.cosine_decay_schedule(
-      init_value=1.0 - optim.teacher_momentum, decay_steps=max(total, 1)
-  )
-  return Schedules(learning_rate, weight_decay, lambda step: 1.0 - gap(step))
+  # Cosine from teacher_momentum to teacher_momentum_end (DINO: 0.996 -> 1).
+  start, end = optim.teacher_momentum, optim.teacher_momentum_end
+  gap = optax.cosine_decay_schedule(init_value=end - start, decay_steps=max(total, 1))
+  return Schedules(learning_rate, weight_decay, lambda step: end - gap(step))
 
 
 def _decay_mask(params: PyTree) -> PyTree:

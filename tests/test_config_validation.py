@@ -356,3 +356,13 @@ def test_resume_allows_only_the_listed_key():
 
 def test_resume_with_the_same_config_has_no_differences():
   assert config_validation.check_resume_config(_stored(_config()), _config()) == {}
+
+
+def test_resume_of_a_run_written_before_an_option_existed():
+  stored = _stored(_config())
+  del stored["optim"]["teacher_momentum_end"], stored["objective"]["bits"]["teacher_center"]
+  # At their defaults the new options change nothing the run did: no difference.
+  assert config_validation.check_resume_config(stored, _config()) == {}
+  # Set to something else, they are changes like any other.
+  with pytest.raises(config_validation.ConfigError, match="teacher_momentum_end: '<absent>'"):
+    config_validation.check_resume_config(stored, _config(**{"optim.teacher_momentum_end": 0.99}))
