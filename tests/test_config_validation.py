@@ -360,9 +360,13 @@ def test_resume_with_the_same_config_has_no_differences():
 
 def test_resume_of_a_run_written_before_an_option_existed():
   stored = _stored(_config())
-  del stored["optim"]["teacher_momentum_end"], stored["objective"]["bits"]["teacher_center"]
+  bits = stored["objective"]["bits"]
+  assert not bits["teacher_center"]  # at its default in the preset
+  del bits["teacher_center"], bits["teacher_center_momentum"]
   # At their defaults the new options change nothing the run did: no difference.
   assert config_validation.check_resume_config(stored, _config()) == {}
   # Set to something else, they are changes like any other.
-  with pytest.raises(config_validation.ConfigError, match="teacher_momentum_end: '<absent>'"):
-    config_validation.check_resume_config(stored, _config(**{"optim.teacher_momentum_end": 0.99}))
+  with pytest.raises(config_validation.ConfigError, match="teacher_center: '<absent>'"):
+    config_validation.check_resume_config(
+        stored, _config(**{"objective.bits.teacher_center": True})
+    )
