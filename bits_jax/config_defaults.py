@@ -286,3 +286,29 @@ def base_config() -> ConfigDict:
   config.partition_rules = ((".*", "fsdp"),)  # (path regex, 'replicated' | 'fsdp' | spec)
   config.fsdp_min_size = 2**16  # arrays smaller than this stay replicated under 'fsdp'
   return config
+
+
+# Sections whose keys depend on a choice (the backbone, the evaluators): their defaults are
+# examples, not the options a stored run left out.
+CHOICE_SECTIONS = ("model", "evals")
+
+
+def complete(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDict:
+  """`config` (changed in place) with the keys of `base_config()` it lacks, at their defaults.
+
+  A run's stored config.json predates the options added to the code since: the run was
+  trained with the behaviour their defaults keep. What the run stored wins, and the
+  `CHOICE_SECTIONS` are not completed (a ResNet has no `patch_size`).
+  """
+  defaults = base_config() if defaults is None else defaults
+  for key, value in defaults.items():
+    if key not in config:
+      with config.ignore_type():
+        config[key] = value
+    elif (
+        key not in CHOICE_SECTIONS
+        and isinstance(value, ConfigDict)
+        and isinstance(config[key], ConfigDict)
+    ):
+      complete(config[key], value)
+  return config

@@ -439,18 +439,17 @@ def config_differences(stored: dict, config) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (stored value, current value)} for every leaf that differs.
 
   A key the stored config lacks (an option added to the code since the run was written)
-  counts as its default: the run was trained with the behaviour the default keeps.
+  counts as its default (`config_defaults.complete`).
   """
   from bits_jax import config_defaults  # pylint: disable=g-import-not-at-top
 
+  completed = config_defaults.complete(ml_collections.ConfigDict(stored))
+  completed = dict(flat_items(_as_plain(completed)))
   stored, current = dict(flat_items(stored)), dict(flat_items(_as_plain(config)))
-  defaults = dict(flat_items(_as_plain(config_defaults.base_config())))
-  keys = sorted(set(stored) | set(current))
   missing = object()
   differences = {}
-  for k in keys:
-    old = stored.get(k, defaults.get(k, missing))
-    if old != current.get(k, missing):
+  for k in sorted(set(stored) | set(current)):
+    if completed.get(k, missing) != current.get(k, missing):
       differences[k] = (stored.get(k, "<absent>"), current.get(k, "<absent>"))
   return differences
 

@@ -370,3 +370,15 @@ def test_resume_of_a_run_written_before_an_option_existed():
     config_validation.check_resume_config(
         stored, _config(**{"objective.bits.teacher_center": True})
     )
+
+
+def test_resume_does_not_complete_the_backbone_section():
+  # base_config()'s model is a ViT example; a ResNet run stored no patch_size, and a
+  # patch_size added now is a change, not the default coming back.
+  stored = _stored(_config())
+  stored["model"] = {"name": "resnet18", "width": 16}
+  now = _config()
+  now.model = {"name": "resnet18", "width": 16, "patch_size": 16}
+  assert "model.patch_size" in config_validation.config_differences(stored, now)
+  now.model = {"name": "resnet18", "width": 16}
+  assert config_validation.config_differences(stored, now) == {}

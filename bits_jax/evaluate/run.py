@@ -29,21 +29,6 @@ from bits_jax import weights as weights_lib
 from bits_jax.evaluate import common
 from bits_jax.evaluate import report
 
-# Sections whose keys depend on a choice (the backbone, the evaluators): never completed.
-_FREE_FORM = ("model", "evals")
-
-
-def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict):
-  """Adds the keys of `defaults` that `config` lacks (recursively, not into _FREE_FORM)."""
-  for key, value in defaults.items():
-    if key not in config:
-      with config.ignore_type():
-        config[key] = value
-    elif isinstance(value, ml_collections.ConfigDict) and key not in _FREE_FORM:
-      if isinstance(config[key], ml_collections.ConfigDict):
-        _fill_missing(config[key], value)
-  return config
-
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """A run's config.json as a ConfigDict (JSON lists back to the tuples the code expects).
@@ -63,7 +48,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     return config
 
   stored = with_tuples(ml_collections.ConfigDict(json.loads(text)))
-  return _fill_missing(stored, config_defaults.base_config())
+  return config_defaults.complete(stored)
 
 
 def load_variables(config, components, weights: str, which: str = "teacher"):
