@@ -63,11 +63,21 @@ class Row:
     return f"vit_{self.model}_{self.image}_b{self.batch}"
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """How both steps of a row run (the command line's options)."""
+
+  dtype: str = "float32"  # 'float32' | 'bfloat16' (ours: config.dtype; torch: autocast)
+  gelu_approximate: bool = False  # tanh GELU in both models (the paper's models: exact erf)
+  attention: str = "auto"  # our ViT's attention kernel (config.model.attention)
+
+
 ROWS = {
     r.name: r
     for r in (
         Row("tiny", 32, 4, 16, 64),
         Row("tiny", 32, 4, 16, 256),
+        Row("small", 224, 16, 96, 32),  # fits a 24 GiB CPU host (b64 needs ~20 GiB)
         Row("small", 224, 16, 96, 64),
         Row("small", 224, 16, 96, 256),
         Row("base", 224, 16, 96, 64),
@@ -106,22 +116,20 @@ def available_host_bytes() -> int | None:
 # ---------------------------------------------------------------------------- builders
 
 
-def row_config(
-    row: Row, *, dtype: str = "float32", gelu_approximate: bool = False, attention: str = "auto"
-):
+def row_config(row: Row, options: StepOptions = StepOptions()):
   """The project's config of a row's step: the only function here that knows config keys."""
   # pylint: disable=g-import-not-at-top
   from bits_jax import config_defaults
   # pylint: enable=g-import-not-at-top
   config = config_defaults.base_config()
-  config.dtype = dtype
+  config.dtype = options.dtype
   config.total_steps = 100_000
   config.mesh = {"data": 1, "fsdp": 1}
   config.model = {
       "name": f"vit_{row.model}",
       "patch_size": row.patch,
-      "gelu_approximate": gelu_approximate,
-      "attention": attention,
+      "gelu_approximate": options.gelu_approximate,
+      "attention": options.attention,
   }
   config.input.num_channels = row.channels
   config.input.batch_size = row.batch
@@ -139,14 +147,7 @@ def row_config(
   return config
 
 
-def build_jax_step(
-    row: Row,
-    views: dict,
-    *,
-    dtype: str = "float32",
-    gelu_approximate: bool = False,
-    attention: str = "auto",
-):
+def build_jax_step(row: Row, views: dict, options: StepOptions = StepOptions()):
   """Our train step on one device through the project's API.
 
   Returns (jitted step, initial state, batch on the device, params as numpy for the PyTorch
@@ -155,7 +156,7 @@ def build_jax_step(
   # pylint: disable=g-import-not-at-top
   from bits_jax import sharding
   # pylint: enable=g-import-not-at-top
-  config = row_config(row, dtype=dtype, gelu_approximate=gelu_approximate, attention=attention)
+  config = row_config(row, options)
   step, state, mesh, _ = common.jitted_step(config, jax.devices()[:1])
   params = jax.tree_util.tree_map(np.asarray, state.params)
   batch = jax.device_put(views, sharding.batch_sharding(mesh))
@@ -171,7 +172,7 @@ def load_torch_reference():
 
 
 def build_torch_step(
-    ref, row: Row, views: dict, params, *, device: str, bf16: bool, gelu_approximate: bool = False
+    ref, row: Row, views: dict, params, *, device: str, options: StepOptions = StepOptions()
 ):
   """(trainer, global crops, local crops) of the PyTorch reference with our weights."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -188,10 +189,12 @@ def build_torch_step(
       head_hidden_dim=HEAD_HIDDEN,
       head_bottleneck_dim=HEAD_BOTTLENECK,
       head_layers=HEAD_LAYERS,
-      gelu_approximate=gelu_approximate,
+      gelu_approximate=options.gelu_approximate,
   )
   ref.load_flax_params(student, params)
-  trainer = ref.BitsTrainer(student.to(device), autocast_dtype=torch.bfloat16 if bf16 else None)
+  trainer = ref.BitsTrainer(
+      student.to(device), autocast_dtype=torch.bfloat16 if options.dtype == "bfloat16" else None
+  )
   to_device = lambda crops: [c.to(device) for c in crops]
   return (
       trainer,
@@ -308,16 +311,14 @@ def _first_line(error: BaseException) -> str:
 
 
 def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
-  dtype = args.dtype
-  views = common.synthetic_batch(row_config(row, dtype=dtype))
+  options, dtype = args.options, args.options.dtype
+  views = common.synthetic_batch(row_config(row, options))
   print(
       f"\n== {row.name}: batch {row.batch}, 2 x {row.image} px + 6 x {row.local} px, {dtype}",
       flush=True,
   )
   t0 = time.perf_counter()
-  step, state, batch, params = build_jax_step(
-      row, views, dtype=dtype, gelu_approximate=args.gelu_approximate, attention=args.attention
-  )
+  step, state, batch, params = build_jax_step(row, views, options)
   compiled = step.lower(state, batch).compile(compiler_options=args.compiler_options or None)
   result = {
       "row": row.name,
@@ -351,8 +352,7 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
             views,
             params,
             device=device,
-            bf16=dtype == "bfloat16",
-            gelu_approximate=args.gelu_approximate,
+            options=options,
         )
         if variant == "compile":
           trainer.compile()
@@ -510,6 +510,7 @@ def main(argv=None):
   gpu = jax.default_backend() == "gpu"
   if args.dtype == "auto":
     args.dtype = "bfloat16" if gpu else "float32"
+  args.options = StepOptions(args.dtype, args.gelu_approximate, args.attention)
   device = jax.devices()[0]
   ref = None
   if args.torch:
@@ -546,9 +547,7 @@ def main(argv=None):
         json.dump(
             dict(
                 device=device.device_kind,
-                dtype=args.dtype,
-                attention=args.attention,
-                gelu_approximate=args.gelu_approximate,
+                **dataclasses.asdict(args.options),
                 results=results,
                 summaries=summaries,
             ),
