@@ -105,7 +105,7 @@ def test_two_processes_match_single_process(tmp_path):
   single, restored = restore(str(tmp_path / "one_process")), restore(workdir)
   # Gloo's cross-process all-reduce sums in another order than one process does; Adam's
   # normalized update turns those 1e-7 gradient differences into ~1e-5 in a few weights.
-  # Adam's first steps move every weight by about lr (5e-4 to 1e-3 here), so 1e-4 still
+  # Adam's first steps move every weight by about lr (up to the preset's 1.4e-3), so 1e-4 still
   # catches a wrong batch or a loss computed per process.
   tree_close = lambda a, b: jax.tree_util.tree_map(
       lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4),
