@@ -508,9 +508,8 @@ def main(argv=None):
   if unknown:
     parser.error(f"unknown --rows {unknown}: use {', '.join(ROWS)} or 'all'.")
   gpu = jax.default_backend() == "gpu"
-  if args.dtype == "auto":
-    args.dtype = "bfloat16" if gpu else "float32"
-  args.options = StepOptions(args.dtype, args.gelu_approximate, args.attention)
+  dtype = ("bfloat16" if gpu else "float32") if args.dtype == "auto" else args.dtype
+  args.options = StepOptions(dtype, args.gelu_approximate, args.attention)
   device = jax.devices()[0]
   ref = None
   if args.torch:
@@ -530,7 +529,7 @@ def main(argv=None):
       f"load average {os.getloadavg()}",
       flush=True,
   )
-  peak = MatmulPeak(gpu, args.dtype)
+  peak = MatmulPeak(gpu, dtype)
   results, summaries = [], []
   for name in names:
     try:
@@ -541,7 +540,7 @@ def main(argv=None):
       results.append(
           dict(row=name, model_flops=train_step_flops(ROWS[name]), xla_flops=None, errors=errors)
       )
-    summaries.append(summarize(results[-1], ROWS[name].batch, device, args.dtype))
+    summaries.append(summarize(results[-1], ROWS[name].batch, device, dtype))
     if args.json_out:  # per row, so a run stopped at its time limit keeps what it measured
       with open(args.json_out, "w") as f:
         json.dump(
@@ -568,12 +567,12 @@ def main(argv=None):
   torch_peaks = [p for r in results for p in r.get("torch_peaks", [])]
   loads = [x for r in results for x in r.get("loads", [])] or [os.getloadavg()[0]]
   print(
-      f"\n{time.strftime('%Y-%m-%d')}, {device.device_kind}, {args.dtype}, "
+      f"\n{time.strftime('%Y-%m-%d')}, {device.device_kind}, {dtype}, "
       f"{args.rounds} rounds x {args.steps} steps, load average "
       f"{min(loads):.1f}-{max(loads):.1f} during the rounds"
   )
   print(
-      f"matmul peak ({peak.n}^3 {args.dtype}, best of {peak.repeats}, median over rounds): "
+      f"matmul peak ({peak.n}^3 {dtype}, best of {peak.repeats}, median over rounds): "
       f"jnp.dot {statistics.median(all_peaks) / 1e9:.0f} GFLOP/s"
       + (f", torch.mm {statistics.median(torch_peaks) / 1e9:.0f} GFLOP/s" if torch_peaks else "")
   )

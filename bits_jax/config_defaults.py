@@ -300,15 +300,15 @@ def complete(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDi
   trained with the behaviour their defaults keep. What the run stored wins, and the
   `CHOICE_SECTIONS` are not completed (a ResNet has no `patch_size`).
   """
-  defaults = base_config() if defaults is None else defaults
+  _fill_missing(config, base_config() if defaults is None else defaults, CHOICE_SECTIONS)
+  return config
+
+
+def _fill_missing(config: ConfigDict, defaults: ConfigDict, skip: tuple[str, ...] = ()) -> None:
+  """Adds the keys of `defaults` that `config` lacks, recursing except into `skip`."""
   for key, value in defaults.items():
     if key not in config:
       with config.ignore_type():
         config[key] = value
-    elif (
-        key not in CHOICE_SECTIONS
-        and isinstance(value, ConfigDict)
-        and isinstance(config[key], ConfigDict)
-    ):
-      complete(config[key], value)
-  return config
+    elif key not in skip and isinstance(value, ConfigDict) and isinstance(config[key], ConfigDict):
+      _fill_missing(config[key], value)

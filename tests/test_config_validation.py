@@ -4,8 +4,10 @@ import dataclasses
 import json
 import time
 
+import ml_collections
 import pytest
 
+from bits_jax import config_defaults
 from bits_jax import config_validation
 from bits_jax import objectives
 from bits_jax import train
@@ -382,3 +384,14 @@ def test_resume_does_not_complete_the_backbone_section():
   assert "model.patch_size" in config_validation.config_differences(stored, now)
   now.model = {"name": "resnet18", "width": 16}
   assert config_validation.config_differences(stored, now) == {}
+
+
+def test_complete_skips_only_the_top_level_choice_sections():
+  defaults = ml_collections.ConfigDict(
+      {"model": {"patch_size": 16}, "optim": {"lr": 1.0, "model": {"ema": 0.9}}, "seed": 0}
+  )
+  stored = ml_collections.ConfigDict({"model": {"width": 8}, "optim": {"model": {}}})
+  config_defaults.complete(stored, defaults)
+  assert "patch_size" not in stored.model  # a backbone choice: left as stored
+  assert stored.optim.lr == 1.0 and stored.seed == 0  # options added since: their defaults
+  assert stored.optim.model.ema == 0.9  # a nested key named 'model' is an ordinary section
