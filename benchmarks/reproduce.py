@@ -269,35 +269,15 @@ def train_run(method: str, seed: int) -> dict:
   return row
 
 
-class _PixelContext:
-  """An evaluator context whose 'cls' features are the eval pipeline's pixels."""
-
-  def __init__(self, config):
-    from bits_jax import data  # pylint: disable=g-import-not-at-top
-
-    self.config, self.mesh, self.step, self.out_dir = config, None, 0, None
-    self.num_classes = int(data.get_dataset_info(config).num_classes)
-    self._cache = {}
-
-  def features(self, split: str) -> dict:
-    from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
-
-    if split not in self._cache:
-      feats = pixel_baseline.pixel_features(self.config, split)
-      self._cache[split] = {"cls": feats["pixels"], "label": feats["label"], "mask": feats["mask"]}
-    return self._cache[split]
-
-  def add_plot(self, path: str) -> None:
-    del path
-
-
 def pixel_row() -> dict:
   """The same evaluators on the normalised input pixels (no model, one row)."""
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+  from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
 
   config = run_config("bits", 0)
   t0 = time.time()
-  metrics = common.run_evaluators(_PixelContext(config), config.evals, list(_ENTRIES))
+  ctx = pixel_baseline.PixelContext(config)
+  metrics = common.run_evaluators(ctx, config.evals, list(_ENTRIES))
   return {"method": "pixels", "seed": 0, "wall_seconds": time.time() - t0, "metrics": metrics}
 
 

@@ -260,7 +260,7 @@ def base_config() -> ConfigDict:
   config.max_consecutive_nonfinite = 10  # stop after this many skipped updates in a row
   config.allow_config_change = ""  # resume: keys allowed to differ ('a.b,c'; '*' = any)
   config.baseline_random_init = True  # at-end evaluators also on the random-init model
-  config.baseline_pixels = True  # at-end k-NN also on raw and normalised pixels
+  config.baseline_pixels = True  # at-end k-NN and retrieval also on raw pixels
   # Gradient norm of each loss term on the logged steps (grad_norm/<term>, an extra backward
   # inside a lax.cond). Off: on XLA:CPU the taken branch ran 18x slower than a plain step
   # (demo preset, 2-core CPU), +50% per step on average at log_every=50.

@@ -346,6 +346,14 @@ def _pixel_rows(config, mesh, key: str) -> dict:
   return rows
 
 
+def _pixel_retrieval_rows(config, mesh, names: list[str]) -> dict:
+  """The retrieval entries `names` on raw pixels: 'pixels/<name>/<metric>'."""
+  from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
+
+  rows = pixel_baseline.pixel_retrieval(config, mesh, names=tuple(names))
+  return {f"pixels/{k}": v for k, v in rows.items()}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   """Train; then the `at_end` evaluators on the trained teacher (and the random-init model).
 
@@ -398,6 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         results[f"knn_top1{suffix}"] = results[f"{label}/{key}"]
       if config.get("baseline_pixels", True):
         results.update(_pixel_rows(config, mesh, key))
+    retrievals = [n for n in names if config.evals[n].type == "retrieval"]
+    if retrievals and config.get("baseline_pixels", True):
+      results.update(_pixel_retrieval_rows(config, mesh, retrievals))
     # Figures are read from the local staging dir (TensorBoard), then uploaded on exit.
     run_lib.write_results(
         results, workdir, step=int(state.step), plots=plots, prefix="", config=config
@@ -424,4 +435,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         ),
         flush=True,
     )
+  if jax.process_index() == 0:
+    _print_retrieval_headline(config, results, retrievals)
   return results
+
+
+def _print_retrieval_headline(config, results: dict, names: list[str]) -> None:
+  """mAP@ALL (the paper's headline) of each at-end retrieval entry, beside its baselines."""
+  for name in names:
+    if f"trained/{name}/map_all" not in results:
+      continue
+    cells = {
+        "trained": f"trained/{name}/map_all",
+        "random init": f"random_init/{name}/map_all",
+        "raw pixels": f"pixels/{name}/map_all",
+    }
+    bits = results.get(f"trained/{name}/codes/num_bits")
+    if bits:
+      cells[f"trained {int(bits)}-bit codes"] = f"trained/{name}/codes/{int(bits)}/map_all"
+    shown = [f"{label} {100 * results[key]:.2f}%" for label, key in cells.items() if key in results]
+    entry = config.evals[name]
+    print(
+        f"mAP@ALL ({name}) on {config.input.dataset}:{entry.query_split} against "
+        f"{entry.database_split}: "
+        + " | ".join(shown),
+        flush=True,
+    )

@@ -50,4 +50,9 @@ def test_train_and_evaluate_writes_results(config, tmp_path):
     assert on_disk[key] == results[key]
   # The pixel rows are the k-NN evaluator's protocol on the images: 10 classes, well above 1/10.
   assert results["knn_top1_pixels"] > 0.3
+  # The demo's retrieval entry at the end, on the trained, random-init and pixel rows.
+  for row in ("trained", "random_init", "pixels"):
+    assert 0.0 < on_disk[f"{row}/retrieval/map_all"] <= 1.0
+  assert "trained/retrieval/codes/32/map_all" in on_disk  # the test preset's 32-bit messages
+  assert not any(k.startswith("pixels/retrieval/codes") for k in on_disk)  # pixels: no code
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))

@@ -1,4 +1,4 @@
-"""pixel_baseline.pixel_knn: the k-NN protocol on eval-pipeline pixels vs a numpy reference."""
+"""pixel_baseline: the k-NN and retrieval protocols on eval-pipeline pixels vs numpy references."""
 
 import numpy as np
 import pytest
@@ -16,6 +16,18 @@ def _reference_top1(bank, bank_labels, queries, query_labels, k, temperature, cl
   for i, row in enumerate(top):
     np.add.at(votes[i], bank_labels[row], np.exp(sims[i, row] / temperature))
   return float(np.mean(votes.argmax(1) == query_labels))
+
+
+def _reference_map_all(database, database_labels, queries, query_labels):
+  """Mean over queries of AP over the whole cosine ranking, float64 (no ties here)."""
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  sims = unit(queries.astype(np.float64)) @ unit(database.astype(np.float64)).T
+  aps = []
+  for i, row in enumerate(sims):
+    relevant = database_labels[np.argsort(-row)] == query_labels[i]
+    precision = np.cumsum(relevant) / np.arange(1, len(relevant) + 1)
+    aps.append(precision[relevant].mean())
+  return float(np.mean(aps))
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +113,15 @@ def test_unnormalize_is_per_channel():
   normalised = (raw - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
   back = pixel_baseline._unnormalize(config, normalised.reshape(4, -1).astype(np.float32))  # pylint: disable=protected-access
   np.testing.assert_allclose(back, raw.reshape(4, -1), atol=1e-6)
+
+
+def test_retrieval_matches_numpy_reference(dataset):
+  path, images, labels, test_images, test_labels = dataset
+  config = _config(path)
+  config.evals.retrieval.update(dict(query_split="test", database_split="train", ks=(5,)))
+  rows = pixel_baseline.pixel_retrieval(config)  # raw pixels, in [0, 1]
+  prep = lambda x: x.reshape(len(x), -1) / 255.0
+  expected = _reference_map_all(prep(images), labels, prep(test_images), test_labels)
+  assert rows["retrieval/map_all"] == pytest.approx(expected, abs=1e-5)
+  assert rows["retrieval/num_queries"] == len(test_images)
+  assert not any("codes" in key for key in rows)  # pixels have no head, so no binary code
