@@ -332,26 +332,24 @@ def _knn_headline(results: dict, config) -> tuple[str, int] | None:
   return None
 
 
-def _pixel_rows(config, mesh, key: str) -> dict:
-  """The k-NN on raw pixels ([0, 1]) and on normalised pixels: the rows SSL must beat."""
+def _pixel_rows(pixels, key: str | None, retrievals: list[str]) -> dict:
+  """The rows SSL must beat, from one read of each split (`pixels`: a PixelContext):
+  k-NN on raw ([0, 1]) and normalised pixels (`key`: the k-NN headline, or None), and the
+  retrieval entries `retrievals` on raw pixels ('pixels/<name>/<metric>')."""
   from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
 
-  metric = key.split("/", 1)[1]
   rows = {}
-  variants = pixel_baseline.pixel_knn_rows(config, mesh)  # reads the splits once
-  for label, normalized in (("pixels", False), ("pixels_normalized", True)):
-    knn_results = variants[normalized]
-    rows.update({f"{label}/knn/{k}": v for k, v in knn_results.items()})
-    rows[f"knn_top1_{label}"] = knn_results[metric]
+  if key:
+    metric = key.split("/", 1)[1]
+    variants = pixel_baseline.pixel_knn_rows(pixels.config, pixels.mesh, context=pixels)
+    for label, normalized in (("pixels", False), ("pixels_normalized", True)):
+      knn_results = variants[normalized]
+      rows.update({f"{label}/knn/{k}": v for k, v in knn_results.items()})
+      rows[f"knn_top1_{label}"] = knn_results[metric]
+  if retrievals:
+    retrieval = pixel_baseline.pixel_retrieval(pixels, tuple(retrievals))
+    rows.update({f"pixels/{k}": v for k, v in retrieval.items()})
   return rows
-
-
-def _pixel_retrieval_rows(config, mesh, names: list[str]) -> dict:
-  """The retrieval entries `names` on raw pixels: 'pixels/<name>/<metric>'."""
-  from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
-
-  rows = pixel_baseline.pixel_retrieval(config, mesh, names=tuple(names))
-  return {f"pixels/{k}": v for k, v in rows.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
@@ -361,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   `init_from`) `init_from/`, plus the headline `knn_top1`, `knn_top1_random_init`.
   """
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+  from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import run as run_lib  # pylint: disable=g-import-not-at-top
 
   workdir = run_guard.workdir_path(workdir)
@@ -404,11 +403,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       for label in evaluated:
         suffix = "" if label == "trained" else f"_{label}"
         results[f"knn_top1{suffix}"] = results[f"{label}/{key}"]
-      if config.get("baseline_pixels", True):
-        results.update(_pixel_rows(config, mesh, key))
     retrievals = [n for n in names if config.evals[n].type == "retrieval"]
-    if retrievals and config.get("baseline_pixels", True):
-      results.update(_pixel_retrieval_rows(config, mesh, retrievals))
+    if config.get("baseline_pixels", True) and (headline or retrievals):
+      pixels = pixel_baseline.PixelContext(config, mesh, normalized=False)
+      results.update(_pixel_rows(pixels, headline[0] if headline else None, retrievals))
     # Figures are read from the local staging dir (TensorBoard), then uploaded on exit.
     run_lib.write_results(
         results, workdir, step=int(state.step), plots=plots, prefix="", config=config

@@ -118,4 +118,7 @@ def get_config(arg=None):
   dino.out_dim = 4096 if arg.size == "demo" else 64
   dino.warmup_teacher_temp_steps = int(0.3 * config.total_steps)
   dino.freeze_last_layer_steps = config.optim.warmup_steps // 2
-  return common.set_method(config, arg.method)
+  config = common.set_method(config, arg.method)
+  # DINO's head outputs prototype scores, not a message: no codes to retrieve with.
+  config.evals.retrieval.codes = config.objective.name != "dino"
+  return config

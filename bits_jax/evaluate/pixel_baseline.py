@@ -90,13 +90,16 @@ def pixel_knn_rows(
     mesh: Optional[Mesh] = None,
     *,
     variants: tuple[bool, ...] = (False, True),
+    context: Optional["PixelContext"] = None,
 ) -> dict[bool, dict[str, float]]:
-  """`pixel_knn` for each `normalized` in `variants`, reading the splits once."""
+  """`pixel_knn` for each `normalized` in `variants`, reading the splits once (through
+  `context` when given, so its other evaluators reuse the reads)."""
   from bits_jax import data  # pylint: disable=g-import-not-at-top
 
   entry = knn_entry(config)
-  bank = _eval_pixels(config, entry.bank_split)
-  queries = _eval_pixels(config, entry.query_split)
+  context = context or PixelContext(config, mesh)
+  bank = context.read(entry.bank_split)
+  queries = context.read(entry.query_split)
   if bank["label"].ndim != 1:
     raise ValueError("pixel k-NN needs single-label data (labels [n]); got multi-hot labels.")
   num_classes = int(data.get_dataset_info(config).num_classes)
@@ -123,7 +126,8 @@ def pixel_knn_rows(
 
 class PixelContext:
   """An evaluator context (see `common.EvalContext`) whose 'cls' features are the eval
-  pipeline's flattened pixels, [n, H * W * C]: no model, no head, so no codes."""
+  pipeline's flattened pixels, [n, H * W * C], normalised or in [0, 1]: no model, no head,
+  so no codes. Each split is read once per context."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None, *, normalized: bool = True):
     from bits_jax import data  # pylint: disable=g-import-not-at-top
@@ -131,29 +135,31 @@ class PixelContext:
     self.config, self.mesh, self.step, self.out_dir = config, mesh, 0, None
     self.normalized = normalized
     self.num_classes = int(data.get_dataset_info(config).num_classes)
-    self.plots: list[str] = []
-    self._cache: dict[str, dict[str, np.ndarray]] = {}
+    self._reads: dict[str, dict[str, np.ndarray]] = {}
+    self._features: dict[str, dict[str, np.ndarray]] = {}
 
-  has_head = False
+  def read(self, split: str) -> dict[str, np.ndarray]:
+    """{'pixels': [n, H*W*C] normalised, 'label': [n], 'mask': [n] bool} of a split."""
+    if split not in self._reads:
+      self._reads[split] = _eval_pixels(self.config, split)
+    return self._reads[split]
 
   def features(self, split: str) -> dict[str, np.ndarray]:
-    if split not in self._cache:
-      feats = pixel_features(self.config, split, normalized=self.normalized)
-      self._cache[split] = {"cls": feats["pixels"], "label": feats["label"], "mask": feats["mask"]}
-    return self._cache[split]
+    if split not in self._features:
+      feats = self.read(split)
+      pixels = feats["pixels"] if self.normalized else _unnormalize(self.config, feats["pixels"])
+      self._features[split] = {"cls": pixels, "label": feats["label"], "mask": feats["mask"]}
+    return self._features[split]
 
   def add_plot(self, path: str) -> None:
     del path  # no figures for the pixel row
 
 
 def pixel_retrieval(
-    config: ml_collections.ConfigDict,
-    mesh: Optional[Mesh] = None,
-    *,
-    names: tuple[str, ...] = ("retrieval",),
-    normalized: bool = False,
+    context: PixelContext, names: tuple[str, ...] = ("retrieval",)
 ) -> dict[str, float]:
-  """The `config.evals` entries `names` (retrieval: the paper's mAP@ALL) on pixels.
+  """The `config.evals` entries `names` (retrieval: the paper's mAP@ALL) on the pixels of
+  `context` (its variant, normalised or raw).
 
   Returns:
     {'<name>/<metric>': value} as `common.run_evaluators` returns them (no codes: pixels
@@ -161,6 +167,4 @@ def pixel_retrieval(
   """
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
 
-  return common.run_evaluators(
-      PixelContext(config, mesh, normalized=normalized), config.evals, list(names)
-  )
+  return common.run_evaluators(context, context.config.evals, list(names))

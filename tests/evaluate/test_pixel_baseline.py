@@ -119,9 +119,25 @@ def test_retrieval_matches_numpy_reference(dataset):
   path, images, labels, test_images, test_labels = dataset
   config = _config(path)
   config.evals.retrieval.update(dict(query_split="test", database_split="train", ks=(5,)))
-  rows = pixel_baseline.pixel_retrieval(config)  # raw pixels, in [0, 1]
+  rows = pixel_baseline.pixel_retrieval(pixel_baseline.PixelContext(config, normalized=False))
   prep = lambda x: x.reshape(len(x), -1) / 255.0
   expected = _reference_map_all(prep(images), labels, prep(test_images), test_labels)
   assert rows["retrieval/map_all"] == pytest.approx(expected, abs=1e-5)
   assert rows["retrieval/num_queries"] == len(test_images)
   assert not any("codes" in key for key in rows)  # pixels have no head, so no binary code
+
+
+def test_knn_and_retrieval_share_one_read_of_each_split(dataset, monkeypatch):
+  config = _config(dataset[0])
+  config.evals.retrieval.update(dict(query_split="test", database_split="train", ks=(5,)))
+  reads = []
+  eval_pixels = pixel_baseline._eval_pixels  # pylint: disable=protected-access
+  monkeypatch.setattr(
+      pixel_baseline, "_eval_pixels", lambda c, split: reads.append(split) or eval_pixels(c, split)
+  )
+  context = pixel_baseline.PixelContext(config, normalized=False)
+  knn_rows = pixel_baseline.pixel_knn_rows(config, context=context)
+  retrieval_rows = pixel_baseline.pixel_retrieval(context)
+  assert sorted(reads) == ["test", "train"]  # the end of a run reads each split once
+  assert knn_rows[False] == pixel_baseline.pixel_knn(config, normalized=False)
+  assert retrieval_rows["retrieval/map_all"] > 0.5
