@@ -7,11 +7,28 @@ from bits_jax import config_validation
 from configs import common
 
 
+@pytest.mark.parametrize("backbone", ["vit", "resnet18"])
 @pytest.mark.parametrize("size", ["demo", "test"])
 @pytest.mark.parametrize("method", common.METHODS)
-def test_presets_are_valid(size, method):
-  config = helpers.load_config("fashion_mnist", f"{size},{method}")
+def test_presets_are_valid(size, method, backbone):
+  config = helpers.load_config("fashion_mnist", f"{size},{method},{backbone}")
   assert config_validation.config_problems(config) == []
+  assert config.model.name == ("vit" if backbone == "vit" else "resnet18")
+
+
+def test_resnet_preset_changes_only_the_backbone_and_its_schedule():
+  vit = helpers.load_config("fashion_mnist", "").to_dict()
+  resnet = helpers.load_config("fashion_mnist", "resnet18").to_dict()
+  assert resnet["model"] == dict(name="resnet18", width=32, small_stem=False)
+  # Fewer steps at the ViT's training wall time, with the same number of head segments.
+  assert resnet["total_steps"] < vit["total_steps"]
+  segments = lambda c: round(c["total_steps"] / c["objective"]["head"]["reset_every_steps"])
+  assert segments(resnet) == segments(vit) == 3
+  for config in (vit, resnet):
+    del config["model"], config["total_steps"], config["objective"]["head"]["reset_every_steps"]
+    del config["optim"]["warmup_steps"], config["objective"]["dino"]["warmup_teacher_temp_steps"]
+    del config["objective"]["dino"]["freeze_last_layer_steps"]
+  assert resnet == vit
 
 
 def test_methods_share_backbone_data_and_budget_and_set_their_objective():
