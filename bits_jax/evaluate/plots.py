@@ -1,33 +1,37 @@
 """PNG figures of the code statistics and retrieval curves.
 
-Uses matplotlib's Agg backend (no display). save_plots writes the figures;
-log_plots sends PNGs to a clu metric writer as uint8 images.
+Figures are built without pyplot (matplotlib.figure.Figure renders PNGs by itself), so
+importing this module neither switches the process's backend nor keeps figures open: a
+notebook that trains in its kernel still shows its own plots inline. save_plots writes the
+figures; log_plots sends PNGs to a clu metric writer as uint8 images.
 """
 
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.image  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import matplotlib.figure
+import matplotlib.image
+import matplotlib.ticker
 import numpy as np
 
 _DPI = 100
 
 
+def _subplots(figsize, *grid, **kwargs):
+  """(figure, axes) as pyplot's `subplots` gives them, outside pyplot's global state."""
+  fig = matplotlib.figure.Figure(figsize=figsize)
+  return fig, fig.subplots(*grid, **kwargs)
+
+
 def _save(fig, path: str) -> str:
   fig.tight_layout()
   fig.savefig(path, dpi=_DPI)
-  plt.close(fig)
   return path
 
 
 def plot_bit_balance(balance, path: str) -> str:
   """Histogram of the per-bit fraction of ones [b]."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots((6, 4))
   ax.hist(np.asarray(balance), bins=50, range=(0.0, 1.0), color="tab:blue")
   ax.axvline(0.5, color="k", ls="--", lw=1)
   ax.set(xlabel="fraction of images with bit on", ylabel="number of bits", title="Bit balance")
@@ -36,7 +40,7 @@ def plot_bit_balance(balance, path: str) -> str:
 
 def plot_correlation(corr, path: str) -> str:
   """Heatmap of the bit-bit Pearson correlation [b, b]."""
-  fig, ax = plt.subplots(figsize=(6, 5))
+  fig, ax = _subplots((6, 5))
   im = ax.imshow(np.asarray(corr), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
   fig.colorbar(im, ax=ax)
   ax.set(xlabel="bit", ylabel="bit", title="Bit correlation")
@@ -52,7 +56,7 @@ def plot_class_activation(activation, path: str) -> str:
   activation = np.asarray(activation)
   top_class = activation.argmax(axis=0)
   order = np.lexsort((-activation.max(axis=0), top_class))
-  fig, ax = plt.subplots(figsize=(7, 5))
+  fig, ax = _subplots((7, 5))
   im = ax.imshow(
       activation[:, order], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
   )
@@ -73,7 +77,7 @@ def _precision_curve(metrics: Mapping[str, float]) -> tuple[list[int], list[floa
 
 def plot_precision_curve(curves: Mapping[str, Mapping[str, float]], path: str) -> str:
   """precision@k against k, one line per retrieval method."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots((6, 4))
   for name, metrics in curves.items():
     ks, values = _precision_curve(metrics)
     if not ks:
@@ -153,7 +157,7 @@ def _variant_length(name: str) -> int:
 def plot_map_vs_bits(results: Mapping[str, float], path: str) -> str:
   """mAP@ALL against code length: symmetric / asymmetric, first-L / random-L bits, with the
   continuous features' 'map_all' as a horizontal line when present."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots((6, 4))
   for kind, label in (("codes", "Hamming"), ("asym", "asymmetric")):
     for random, style in ((False, "-o"), (True, "--s")):
       points = sorted(
@@ -178,7 +182,7 @@ def plot_explained_variance(cumulative, path: str, thresholds=(0.9, 0.99)) -> st
   """Cumulative explained variance [D] against the number of principal directions."""
   cumulative = np.asarray(cumulative)
   dims = np.arange(1, len(cumulative) + 1)
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots((6, 4))
   ax.plot(dims, cumulative, color="tab:blue")
   for t in thresholds:
     ax.axhline(t, color="k", ls=":", lw=1)
@@ -196,7 +200,7 @@ def plot_explained_variance(cumulative, path: str, thresholds=(0.9, 0.99)) -> st
 def plot_embedding_3d(points, labels, path: str, title: str = "t-SNE of the codes") -> str:
   """3-D scatter of `points: [n, 3]` coloured by integer `labels: [n]`."""
   points = np.asarray(points)
-  fig = plt.figure(figsize=(6, 5))
+  fig = matplotlib.figure.Figure(figsize=(6, 5))
   ax = fig.add_subplot(projection="3d")
   ax.scatter(
       points[:, 0],
@@ -220,9 +224,8 @@ def plot_image_grid(
 ) -> str:
   """A grid of uint8 images [H, W, C] (None: an empty tile), one named row each."""
   n_rows, n_cols = len(rows), max(len(r) for r in rows)
-  fig, axes = plt.subplots(
-      n_rows, n_cols, figsize=(1.3 * n_cols + 0.6, 1.3 * n_rows + 0.4), squeeze=False
-  )
+  figsize = (1.3 * n_cols + 0.6, 1.3 * n_rows + 0.4)
+  fig, axes = _subplots(figsize, n_rows, n_cols, squeeze=False)
   for i, row in enumerate(rows):
     for j in range(n_cols):
       ax = axes[i, j]
@@ -246,7 +249,7 @@ def plot_training_curves(
     curves: Mapping[str, Sequence[tuple[int, float]]], path: str, title: str = "Evaluation"
 ) -> str:
   """Fig. 4: one line per metric, {name: [(step, value)]} (e.g. curves.read_scalars)."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots((6, 4))
   for name, points in sorted(curves.items()):
     if points:
       steps, values = zip(*points)

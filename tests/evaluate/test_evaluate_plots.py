@@ -1,9 +1,13 @@
 """Tests for bits_jax.evaluate.plots."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+
+import helpers
 
 from bits_jax.evaluate import codes
 from bits_jax.evaluate import plots
@@ -66,3 +70,25 @@ def test_partial_inputs_and_flat_retrieval_dict(tmp_path):
   assert plots.save_plots(None, None, str(tmp_path)) == []
   with pytest.raises(ValueError, match="precision_at"):
     plots.save_plots(None, {"map@all": 0.5}, str(tmp_path))
+
+
+def test_plots_leave_the_process_backend_and_pyplot_alone(tmp_path):
+  """A notebook trains in its kernel: the evaluators' figures must not turn its inline plots
+  off (they did: importing this module switched the backend to Agg)."""
+  script = f"""
+import sys
+import matplotlib
+matplotlib.use("svg")
+import numpy as np
+from bits_jax.evaluate import plots
+plots.plot_bit_balance(np.linspace(0, 1, 32), {str(tmp_path / "balance.png")!r})
+plots.plot_embedding_3d(np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 3,
+                        {str(tmp_path / "tsne.png")!r})
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+  env = dict(os.environ, PYTHONPATH=helpers.REPO, MPLBACKEND="")
+  subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+  for name in ("balance.png", "tsne.png"):
+    with open(tmp_path / name, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
