@@ -110,9 +110,10 @@ def get_config(arg=None):
     config.total_steps = 6
     config.log_every = 2
     config.checkpoint_every = 3
-    config.model = dict(name="vit", patch_size=7, width=32, depth=1, num_heads=2)
     if arg.backbone == "resnet18":
       config.model = dict(name="resnet18", width=4, small_stem=False)
+    else:
+      config.model = dict(name="vit", patch_size=7, width=32, depth=1, num_heads=2)
     config.objective.head.update(dict(hidden_dim=64, bottleneck_dim=32))
     config.objective.bits.num_bits = 32
     config.objective.head.reset_every_steps = 4

@@ -13,7 +13,7 @@ from configs import common
 def test_presets_are_valid(size, method, backbone):
   config = helpers.load_config("fashion_mnist", f"{size},{method},{backbone}")
   assert config_validation.config_problems(config) == []
-  assert config.model.name == ("vit" if backbone == "vit" else "resnet18")
+  assert config.model.name == backbone
 
 
 def test_resnet_preset_changes_only_the_backbone_and_its_schedule():

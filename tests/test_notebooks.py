@@ -1,9 +1,9 @@
 """notebooks/*.ipynb execute on CPU with the tiny preset and draw their figures (nbclient).
 
 Part of the default run, so CI executes both notebooks (issue 15): each trains the
-`fashion_mnist.py:test` preset in a fresh kernel (78 s for the two on a 2-core CPU). Until
-2026-11-27 the test was still marked slow, and the notebooks drew no figure: the evaluators'
-plots module switched the kernel's backend to Agg. Outputs must be stripped in git.
+`fashion_mnist.py:test` preset in a fresh kernel (78 s for the two on a 2-core CPU); the
+figure count catches a library call that turns the kernel's inline backend off. Outputs must
+be stripped in git.
 """
 
 import os
