@@ -35,7 +35,6 @@ def compiles():
   jax.monitoring.unregister_event_duration_listener(listener)
 
 
-@pytest.mark.slow  # ~50 s on 2 loaded cores: the first compile of the step dominates
 def test_train_loop_compiles_the_step_once(compiles, tmp_path):
   config = helpers.load_config("fashion_mnist", "test")
   config.total_steps = 5

@@ -111,7 +111,6 @@ def test_dense_entries_are_valid_and_disabled(tmp_path):
     config.evals.davis.max_sequences = "all"
 
 
-@pytest.mark.slow  # ~65 s on 2 loaded cores (20 s of CPU): a subprocess compiles the ViT
 def test_dense_evaluators_run_from_the_cli(tmp_path):
   config_file, config = _config(tmp_path)
   components = train_state.build(config)
