@@ -16,6 +16,18 @@ def load_config(name: str, arg: str = ""):
   )
 
 
+def input_config(crops: dict, seed: int = 0, /, **overrides):
+  """base_config() with a tiny input section: batch 4, shuffle buffer 16, `crops`; then
+  `overrides`, config.input keys (nested as dicts: `crops=dict(num_local=0)` merges)."""
+  from bits_jax import config_defaults  # pylint: disable=g-import-not-at-top
+
+  config = config_defaults.base_config()
+  config.seed = seed
+  config.input.update(dict(batch_size=4, eval_batch_size=4, shuffle_buffer=16, crops=crops))
+  config.input.update(overrides)
+  return config
+
+
 def random_batch(config, seed: int = 0):
   """A synthetic multi-crop batch with the pipeline's structure."""
   rng = np.random.RandomState(seed)

@@ -5,30 +5,20 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bits_jax import config_defaults
 from bits_jax import data
 from bits_jax.data import augment
 from bits_jax.data import prefetch
 from bits_jax.data import sources
+from tests import helpers
 
 IDX_DIR = '/usr/share/datasets/fashion-mnist'
 
 
 def _config(seed=0, **overrides) -> ml_collections.ConfigDict:
-  """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
-  config = config_defaults.base_config()
-  config.seed = seed
-  config.input.update(
-      dict(
-          batch_size=8,
-          eval_batch_size=4,
-          shuffle_buffer=64,
-          data_dir='/nonexistent-tfds-dir',
-          crops=dict(global_size=16, local_size=8, num_local=2),
-      )
-  )
-  config.input.update(overrides)
-  return config
+  """Tiny input section (helpers.input_config) at batch 8, 2 local crops, no TFDS data dir."""
+  crops = dict(global_size=16, local_size=8, num_local=2)
+  defaults = dict(batch_size=8, shuffle_buffer=64, data_dir='/nonexistent-tfds-dir')
+  return helpers.input_config(crops, seed, **{**defaults, **overrides})
 
 
 def _open(config, split):

@@ -8,25 +8,15 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bits_jax import config_defaults
 from bits_jax import data
 from bits_jax.data import sources
 from bits_jax.data.sources import core
+from tests import helpers
 
 
 def _config(**overrides):
-  """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
-  config = config_defaults.base_config()
-  config.input.update(
-      dict(
-          batch_size=4,
-          eval_batch_size=4,
-          shuffle_buffer=16,
-          crops=dict(global_size=16, local_size=8, num_local=1),
-      )
-  )
-  config.input.update(overrides)
-  return config
+  """helpers.input_config with this file's crops; `overrides` are config.input keys."""
+  return helpers.input_config(dict(global_size=16, local_size=8, num_local=1), **overrides)
 
 
 def _rgb_folder(root, n_per_class=5):

@@ -7,26 +7,16 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from bits_jax import config_defaults
 from bits_jax import data
 from bits_jax.data.sources import tfds as tfds_source
+from tests import helpers
 
 _LABELS = [[0, 2], [], [3], [1, 1, 3], [2], [0, 1, 2, 3], [3]]  # Objects' classes per image.
 
 
 def _config(**overrides):
-  """base_config() with tiny crops; `overrides` are config.input keys (nested as dicts)."""
-  config = config_defaults.base_config()
-  config.input.update(
-      dict(
-          batch_size=4,
-          eval_batch_size=4,
-          shuffle_buffer=16,
-          crops=dict(global_size=8, local_size=8, num_local=0),
-      )
-  )
-  config.input.update(overrides)
-  return config
+  """helpers.input_config with this file's crops; `overrides` are config.input keys."""
+  return helpers.input_config(dict(global_size=8, local_size=8, num_local=0), **overrides)
 
 
 class BitsTinyObjects(tfds.core.GeneratorBasedBuilder):
