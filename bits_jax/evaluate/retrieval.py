@@ -554,9 +554,15 @@ def subsample_bits(num_bits: int, length: int, *, mode: str = "first", seed: int
 def _code_variants(
     num_bits: int, code_lengths, random_subsets: bool, seed: int
 ) -> list[tuple[str, np.ndarray]]:
-  """[(name, bit indices)]: '256' for the first 256 bits, 'random128' for a random subset."""
-  variants = []
+  """[(name, bit indices)]: '256' for the first 256 bits, 'random128' for a random subset.
+
+  The full code always comes first, whatever `code_lengths` lists: it is the message itself
+  (a 1024-bit head with the default lengths (256, ..., 32) is scored at 1024 bits too).
+  """
+  variants = [(str(num_bits), subsample_bits(num_bits, num_bits))]
   for i, length in enumerate(dict.fromkeys(int(x) for x in code_lengths)):
+    if length == num_bits:
+      continue
     if length > num_bits:
       logging.info(
           "retrieval: skipping code length %d > the %d bits of the code.", length, num_bits
@@ -567,8 +573,6 @@ def _code_variants(
       variants.append(
           (f"random{length}", subsample_bits(num_bits, length, mode="random", seed=seed + i))
       )
-  if not variants:
-    raise ValueError(f"no code length in {tuple(code_lengths)} fits the {num_bits}-bit code.")
   return variants
 
 
@@ -637,8 +641,8 @@ def code_retrieval(
   Codes are logits > 0. Symmetric: Hamming distance between query and database codes (all
   variants from one scan of the database, histograms, no sort). Asymmetric: sum_k |p_k - b_k|
   between query probabilities p = sigmoid(logits) and database bits (the expected Hamming
-  distance; one sort per variant). Variants: the first L bits for each L in `code_lengths`
-  (lengths above the code's bits are skipped) and, with `random_subsets`, a random L-bit
+  distance; one sort per variant). Variants: the full code, the first L bits for each L in
+  `code_lengths` (lengths above the code's bits are skipped) and, with `random_subsets`, a random L-bit
   subset (seed + position of L in code_lengths) for each L below the full length.
 
   Args:

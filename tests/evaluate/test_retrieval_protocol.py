@@ -163,6 +163,14 @@ def test_run_with_fake_context(tmp_path):
       "retrieval_map_vs_bits.png",
       "retrieval_precision.png",
   ]
+  # The full message is scored even when `code_lengths` leaves it out (a 1024-bit head with
+  # the default lengths used to crash the precision plot: no 'codes/1024/' entries).
+  shorter = retrieval.run(ctx, ks=(1, 10), code_lengths=(16,), random_subsets=False)
+  assert shorter["codes/32/map_all"] == pytest.approx(got["codes/32/map_all"])
+  assert {k for k in shorter if k.startswith("codes/") and k.endswith("/map_all")} == {
+      "codes/32/map_all",
+      "codes/16/map_all",
+  }
   # A split file selects the queries; the same split as database leaves each query out.
   ids = tmp_path / "queries.txt"
   ids.write_text("# queries\nimg1_3 0\n\nimg1_7\n")
