@@ -642,8 +642,8 @@ def code_retrieval(
   variants from one scan of the database, histograms, no sort). Asymmetric: sum_k |p_k - b_k|
   between query probabilities p = sigmoid(logits) and database bits (the expected Hamming
   distance; one sort per variant). Variants: the full code, the first L bits for each L in
-  `code_lengths` (lengths above the code's bits are skipped) and, with `random_subsets`, a random L-bit
-  subset (seed + position of L in code_lengths) for each L below the full length.
+  `code_lengths` (lengths above the code's bits are skipped) and, with `random_subsets`, a
+  random L-bit subset (seed + position of L in code_lengths) for each L below the full length.
 
   Args:
     query_logits: [nq, B]; db_logits: [ndb, B]; labels, ks, masks, query_self, mesh,
