@@ -765,9 +765,9 @@ def run(
   image id per line), the database those of `database_split` (or `database_split_file`);
   `query_classes_file` / `database_classes_file` (one class token per line, e.g. the WordNet
   ids of ImageNet100) keep the rows of those classes only (split_file.py). When both come
-  from the same split, a query's own row is left out of its ranking. Cut-offs above the database size are
-  dropped. Codes (logits > 0) are evaluated when the weights have a head of at most
-  `max_bits` outputs (a BITS message, not DINO prototypes) and `codes` is set.
+  from the same split, a query's own row is left out of its ranking. Cut-offs above the
+  database size are dropped. Codes (logits > 0) are evaluated when the weights have a head
+  of at most `max_bits` outputs (a BITS message, not DINO prototypes) and `codes` is set.
 
   Returns:
     {'map_all', 'map@k', 'precision@k', 'queries_without_relevant', 'num_queries',
