@@ -200,8 +200,7 @@ def plot_explained_variance(cumulative, path: str, thresholds=(0.9, 0.99)) -> st
 def plot_embedding_3d(points, labels, path: str, title: str = "t-SNE of the codes") -> str:
   """3-D scatter of `points: [n, 3]` coloured by integer `labels: [n]`."""
   points = np.asarray(points)
-  fig = matplotlib.figure.Figure(figsize=(6, 5))
-  ax = fig.add_subplot(projection="3d")
+  fig, ax = _subplots((6, 5), subplot_kw=dict(projection="3d"))
   ax.scatter(
       points[:, 0],
       points[:, 1],

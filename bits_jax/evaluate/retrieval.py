@@ -569,7 +569,7 @@ def _code_variants(
       )
       continue
     variants.append((str(length), subsample_bits(num_bits, length)))
-    if random_subsets and length < num_bits:
+    if random_subsets:
       variants.append(
           (f"random{length}", subsample_bits(num_bits, length, mode="random", seed=seed + i))
       )
