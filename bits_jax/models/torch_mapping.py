@@ -165,6 +165,12 @@ def vit_from_torch(state_dict: Mapping[str, Any], num_heads: int) -> tuple[dict,
 
 def vit_to_torch(params: Mapping[str, Any]) -> dict:
   """timm/DINO ViT state_dict (numpy) from our ViT params (no classifier)."""
+  if "pos_embed" not in params:
+    raise ValueError(
+        "This ViT has fixed sine-cosine position embeddings (config.model.posemb='sincos2d') "
+        "and no pos_embed parameter; the timm/DINO layout has a learned one, so only ViTs "
+        "trained with config.model.posemb='learn' (the default) can be exported."
+    )
   out = {}
   cls = np.asarray(params["cls_token"])
   out["cls_token"] = cls

@@ -1,11 +1,12 @@
-"""Vision Transformer backbone (pre-norm, CLS token, learned position embeddings).
+"""Vision Transformer backbone (pre-norm, CLS token, learned or fixed position embeddings).
 
 Returns a dict so dense evaluation needs no second model:
   'cls': [batch, dim], 'patch_tokens': [batch, h * w, dim],
   'cls_last4': [batch, 4 * dim], the normed CLS tokens of the last 4 blocks concatenated
   (the DINO linear-probe protocol; unused outputs cost nothing under jit).
-Position embeddings are learned for a reference grid and resized (bilinear) for crops of
-another size, so global and local crops share one model.
+Position embeddings (`posemb`) are learned ('learn', DINO's and the paper's) or a fixed 2-D
+sine-cosine table ('sincos2d', MoCo v3's; no parameter), on a reference grid (the global
+crop's) resized bilinearly for crops of another size, so global and local crops share one model.
 
 Attention kernel (`attention`), all softmax(q k^T / sqrt(d)) v: 'xla' is flax's einsum +
 softmax; 'cudnn' is `jax.nn.dot_product_attention(implementation='cudnn')`, the fused cuDNN
@@ -160,6 +161,25 @@ class EncoderBlock(nn.Module):
     return x + self._residual(y)
 
 
+def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, temperature: float = 10_000.0):
+  """Fixed 2-D sine-cosine position embedding (MoCo v3), `[1, h * w, dim]`, dim % 4 == 0.
+
+  A quarter of the channels each: sin and cos of the column, sin and cos of the row, at
+  frequencies temperature^(-k / (dim / 4 - 1)), k = 0 .. dim / 4 - 1.
+  """
+  if dim % 4:
+    raise ValueError(f"posemb='sincos2d' needs config.model.width divisible by 4, got {dim}.")
+  quarter = dim // 4
+  freqs = temperature ** -(jnp.arange(quarter, dtype=jnp.float32) / max(quarter - 1, 1))
+  rows, cols = jnp.meshgrid(
+      jnp.arange(grid[0], dtype=jnp.float32), jnp.arange(grid[1], dtype=jnp.float32), indexing="ij"
+  )
+  cols = cols.reshape(-1, 1) * freqs
+  rows = rows.reshape(-1, 1) * freqs
+  embed = jnp.concatenate([jnp.sin(cols), jnp.cos(cols), jnp.sin(rows), jnp.cos(rows)], axis=1)
+  return embed[None]
+
+
 def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
   """`pos_embed: [1, H0 * W0, dim]` (square reference grid) -> [1, h * w, dim]."""
   n, dim = pos_embed.shape[1], pos_embed.shape[2]
@@ -188,6 +208,8 @@ class ViT(nn.Module):
   drop_path_rate: float = 0.0
   # Attention kernel: 'auto' | 'xla' | 'cudnn' (see the module doc).
   attention: str = "auto"
+  # Position embedding: 'learn' (the paper's / DINO's) | 'sincos2d' (fixed, MoCo v3).
+  posemb: str = "learn"
 
   @property
   def feature_dim(self) -> int:
@@ -218,13 +240,20 @@ class ViT(nn.Module):
     grid = (h // p, w // p)
     x = x.reshape(b, grid[0] * grid[1], self.width)
     ref = self.image_size // p
-    pos_embed = self.param(
-        "pos_embed", nn.initializers.normal(0.02), (1, ref * ref, self.width), jnp.float32
-    )
+    if self.posemb == "learn":
+      pos_embed = self.param(
+          "pos_embed", nn.initializers.normal(0.02), (1, ref * ref, self.width), jnp.float32
+      )
+      pos_embed = resize_pos_embed(pos_embed, grid)
+    elif self.posemb == "sincos2d":
+      # On the reference grid's scale, so a smaller crop's tokens sit between the global ones.
+      pos_embed = resize_pos_embed(sincos_pos_embed_2d((ref, ref), self.width), grid)
+    else:
+      raise ValueError(f"config.model.posemb={self.posemb!r}: use 'learn' or 'sincos2d'.")
     cls_token = self.param(
         "cls_token", nn.initializers.normal(1e-6), (1, 1, self.width), jnp.float32
     )
-    x = x + resize_pos_embed(pos_embed, grid).astype(self.dtype)
+    x = x + pos_embed.astype(self.dtype)
     cls = jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
