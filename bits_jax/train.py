@@ -392,9 +392,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
           step=int(state.step),
           out_dir=figure_dir if label == "trained" and jax.process_index() == 0 else None,
       )
-      results.update(
-          {f"{label}/{k}": v for k, v in common.run_evaluators(ctx, config.evals, names).items()}
-      )
+      try:
+        common.run_evaluators(ctx, config.evals, names, into=results, prefix=f"{label}/")
+      except Exception:
+        results["failed"] += f" (on the {label} model)"
+        run_lib.write_incomplete(results, workdir)
+        raise
       plots += ctx.plots
     headline = _knn_headline(results, config)
     if headline:

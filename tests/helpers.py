@@ -60,3 +60,20 @@ def create_state(config, mesh=None):
       out_shardings=sharding.shardings_of(target),
   )
   return components, init()
+
+
+def failing_evaluator() -> str:
+  """Registers (once per process) an evaluator type that always raises; returns its name."""
+  from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+
+  name = "test_always_fails"
+  try:
+    common.get(name)
+  except ValueError:
+
+    @common.register(name)
+    def _fails(ctx):  # pylint: disable=unused-variable
+      del ctx
+      raise RuntimeError("evaluator broke")
+
+  return name

@@ -56,3 +56,25 @@ def test_train_and_evaluate_writes_results(config, tmp_path):
   assert "trained/retrieval/codes/32/map_all" in on_disk  # the test preset's 32-bit messages
   assert not any(k.startswith("pixels/retrieval/codes") for k in on_disk)  # pixels: no code
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+
+def test_failing_evaluator_keeps_the_metrics_before_it(config, tmp_path):
+  config = config.copy_and_resolve_references()
+  config.total_steps, config.baseline_pixels = 2, False
+  config.objective.head.reset_every_steps = 0
+  config.evals = dict(
+      knn=dict(config.evals.knn.to_dict(), every=0, at_end=True),
+      # Entries run in key order: this one after the k-NN.
+      zz_broken=dict(type=helpers.failing_evaluator(), every=0, at_end=True),
+  )
+  workdir = tmp_path / "run"
+  with pytest.raises(RuntimeError, match="evaluator broke"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "results.json").exists()  # only a finished evaluation writes it
+  on_disk = json.loads((workdir / "results_incomplete.json").read_text())
+  # The trained model's k-NN ran before the failure and is kept; the failure is named.
+  assert 0.0 < on_disk["trained/knn/knn_top1_k20"] <= 1.0
+  assert (
+      on_disk["failed"] == "evals.zz_broken: RuntimeError: evaluator broke (on the trained model)"
+  )
+  assert (workdir / "checkpoints" / "2").exists()  # and the training is kept

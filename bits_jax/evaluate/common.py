@@ -280,13 +280,15 @@ class MissingData(ValueError):
   """An evaluator's data source is not configured (e.g. DAVIS or COCO paths left unset)."""
 
 
-def run_evaluators(ctx: EvalContext, evals, names=None) -> dict[str, Any]:
-  """Runs `config.evals` entries (all, or `names`) on `ctx`: {'<name>/<metric>': value}.
+def run_evaluators(ctx: EvalContext, evals, names=None, *, into=None, prefix="") -> dict[str, Any]:
+  """Runs `config.evals` entries (all, or `names`) on `ctx`: {'<prefix><name>/<metric>': value}.
 
   Running all entries skips those whose data is not configured (`MissingData`, with a note);
-  an entry named in `names` raises instead.
+  an entry named in `names` raises instead. With `into`, each entry's metrics go into that
+  dict as soon as the entry finishes, and an entry that raises is named in its 'failed' key,
+  so a caller that catches the error still holds every metric measured before it.
   """
-  results: dict[str, Any] = {}
+  results: dict[str, Any] = {} if into is None else into
   for name, entry in evals.items():
     if names is not None and name not in names:
       continue
@@ -295,11 +297,15 @@ def run_evaluators(ctx: EvalContext, evals, names=None) -> dict[str, Any]:
       metrics = get(entry["type"])(ctx, **kwargs)
     except MissingData as e:
       if names is not None:
+        results["failed"] = f"evals.{name}: {type(e).__name__}: {e}"
         raise
       print(f"evals.{name}: skipped ({e})", flush=True)
       continue
+    except Exception as e:
+      results["failed"] = f"evals.{name}: {type(e).__name__}: {e}"
+      raise
     for key, value in metrics.items():
-      results[f"{name}/{key}"] = value
+      results[f"{prefix}{name}/{key}"] = value
   return results
 
 

@@ -120,9 +120,26 @@ def evaluate(
         step=step,
         out_dir=figure_dir if jax.process_index() == 0 else None,
     )
-    results.update(common.run_evaluators(ctx, config.evals, names))
+    try:
+      common.run_evaluators(ctx, config.evals, names, into=results)
+    except Exception:
+      write_incomplete(results, out_dir)
+      raise
     write_results(results, out_dir, step=step or 0, plots=ctx.plots, config=config)
   return results
+
+
+def write_incomplete(results: dict[str, Any], out_dir: epath.PathLike) -> None:
+  """After an evaluator raised: the metrics measured before it, in results_incomplete.json.
+
+  `results['failed']` names the evaluator; an earlier complete results.json is left as it is.
+  """
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(out_dir) / "results_incomplete.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results, indent=2, default=float))
+  logging.error("%s; the metrics measured before it are in %s", results.get("failed"), path)
 
 
 def write_results(

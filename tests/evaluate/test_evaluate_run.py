@@ -103,6 +103,22 @@ def test_evaluate_names_and_student(trained_run, tmp_path):
   )
 
 
+def test_failing_evaluator_leaves_results_json_and_keeps_the_rest(trained_run, tmp_path):
+  config, workdir = trained_run
+  config = _eval_config(config)
+  out = tmp_path / "eval"
+  complete = run.evaluate(config, weights=workdir, out_dir=str(out), names=("knn",))
+  before = (out / "results.json").read_text()
+  with config.unlocked():
+    config.evals.zz_broken = dict(type=helpers.failing_evaluator(), every=0, at_end=False)
+  with pytest.raises(RuntimeError, match="evaluator broke"):
+    run.evaluate(config, weights=workdir, out_dir=str(out), names=("knn", "zz_broken"))
+  assert (out / "results.json").read_text() == before  # the earlier complete run's
+  partial = json.loads((out / "results_incomplete.json").read_text())
+  assert partial["knn/knn_top1_k20"] == complete["knn/knn_top1_k20"]
+  assert partial["failed"] == "evals.zz_broken: RuntimeError: evaluator broke"
+
+
 def test_load_params_from_workdir_step_dir_and_params_dir(trained_run, tmp_path):
   _, workdir = trained_run
   from_workdir, step = weights.load_params(workdir)
