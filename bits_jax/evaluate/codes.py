@@ -397,7 +397,7 @@ def run(
   and `ctx.images(split, rows)` (uint8 [len(rows), H, W, C] of the given feature rows), which
   reads only the images shown. t-SNE on 2000 points took 96 s on the 2-core CPU (load 9):
   pass tsne=False for evaluations in training.
-  Heads with more than `max_bits` outputs (DINO prototypes) are refused.
+  Heads other than BITS's with more than `max_bits` outputs (DINO prototypes) are refused.
 
   Returns:
     analyze_codes' scalars (label statistics only for int labels), 'block_entropy_mean',
@@ -408,7 +408,7 @@ def run(
   feats = ctx.features(split)
   if "logits" not in feats:
     raise ValueError("the evaluated weights have no projection head: no codes to analyse.")
-  if np.shape(feats["logits"])[1] > max_bits:
+  if not common.head_is_message(ctx, np.shape(feats["logits"])[1], max_bits):
     raise ValueError(
         f"the head has {np.shape(feats['logits'])[1]} outputs (> max_bits={max_bits}): not a "
         "BITS message (DINO prototypes?); evaluate codes only for BITS heads."

@@ -280,6 +280,17 @@ class MissingData(ValueError):
   """An evaluator's data source is not configured (e.g. DAVIS or COCO paths left unset)."""
 
 
+def head_is_message(ctx, num_outputs: int, max_bits: int) -> bool:
+  """Whether a head of `num_outputs` logits is read as a binary code (logits > 0).
+
+  A BITS head always is, whatever its width; another head (DINO's prototype scores, SimDINO's
+  embedding) only up to `max_bits` outputs.
+  """
+  config = getattr(ctx, "config", None)
+  objective = config.objective.name if config is not None and "objective" in config else None
+  return objective == "bits" or num_outputs <= max_bits
+
+
 def run_evaluators(ctx: EvalContext, evals, names=None, *, into=None, prefix="") -> dict[str, Any]:
   """Runs `config.evals` entries (all, or `names`) on `ctx`: {'<prefix><name>/<metric>': value}.
 

@@ -766,8 +766,9 @@ def run(
   `query_classes_file` / `database_classes_file` (one class token per line, e.g. the WordNet
   ids of ImageNet100) keep the rows of those classes only (split_file.py). When both come
   from the same split, a query's own row is left out of its ranking. Cut-offs above the
-  database size are dropped. Codes (logits > 0) are evaluated when the weights have a head
-  of at most `max_bits` outputs (a BITS message, not DINO prototypes) and `codes` is set.
+  database size are dropped. Codes (logits > 0) are evaluated when `codes` is set and the
+  weights have a BITS head (any width) or another head of at most `max_bits` outputs (not
+  DINO's prototypes).
 
   Returns:
     {'map_all', 'map@k', 'precision@k', 'queries_without_relevant', 'num_queries',
@@ -809,10 +810,13 @@ def run(
       max_elements=max_elements,
   )
   curves = {features: results}
-  if codes and "logits" in q_feats and np.shape(q_feats["logits"])[1] > max_bits:
-    logging.info(
-        "retrieval: %d head outputs > max_bits: not a BITS message, codes skipped.",
-        np.shape(q_feats["logits"])[1],
+  width = np.shape(q_feats["logits"])[1] if "logits" in q_feats else 0
+  if codes and width and not common.head_is_message(ctx, width, max_bits):
+    logging.warning(
+        "retrieval: a head of %d outputs, not BITS's and wider than max_bits=%d, is not read "
+        "as a binary code: codes skipped.",
+        width,
+        max_bits,
     )
   elif codes and "logits" in q_feats and "logits" in db_feats:
     results.update(

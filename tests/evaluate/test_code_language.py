@@ -4,7 +4,9 @@ import itertools
 import os
 import types
 
+import ml_collections
 import numpy as np
+import pytest
 
 from bits_jax.evaluate import codes
 
@@ -114,3 +116,9 @@ def test_run_with_fake_context(tmp_path):
   ctx.out_dir, plots[:] = None, []
   multi = codes.run(ctx, block_size=4, tsne=False)
   assert "label_entropy" not in multi and "block_entropy_mean" in multi and not plots
+  # Wider than max_bits: a BITS head is analysed, DINO's prototypes are refused.
+  ctx.config = ml_collections.ConfigDict({"objective": {"name": "bits"}})
+  assert "block_entropy_mean" in codes.run(ctx, block_size=4, tsne=False, max_bits=4)
+  ctx.config.objective.name = "dino"
+  with pytest.raises(ValueError, match="max_bits=4"):
+    codes.run(ctx, block_size=4, tsne=False, max_bits=4)

@@ -4,6 +4,7 @@ import os
 import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
@@ -171,6 +172,15 @@ def test_run_with_fake_context(tmp_path):
       "codes/32/map_all",
       "codes/16/map_all",
   }
+  # A head wider than max_bits: a BITS head is still a message, another head is not.
+  ctx.out_dir = None
+  ctx.config = ml_collections.ConfigDict({"objective": {"name": "bits"}})
+  wide = retrieval.run(ctx, ks=(1,), code_lengths=(), random_subsets=False, max_bits=16)
+  assert wide["codes/32/map_all"] == pytest.approx(got["codes/32/map_all"])
+  ctx.config.objective.name = "dino"
+  prototypes = retrieval.run(ctx, ks=(1,), code_lengths=(), random_subsets=False, max_bits=16)
+  assert prototypes["map_all"] == got["map_all"]
+  assert not any(k.startswith(("codes/", "asym/")) for k in prototypes)
   # A split file selects the queries; the same split as database leaves each query out.
   ids = tmp_path / "queries.txt"
   ids.write_text("# queries\nimg1_3 0\n\nimg1_7\n")
