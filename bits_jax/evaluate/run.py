@@ -161,6 +161,7 @@ def write_results(
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+  (out_dir / "results_incomplete.json").unlink(missing_ok=True)  # an earlier failed attempt's
   (out_dir / "results.md").write_text(report.markdown_report(results, config))
   writer = metric_writers.create_default_writer(os.fspath(out_dir))
   writer.write_scalars(step, scalars(results, prefix))

@@ -117,6 +117,9 @@ def test_failing_evaluator_leaves_results_json_and_keeps_the_rest(trained_run, t
   partial = json.loads((out / "results_incomplete.json").read_text())
   assert partial["knn/knn_top1_k20"] == complete["knn/knn_top1_k20"]
   assert partial["failed"] == "evals.zz_broken: RuntimeError: evaluator broke"
+  # A later complete evaluation replaces the partial one.
+  run.evaluate(config, weights=workdir, out_dir=str(out), names=("knn",))
+  assert not (out / "results_incomplete.json").exists() and (out / "results.json").exists()
 
 
 def test_load_params_from_workdir_step_dir_and_params_dir(trained_run, tmp_path):
