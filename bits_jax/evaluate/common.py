@@ -306,13 +306,10 @@ def run_evaluators(ctx: EvalContext, evals, names=None, *, into=None, prefix="")
     kwargs = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
     try:
       metrics = get(entry["type"])(ctx, **kwargs)
-    except MissingData as e:
-      if names is not None:
-        results["failed"] = f"evals.{name}: {type(e).__name__}: {e}"
-        raise
-      print(f"evals.{name}: skipped ({e})", flush=True)
-      continue
     except Exception as e:
+      if isinstance(e, MissingData) and names is None:
+        print(f"evals.{name}: skipped ({e})", flush=True)
+        continue
       results["failed"] = f"evals.{name}: {type(e).__name__}: {e}"
       raise
     for key, value in metrics.items():

@@ -240,20 +240,20 @@ class ViT(nn.Module):
     grid = (h // p, w // p)
     x = x.reshape(b, grid[0] * grid[1], self.width)
     ref = self.image_size // p
+    # Both on the reference grid, resized for other crops: a smaller crop's tokens sit
+    # between the global ones.
     if self.posemb == "learn":
       pos_embed = self.param(
           "pos_embed", nn.initializers.normal(0.02), (1, ref * ref, self.width), jnp.float32
       )
-      pos_embed = resize_pos_embed(pos_embed, grid)
     elif self.posemb == "sincos2d":
-      # On the reference grid's scale, so a smaller crop's tokens sit between the global ones.
-      pos_embed = resize_pos_embed(sincos_pos_embed_2d((ref, ref), self.width), grid)
+      pos_embed = sincos_pos_embed_2d((ref, ref), self.width)
     else:
       raise ValueError(f"config.model.posemb={self.posemb!r}: use 'learn' or 'sincos2d'.")
     cls_token = self.param(
         "cls_token", nn.initializers.normal(1e-6), (1, 1, self.width), jnp.float32
     )
-    x = x + pos_embed.astype(self.dtype)
+    x = x + resize_pos_embed(pos_embed, grid).astype(self.dtype)
     cls = jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
