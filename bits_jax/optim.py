@@ -1,9 +1,10 @@
 """Optimizer, schedules and parameter groups, built once from `config.optim`.
 
-AdamW per parameter group ('backbone', 'head'), so a head re-initialisation resets exactly the
-head's moments and bias-correction count; learning rate and weight decay are injected
-hyperparameters set from the global step before every update. Weight decay applies to
-kernels, not to biases, norms, position embeddings or the CLS token.
+AdamW per parameter group ('backbone', 'head', and 'frozen' for head params an objective
+freezes at the start, see `objectives.common.FrozenParams`), so a head re-initialisation
+resets exactly the head's moments and bias-correction counts; learning rate and weight decay
+are injected hyperparameters set from the global step before every update. Weight decay
+applies to kernels, not to biases, norms, position embeddings or the CLS token.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from bits_jax import utils
 
 PyTree = Any
 GROUPS = ("backbone", "head")
+FROZEN_GROUP = "frozen"
+HEAD_GROUPS = ("head", FROZEN_GROUP)  # what a head re-initialisation resets
 _NO_DECAY = ("pos_embed", "cls_token")
 
 
@@ -63,9 +66,22 @@ def _decay_mask(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Clipping + one AdamW per parameter group (`GROUPS`), hyperparameters injected."""
+def make_optimizer(config, frozen=None) -> optax.GradientTransformation:
+  """Clipping + one AdamW per parameter group, hyperparameters injected.
+
+  Groups: `GROUPS` (the params' top-level keys), and `FROZEN_GROUP` for the leaves `frozen`
+  (an `objectives.common.FrozenParams`, or None) selects.
+  """
   optim = config.optim
+  groups = GROUPS + ((FROZEN_GROUP,) if frozen is not None else ())
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: FROZEN_GROUP
+        if frozen is not None and frozen.selects(path)
+        else path[0].key,
+        params,
+    )
 
   def group():
     return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
@@ -73,9 +89,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     )
 
   clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity()
-  return optax.chain(
-      clip, optax.multi_transform({g: group() for g in GROUPS}, {g: g for g in GROUPS})
-  )
+  return optax.chain(clip, optax.multi_transform({g: group() for g in groups}, labels))
 
 
 def set_hyperparams(opt_state: PyTree, learning_rate, weight_decay) -> PyTree:
@@ -87,10 +101,15 @@ def set_hyperparams(opt_state: PyTree, learning_rate, weight_decay) -> PyTree:
   )
 
 
-def reset_group(opt_state: PyTree, fresh_opt_state: PyTree, group: str) -> PyTree:
-  """`opt_state` with the leaves of one parameter group taken from `fresh_opt_state`."""
+def replace_group(opt_state: PyTree, source: PyTree, group: str, when: Any = True) -> PyTree:
+  """`opt_state` with the leaves of one parameter group taken from `source` (same structure).
+
+  `source` is e.g. a fresh `optimizer.init(params)` (a reset) or the state before an update
+  (a hold); `when` is a traced bool that selects between the two (default: always). A group
+  the optimizer does not have leaves `opt_state` as it is.
+  """
   return jax.tree_util.tree_map_with_path(
-      lambda path, old, new: new if utils.under_key(path, group) else old,
+      lambda path, old, new: jnp.where(when, new, old) if utils.under_key(path, group) else old,
       opt_state,
-      fresh_opt_state,
+      source,
   )

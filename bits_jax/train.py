@@ -394,8 +394,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       )
       try:
         common.run_evaluators(ctx, config.evals, names, into=results, prefix=f"{label}/")
-      except Exception:
-        results["failed"] += f" (on the {label} model)"
+      except Exception as e:
+        failure = results.get("failed", f"{type(e).__name__}: {e}")
+        results["failed"] = f"{failure} (on the {label} model)"
         run_lib.write_incomplete(results, workdir)
         raise
       plots += ctx.plots

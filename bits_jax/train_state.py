@@ -69,6 +69,7 @@ class Components:
   image_shape: tuple[int, int, int]  # (global crop, global crop, channels)
   head_reset_every: int  # steps between head re-initialisations; 0 = never
   reset_head_optimizer: bool = True  # a head reset also resets the head's optimizer state
+  frozen: objectives.FrozenParams | None = None  # head params fixed at the start (DINO)
 
   @property
   def student(self) -> Student:
@@ -81,16 +82,18 @@ def build(config, steps_per_epoch: int | None = None) -> Components:
   Head resets (`config.objective.head.reset_every_*`) apply to any method.
   """
   objective = objectives.get(config.objective.name)
+  frozen = objective.frozen_params(config)
   size = config.input.crops.global_size
   return Components(
       backbone=models.build_backbone(config),
       head=objective.make_head(config),
       objective=objective,
-      optimizer=optim.make_optimizer(config),
+      optimizer=optim.make_optimizer(config, frozen),
       schedules=optim.make_schedules(config),
       image_shape=(size, size, config.input.num_channels),
       head_reset_every=utils.steps(config.objective.head, "reset_every", steps_per_epoch),
       reset_head_optimizer=bool(config.objective.head.reset_optimizer_state),
+      frozen=frozen,
   )
 
 
@@ -150,7 +153,9 @@ def reset_head(state: TrainState, components: Components) -> TrainState:
   params = dict(state.params, head=new_head)
   opt_state = state.opt_state
   if components.reset_head_optimizer:
-    opt_state = optim.reset_group(opt_state, components.optimizer.init(params), "head")
+    fresh = components.optimizer.init(params)
+    for group in optim.HEAD_GROUPS:
+      opt_state = optim.replace_group(opt_state, fresh, group)
   return state.replace(
       params=params, teacher_params=dict(state.teacher_params, head=new_head), opt_state=opt_state
   )

@@ -265,15 +265,12 @@ def make_train_step(components: Components, config, *, batch_shards: int = 1) ->
   """`train_step(state, batch) -> (state, metrics)`, a pure function closed over `components`.
 
   `batch`: {'global': [batch, G, S, S, C], optional 'local': [batch, L, s, s, C]}; metrics are
-  scalars, and [bits] histograms. The objective decides what must not move yet; the head is
-  re-initialised every `components.head_reset_every` steps. `batch_shards`: the devices the
-  batch is split over (in contiguous blocks), for per-device statistics.
+  scalars, and [bits] histograms. The objective decides what must not move yet
+  (`components.frozen`); the head is re-initialised every `components.head_reset_every`
+  steps. `batch_shards`: the devices the batch is split over (in contiguous blocks), for
+  per-device statistics.
   """
-  objective, schedules, optimizer = (
-      components.objective,
-      components.schedules,
-      components.optimizer,
-  )
+  schedules, optimizer, frozen = components.schedules, components.optimizer, components.frozen
   log_terms = bool(config.get("log_term_grad_norms", False))
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -291,13 +288,17 @@ def make_train_step(components: Components, config, *, batch_shards: int = 1) ->
     )
     if "term_grads" in metrics:
       metrics.update(term_grad_norms(metrics.pop("term_grads"), logged))
-    grads = objective.mask_updates(grads, step, config)
     lr = schedules.learning_rate(step)
     wd = schedules.weight_decay(step)
     momentum = schedules.teacher_momentum(step)
     opt_state = optim.set_hyperparams(state.opt_state, lr, wd)
-    updates, opt_state = optimizer.update(grads, opt_state, state.params)
-    updates = objective.mask_updates(updates, step, config)
+    updates, new_opt_state = optimizer.update(grads, opt_state, state.params)
+    if frozen is not None:  # no move and no Adam state change while frozen (FrozenParams)
+      updates = frozen.mask(updates, step)
+      new_opt_state = optim.replace_group(
+          new_opt_state, opt_state, optim.FROZEN_GROUP, when=step < frozen.steps
+      )
+    opt_state = new_opt_state
     params = optax.apply_updates(state.params, updates)
     teacher = optax.incremental_update(params, state.teacher_params, 1.0 - momentum)
 

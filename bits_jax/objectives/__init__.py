@@ -5,6 +5,7 @@ Adding a method is one module defining `OBJECTIVE` plus a line in `_REGISTRY`.
 
 import importlib
 
+from bits_jax.objectives.common import FrozenParams
 from bits_jax.objectives.common import Objective
 
 _REGISTRY = {

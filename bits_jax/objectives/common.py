@@ -10,8 +10,8 @@ An objective module defines `OBJECTIVE = Objective(...)`:
       batch_shards: the devices the batch is split over (per-device statistics).
       metrics[LOSS_TERMS] (optional): {name: scalar} weighted terms summing to the loss; the
       train step logs the gradient norm of each (`grad_norm/<name>`) and drops the entry.
-  mask_updates(tree, step, config) -> tree     zeroes what must not move yet (DINO's
-                                               frozen prototypes); identity by default
+  frozen_params(config) -> FrozenParams | None  head params that must not move yet (DINO's
+                                               prototypes); None by default
   config_problems(config) -> list[str]         impossible settings, each with its fix
 """
 
@@ -23,13 +23,44 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from bits_jax import utils
+
 PyTree = Any
 LOSS_TERMS = "loss_terms"  # the metrics entry holding the loss's weighted terms
 
 
-def _identity(tree, step, config):
-  del step, config
-  return tree
+@dataclasses.dataclass(frozen=True)
+class FrozenParams:
+  """The head's sub-module `name`, fixed for the first `steps` steps (DINO's prototypes).
+
+  While frozen, the train step zeroes its updates (weight decay included) and keeps its Adam
+  state (moments and bias-correction count, a parameter group of its own) as it was, so its
+  first update after the freeze is Adam's first step: what PyTorch's AdamW does for a
+  parameter without gradient (DINO cancels the gradient after clipping, so it still counts in
+  the clipping norm). A count shared with the rest of the head would instead meet near-zero
+  moments with a spent bias correction and overshoot (3x the learning rate at the first step
+  after a 5000-step freeze).
+  """
+
+  name: str
+  steps: int
+
+  def selects(self, path) -> bool:
+    """Whether the params-tree key path is one of the frozen leaves."""
+    return utils.under_key(path, "head") and utils.under_key(path, self.name)
+
+  def mask(self, tree: PyTree, step) -> PyTree:
+    """`tree` (params-shaped, e.g. updates) with the frozen leaves zeroed while `step < steps`."""
+    frozen = jnp.asarray(step) < self.steps
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.where(frozen, jnp.zeros_like(x), x) if self.selects(path) else x,
+        tree,
+    )
+
+
+def _nothing_frozen(config) -> FrozenParams | None:
+  del config
+  return None
 
 
 def _no_problems(config) -> list[str]:
@@ -48,7 +79,7 @@ class Objective:
   make_head: Callable
   loss: Callable
   init_state: Callable = _no_state
-  mask_updates: Callable = _identity
+  frozen_params: Callable[[Any], FrozenParams | None] = _nothing_frozen
   config_problems: Callable[[Any], list[str]] = _no_problems
 
 

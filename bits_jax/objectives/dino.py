@@ -10,7 +10,7 @@ all V views (`[batch, K]` each), a center `c: [K]` and temperatures `tau_t(step)
 Settings in `config.objective.dino`: `tau_t` warms up linearly from `warmup_teacher_temp`
 (0.04) to `teacher_temp` (0.07) over `warmup_teacher_temp_steps`, then stays;
 `tau_s = student_temp` (0.1). The prototypes (`head/last_layer`) are frozen for the first
-`freeze_last_layer_steps` (`mask_updates`).
+`freeze_last_layer_steps` (`frozen_params`).
 The center is updated with the mean over the global batch: inside `jax.jit` on a mesh the
 mean of a batch-sharded array is reduced across devices, as DINO's all-reduce does.
 """
@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bits_jax import utils
 from bits_jax.models import heads
 from bits_jax.objectives import common
 
@@ -72,22 +71,14 @@ def teacher_temperature(step, config: ml_collections.ConfigDict) -> jax.Array:
   return start + (end - start) * frac
 
 
-def mask_updates(tree, step, config: ml_collections.ConfigDict):
-  """Zeros `tree['head']...['last_layer']` leaves while `step < freeze_last_layer_steps`.
+def frozen_params(config: ml_collections.ConfigDict) -> common.FrozenParams | None:
+  """The prototypes (`head/last_layer`) for the first `freeze_last_layer_steps` steps.
 
-  Applied to the gradients (so Adam's moments see nothing) and to the updates (so weight
-  decay does not move the layer either): DINO keeps its prototypes fixed in the first epoch.
+  DINO keeps them fixed in the first epoch: no update (weight decay included) moves them and
+  their Adam state stays fresh until then.
   """
   steps = config.objective.dino.freeze_last_layer_steps
-  if not steps:
-    return tree
-  frozen = jnp.asarray(step) < steps
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.where(frozen, jnp.zeros_like(x), x)
-      if utils.under_key(path, "head") and utils.under_key(path, "last_layer")
-      else x,
-      tree,
-  )
+  return common.FrozenParams("last_layer", int(steps)) if steps else None
 
 
 def teacher_probs(teacher_out: jax.Array, center: jax.Array, temperature) -> jax.Array:
@@ -153,6 +144,6 @@ OBJECTIVE = common.Objective(
     make_head=make_head,
     loss=loss,
     init_state=init_state,
-    mask_updates=mask_updates,
+    frozen_params=frozen_params,
     config_problems=config_problems,
 )

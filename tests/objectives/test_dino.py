@@ -175,6 +175,50 @@ def test_last_layer_frozen_for_first_steps(config):
   assert np.abs(np.asarray(history[1].objective_state["center"])).sum() > 0
 
 
+def _adam_counts(opt_state) -> dict[str, int]:
+  """{group: Adam's bias-correction count} of the optimizer's parameter groups."""
+  counts = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+    keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+    if keys[-1] == "count":
+      group = next(k for k in keys if k in ("backbone", "head", "frozen"))
+      counts[group] = int(leaf)
+  return counts
+
+
+def test_prototypes_start_adam_afresh_after_the_freeze(config):
+  """PyTorch's AdamW leaves a parameter without gradient untouched: after the freeze, the
+  prototypes' first update is Adam's first step (each weight moves by ~lr), not one with a
+  spent bias correction and near-zero moments."""
+  components, state = helpers.create_state(config)
+  assert components.frozen == dino.frozen_params(config)
+  step = jax.jit(train_step.make_train_step(components, config))
+  counts = []
+  for i in range(3):
+    before = state
+    state, _ = step(state, helpers.random_batch(config, seed=i))
+    counts.append(_adam_counts(state.opt_state))
+  # Frozen for steps 0 and 1: its count stays 0 while the rest of the head's runs on.
+  assert [c["frozen"] for c in counts] == [0, 0, 1]
+  assert [c["head"] for c in counts] == [1, 2, 3]
+  kernel = lambda s: np.asarray(s.params["head"]["last_layer"]["kernel_v"], np.float64)
+  moved = np.abs(kernel(state) - kernel(before))
+  lr = float(components.schedules.learning_rate(2))
+  # Adam's first step: lr * g / (|g| + eps) per weight (+ a small decoupled weight decay);
+  # with the head's shared count (3) it would be ~0.64 lr.
+  assert lr > 0 and np.median(moved) == pytest.approx(lr, rel=0.02)
+
+
+def test_head_reset_also_resets_the_frozen_group(config):
+  config = config.copy_and_resolve_references()
+  config.objective.head.reset_every_steps = 3
+  components, state = helpers.create_state(config)
+  step = jax.jit(train_step.make_train_step(components, config))
+  for i in range(4):  # the reset runs at the start of step 3
+    state, _ = step(state, helpers.random_batch(config, seed=i))
+  assert _adam_counts(state.opt_state) == {"backbone": 4, "head": 1, "frozen": 1}
+
+
 def test_config_problems_name_the_fix():
   assert dino.config_problems(_config(out_dim=8)) == []
   problems = dino.config_problems(_config(student_temp=0.0, center_momentum=1.0))
