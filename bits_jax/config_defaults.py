@@ -134,6 +134,8 @@ def objective_defaults() -> ConfigDict:
               dict(
                   eps=0.5,  # R = 0.5 logdet(I + d / (n eps) Z^T Z)
                   coding_rate_weight=1.0,  # times the (d + n) / (d n) balancing factor
+                  rate_views="student_teacher",  # rate of (z_s + z_t) / 2 (code) | 'student'
+                  rate_scope="device",  # a Gram matrix per 'device' (code) | 'global' batch
               )
           ),
       )

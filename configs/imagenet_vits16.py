@@ -47,8 +47,8 @@ SimDINO (`simdino`): SimDINO's ViT-B/16 command: eps 0.05 (the README; the code'
   0.5), coding-rate coefficient 1, 10 local crops; gradient clip 3.0 and end lr 1e-6 (code
   defaults); its 256-d bottleneck head (`objective.head` defaults for SimDINO). SimDINO's own
   runs used 8 GPUs x 64 = 512 images per step [simdino README]; we keep batch 256 as above.
-  SimDINO's expansion term is computed per GPU on the mean of student and teacher global
-  views; the `objective.simdino` implementation documents what it does.
+  The expansion term as SimDINO's code computes it (`objective.simdino` defaults): per
+  device, on the mean of the student's and the teacher's global views [simdino code].
 
 `imagenet2012` must be prepared in `data_dir` (TFDS needs the manually downloaded archives).
 Scale-out keys: `--config.mesh.fsdp=N` (FSDP over N devices),

@@ -55,8 +55,8 @@ from bits_jax.objectives import common
 
 AGREEMENTS = ("bce", "cosine")
 REDUCTIONS = ("mean", "sum")
-RATE_VIEWS = ("student", "student_teacher")
-RATE_SCOPES = ("global", "device")
+RATE_VIEWS = coding_rate_lib.RATE_VIEWS
+RATE_SCOPES = coding_rate_lib.RATE_SCOPES
 
 
 def make_head(config: ml_collections.ConfigDict):
@@ -181,32 +181,6 @@ def agreement(
   return loss, accuracy
 
 
-def coding_rate(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    settings: ml_collections.ConfigDict,
-    batch_shards: int = 1,
-) -> jax.Array:
-  """Mean coding rate over the global views (`settings`: rate_* keys and eps).
-
-  `student_logits: [V, n, bits]` (the first G views are global), `teacher_logits:
-  [G, n, bits]`; `batch_shards`: the devices the batch is split over (rate_scope='device').
-  """
-  num_global = teacher_logits.shape[0]
-  z = utils.l2_normalize(student_logits[:num_global].astype(jnp.float32))
-  if settings.rate_views == "student_teacher":
-    zt = utils.l2_normalize(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
-    z = 0.5 * (z + zt)
-  shards = batch_shards if settings.rate_scope == "device" else 1
-  rates = [
-      coding_rate_lib.rate_of_unit_rows(
-          z[g], settings.eps, convention=settings.rate_eps_convention, num_shards=shards
-      )
-      for g in range(num_global)
-  ]
-  return jnp.mean(jnp.stack(rates))
-
-
 def bit_statistics(teacher_messages: jax.Array):
   """Balance (fraction of ones) and mean per-bit entropy in bits. `[G, batch, bits]`."""
   p = jnp.mean(teacher_messages, axis=(0, 1))  # [bits]
@@ -255,7 +229,15 @@ def loss(
       reduction=settings.bce_reduction,
       logit_scale=settings.bce_logit_scale,
   )
-  rate = coding_rate(student_logits, teacher_logits, settings, batch_shards)
+  rate = coding_rate_lib.global_view_rate(
+      student_logits,
+      teacher_logits,
+      settings.eps,
+      views=settings.rate_views,
+      scope=settings.rate_scope,
+      convention=settings.rate_eps_convention,
+      batch_shards=batch_shards,
+  )
   n, d = student_logits.shape[1], student_logits.shape[2]
   balance = common.coding_rate_balance(n, d) if settings.rate_balance else 1.0
   terms = {

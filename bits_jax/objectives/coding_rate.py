@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from bits_jax import utils
 
 _JITTER = 1e-6
+RATE_VIEWS = ("student", "student_teacher")
+RATE_SCOPES = ("global", "device")
 
 
 def _cholesky_with_retry(matrix: jax.Array) -> jax.Array:
@@ -125,3 +127,38 @@ def coding_rate(z: jax.Array, eps: float = 0.05) -> jax.Array:
   if z.ndim != 2:
     raise ValueError(f"coding_rate expects z of shape [n, d], got {z.shape}.")
   return rate_of_unit_rows(utils.l2_normalize(z.astype(jnp.float32)), eps)
+
+
+def global_view_rate(
+    student_out: jax.Array,
+    teacher_out: jax.Array,
+    eps: float,
+    *,
+    views: str = "student",
+    scope: str = "global",
+    convention: str = "simdino",
+    batch_shards: int = 1,
+) -> jax.Array:
+  """Mean coding rate over the G global views of L2-normalised head outputs (BITS, SimDINO).
+
+  `student_out: [V, n, d]` (the first G views global), `teacher_out: [G, n, d]`.
+  views 'student': the student's global views; 'student_teacher': (z_s + z_t) / 2 per global
+  view, the teacher's without gradient (SimDINO's expa_type=1). scope 'global': one Gram
+  matrix over the batch; 'device': one per device (`batch_shards` contiguous blocks),
+  averaged (SimDINO's default, reduce_cov=0). `convention`: see `rate_of_unit_rows`.
+  """
+  if views not in RATE_VIEWS or scope not in RATE_SCOPES:
+    raise ValueError(
+        f"coding-rate views={views!r} / scope={scope!r}: use {RATE_VIEWS} / {RATE_SCOPES}."
+    )
+  num_global = teacher_out.shape[0]
+  z = utils.l2_normalize(student_out[:num_global].astype(jnp.float32))
+  if views == "student_teacher":
+    zt = utils.l2_normalize(jax.lax.stop_gradient(teacher_out).astype(jnp.float32))
+    z = 0.5 * (z + zt)
+  shards = batch_shards if scope == "device" else 1
+  rates = [
+      rate_of_unit_rows(z[g], eps, convention=convention, num_shards=shards)
+      for g in range(num_global)
+  ]
+  return jnp.mean(jnp.stack(rates))

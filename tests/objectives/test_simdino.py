@@ -13,14 +13,21 @@ import helpers
 
 
 def _config(**overrides):
-  """`config.objective.simdino` is all the loss reads."""
-  settings = dict(eps=0.5, coding_rate_weight=1.0)
+  """`config.objective.simdino` is all the loss reads (defaults: SimDINO's code's)."""
+  settings = dict(
+      eps=0.5, coding_rate_weight=1.0, rate_views="student_teacher", rate_scope="device"
+  )
   settings.update(overrides)
   return ml_collections.ConfigDict(dict(objective=dict(simdino=settings)))
 
 
-def numpy_simdino(student, teacher, eps, weight):
-  """mean_{g, v != g} mean_b 0.5 ||zs_v - zt_g||^2 - w (d+n)/(dn) mean_g R_eps(zs_g)."""
+def numpy_simdino(student, teacher, eps, weight, views="student_teacher", shards=1):
+  """float64: mean_{g, v != g} mean_b 0.5 ||zs_v - zt_g||^2 - w (d+n)/(dn) mean_g R_eps(w_g),
+
+  w_g = (zs_g + zt_g) / 2 ('student_teacher', SimDINO's expa_type=1) or zs_g; R averaged over
+  `shards` contiguous row blocks W_k, each 0.5 logdet(I + d / (n eps) W_k^T W_k) with the
+  global n (SimDINO's per-GPU Gram matrices, reduce_cov=0).
+  """
   student, teacher = np.float64(student), np.float64(teacher)
   normalize = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   zs, zt = normalize(student), normalize(teacher)
@@ -31,23 +38,35 @@ def numpy_simdino(student, teacher, eps, weight):
       if v != g
   ]
   n, d = student.shape[1], student.shape[2]
-  rates = [
-      0.5 * np.linalg.slogdet(np.eye(d) + d / (n * eps) * zs[g].T @ zs[g])[1]
-      for g in range(teacher.shape[0])
-  ]
+  rates = []
+  for g in range(teacher.shape[0]):
+    w = (zs[g] + zt[g]) / 2 if views == "student_teacher" else zs[g]
+    blocks = np.split(w, shards)
+    rates.append(
+        np.mean([0.5 * np.linalg.slogdet(np.eye(d) + d / (n * eps) * b.T @ b)[1] for b in blocks])
+    )
   return np.mean(distances) - weight * (d + n) / (d * n) * np.mean(rates), np.mean(distances)
 
 
-@pytest.mark.parametrize("n,d,weight", [(8, 16, 1.0), (32, 8, 0.5), (12, 12, 2.0)])
-def test_loss_matches_numpy(n, d, weight):
+@pytest.mark.parametrize(
+    "n,d,weight,views,scope,shards",
+    [
+        (8, 16, 1.0, "student_teacher", "device", 1),
+        (32, 8, 0.5, "student_teacher", "device", 4),
+        (12, 12, 2.0, "student", "global", 3),  # 'global' ignores the 3 devices
+        (12, 6, 1.0, "student", "device", 2),
+    ],
+)
+def test_loss_matches_numpy(n, d, weight, views, scope, shards):
   rng = np.random.RandomState(n + d)
   student = rng.randn(5, n, d).astype(np.float32)  # 2 global + 3 local views
   teacher = rng.randn(2, n, d).astype(np.float32)
-  config = _config(coding_rate_weight=weight)
+  config = _config(coding_rate_weight=weight, rate_views=views, rate_scope=scope)
   loss, (state, metrics) = simdino.loss(
-      jnp.asarray(student), jnp.asarray(teacher), {}, step=0, config=config
+      jnp.asarray(student), jnp.asarray(teacher), {}, step=0, config=config, batch_shards=shards
   )
-  ref, ref_distance = numpy_simdino(student, teacher, 0.5, weight)
+  ref_shards = shards if scope == "device" else 1
+  ref, ref_distance = numpy_simdino(student, teacher, 0.5, weight, views, ref_shards)
   np.testing.assert_allclose(loss, ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(metrics["distance"], ref_distance, rtol=1e-5)
   assert state == {}
@@ -110,3 +129,8 @@ def test_config_problems_name_the_fix():
   assert (
       "config.objective.simdino.eps=0.0 must be > 0" in simdino.config_problems(_config(eps=0.0))[0]
   )
+  problems = simdino.config_problems(_config(rate_views="teacher", rate_scope="host"))
+  assert problems == [
+      "config.objective.simdino.rate_views='teacher': use one of ('student', 'student_teacher').",
+      "config.objective.simdino.rate_scope='host': use one of ('global', 'device').",
+  ]
