@@ -153,7 +153,10 @@ def optim_defaults() -> ConfigDict:
           weight_decay_end=0.4,  # at the end of the run
           b1=0.9,  # Adam first-moment decay
           b2=0.999,  # Adam second-moment decay
-          clip_norm=3.0,  # global gradient-norm clipping, 0 = none
+          clip_norm=3.0,  # gradient-norm clipping threshold, 0 = none
+          # 'per_tensor': each gradient tensor to norm <= clip_norm (DINO / SimDINO code, the
+          # paper's) | 'global': the norm of all of them together (optax.clip_by_global_norm)
+          clip_mode="per_tensor",
           teacher_momentum=0.996,  # cosine to teacher_momentum_end
           teacher_momentum_end=1.0,  # DINO's; < 1 keeps the teacher moving at the end
           grad_accum_steps=1,  # micro-batches per update (a scan inside the step)

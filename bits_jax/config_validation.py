@@ -230,6 +230,13 @@ def _check_values(c: _Checker) -> None:
         f"config.on_nonfinite={cfg['on_nonfinite']!r}: use 'skip' (skip the update and "
         "count it) or 'stop'."
     )
+  from bits_jax import optim  # pylint: disable=g-import-not-at-top
+
+  if c.ok("optim.clip_mode") and cfg["optim.clip_mode"] not in optim.CLIP_MODES:
+    c.add(
+        f"config.optim.clip_mode={cfg['optim.clip_mode']!r}: use 'per_tensor' (each gradient "
+        "tensor clipped on its own, as DINO's code) or 'global' (their joint norm)."
+    )
   if c.ok("init_from_head") and cfg["init_from_head"] not in ("reset", "keep"):
     c.add(
         f"config.init_from_head={cfg['init_from_head']!r}: use 'reset' (a fresh head) or "

@@ -20,6 +20,7 @@ from bits_jax import utils
 
 PyTree = Any
 GROUPS = ("backbone", "head")
+CLIP_MODES = ("per_tensor", "global")
 FROZEN_GROUP = "frozen"
 HEAD_GROUPS = ("head", FROZEN_GROUP)  # what a head re-initialisation resets
 _NO_DECAY = ("pos_embed", "cls_token")
@@ -66,6 +67,34 @@ def _decay_mask(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+  """Every gradient tensor g scaled by min(1, max_norm / (||g|| + 1e-6)) on its own.
+
+  DINO's and SimDINO's `clip_gradients` (the paper's code base, so its Tab. 12 clip values
+  mean this), where `optax.clip_by_global_norm` bounds the norm of all of them together.
+  """
+
+  def update(updates, params=None):
+    del params
+    return jax.tree_util.tree_map(
+        lambda g: g * jnp.minimum(1.0, max_norm / (optax.tree.norm(g) + 1e-6)).astype(g.dtype),
+        updates,
+    )
+
+  return optax.stateless(update)
+
+
+def make_gradient_clip(optim) -> optax.GradientTransformation:
+  """`optim.clip_norm` (0: none) applied as `optim.clip_mode` says."""
+  if not optim.clip_norm:
+    return optax.identity()
+  if optim.clip_mode not in CLIP_MODES:
+    raise ValueError(f"config.optim.clip_mode={optim.clip_mode!r}: use one of {CLIP_MODES}.")
+  if optim.clip_mode == "global":
+    return optax.clip_by_global_norm(optim.clip_norm)
+  return clip_each_by_norm(optim.clip_norm)
+
+
 def make_optimizer(config, frozen=None) -> optax.GradientTransformation:
   """Clipping + one AdamW per parameter group, hyperparameters injected.
 
@@ -88,8 +117,9 @@ def make_optimizer(config, frozen=None) -> optax.GradientTransformation:
         learning_rate=0.0, weight_decay=0.0, b1=optim.b1, b2=optim.b2, mask=_decay_mask
     )
 
-  clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity()
-  return optax.chain(clip, optax.multi_transform({g: group() for g in groups}, labels))
+  return optax.chain(
+      make_gradient_clip(optim), optax.multi_transform({g: group() for g in groups}, labels)
+  )
 
 
 def set_hyperparams(opt_state: PyTree, learning_rate, weight_decay) -> PyTree:

@@ -30,8 +30,9 @@ BITS (reset, fixed):
            `objective.bits` defaults (see config_defaults.py for their documented choice).
   optim    AdamW, lr 5e-4 x batch / 256 [simdino], 10 linear warm-up epochs [simdino], cosine
            to 5e-5 [paper, Tab. 13], weight decay 0.04 -> 0.4 cosine [simdino], gradient clip
-           1.0 [paper, Tab. 12], teacher momentum 0.996 -> 1 cosine [simdino], Adam betas
-           (0.9, 0.999) [simdino: PyTorch's AdamW defaults].
+           1.0 [paper, Tab. 12] per tensor (`optim.clip_mode` default) [simdino / dino code:
+           `clip_gradients` bounds each parameter's gradient norm], teacher momentum 0.996 ->
+           1 cosine [simdino], Adam betas (0.9, 0.999) [simdino: PyTorch's AdamW defaults].
   run      100 epochs [paper] = 100 x floor(1,281,167 / 256) = 500,400 steps; bfloat16
            compute with float32 params [ours; SimDINO trains in fp16 mixed precision].
 DINO (`dino`): the shared data/model/schedule above, with DINO's loss and optimization settings:

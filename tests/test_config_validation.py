@@ -127,6 +127,10 @@ _BAD_CONFIGS = {
         {"objective.bits.rate_eps_convention": "dino"},
         "config.objective.bits.rate_eps_convention='dino': use one of ('simdino', 'paper')",
     ),
+    "unknown clip mode": (
+        {"optim.clip_mode": "layer"},
+        "config.optim.clip_mode='layer': use 'per_tensor' (each gradient tensor clipped on its own",
+    ),
     "min lr above peak": (
         {"optim.end_learning_rate": 1.0},
         "config.optim.end_learning_rate=1.0 is above config.optim.learning_rate",
