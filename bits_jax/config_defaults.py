@@ -151,6 +151,9 @@ def optim_defaults() -> ConfigDict:
           warmup_steps=100,  # linear warm-up from 0
           weight_decay=0.04,  # cosine to weight_decay_end
           weight_decay_end=0.4,  # at the end of the run
+          # Decay the ViT's pos_embed and cls_token too (DINO / SimDINO code: every param of
+          # 2+ dims) | False: not them (timm's no_weight_decay)
+          decay_embeddings=True,
           b1=0.9,  # Adam first-moment decay
           b2=0.999,  # Adam second-moment decay
           clip_norm=3.0,  # gradient-norm clipping threshold, 0 = none

@@ -4,12 +4,15 @@ AdamW per parameter group ('backbone', 'head', and 'frozen' for head params an o
 freezes at the start, see `objectives.common.FrozenParams`), so a head re-initialisation
 resets exactly the head's moments and bias-correction counts; learning rate and weight decay
 are injected hyperparameters set from the global step before every update. Weight decay
-applies to kernels, not to biases, norms, position embeddings or the CLS token.
+applies to every parameter of 2 or more dimensions (kernels, and the position embedding and
+CLS token as in DINO's / SimDINO's code, unless `optim.decay_embeddings=False`), not to
+biases or norms.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -59,10 +62,13 @@ def make_schedules(config) -> Schedules:
   return Schedules(learning_rate, weight_decay, lambda step: end - gap(step))
 
 
-def _decay_mask(params: PyTree) -> PyTree:
+def decay_mask(params: PyTree, decay_embeddings: bool = True) -> PyTree:
+  """True for the leaves weight decay applies to: >= 2 dimensions (DINO's rule: not biases,
+  not norms), without `_NO_DECAY` (position embedding, CLS token) if not `decay_embeddings`."""
+
   def decays(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
-    return x.ndim >= 2 and name not in _NO_DECAY
+    return x.ndim >= 2 and (decay_embeddings or name not in _NO_DECAY)
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -114,7 +120,11 @@ def make_optimizer(config, frozen=None) -> optax.GradientTransformation:
 
   def group():
     return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=0.0, weight_decay=0.0, b1=optim.b1, b2=optim.b2, mask=_decay_mask
+        learning_rate=0.0,
+        weight_decay=0.0,
+        b1=optim.b1,
+        b2=optim.b2,
+        mask=functools.partial(decay_mask, decay_embeddings=bool(optim.decay_embeddings)),
     )
 
   return optax.chain(

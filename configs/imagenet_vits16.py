@@ -29,7 +29,8 @@ BITS (reset, fixed):
            coding rate's eps, views, scope and reduction are not stated by the paper: the
            `objective.bits` defaults (see config_defaults.py for their documented choice).
   optim    AdamW, lr 5e-4 x batch / 256 [simdino], 10 linear warm-up epochs [simdino], cosine
-           to 5e-5 [paper, Tab. 13], weight decay 0.04 -> 0.4 cosine [simdino], gradient clip
+           to 5e-5 [paper, Tab. 13], weight decay 0.04 -> 0.4 cosine on every param of 2+ dims,
+           position embedding and CLS token included [simdino code], gradient clip
            1.0 [paper, Tab. 12] per tensor (`optim.clip_mode` default) [simdino / dino code:
            `clip_gradients` bounds each parameter's gradient norm], teacher momentum 0.996 ->
            1 cosine [simdino], Adam betas (0.9, 0.999) [simdino: PyTorch's AdamW defaults].

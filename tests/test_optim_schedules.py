@@ -64,3 +64,20 @@ def test_unknown_clip_mode_names_the_options():
   config.optim.clip_mode = "layer"
   with pytest.raises(ValueError, match="clip_mode='layer'.*per_tensor"):
     optim.make_gradient_clip(config.optim)
+
+
+@pytest.mark.parametrize("decay_embeddings", [True, False])
+def test_weight_decay_mask_follows_dinos_rule(decay_embeddings):
+  params = {
+      "backbone": {
+          "pos_embed": jnp.zeros((1, 4, 8)),
+          "cls_token": jnp.zeros((1, 1, 8)),
+          "block0": {"fc": {"kernel": jnp.zeros((8, 8)), "bias": jnp.zeros((8,))}},
+          "norm": {"scale": jnp.zeros((8,))},
+      }
+  }
+  mask = optim.decay_mask(params, decay_embeddings)["backbone"]
+  # DINO's get_params_groups: no decay for biases and 1-D params, decay for the rest.
+  assert mask["block0"]["fc"] == {"kernel": True, "bias": False}
+  assert mask["norm"]["scale"] is False
+  assert mask["pos_embed"] is decay_embeddings and mask["cls_token"] is decay_embeddings
