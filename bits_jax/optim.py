@@ -48,8 +48,9 @@ def make_schedules(config) -> Schedules:
       decay_steps=max(total, optim.warmup_steps + 1),
       end_value=optim.end_learning_rate,
   )
-  if optim.weight_decay == 0:
-    weight_decay = optax.constant_schedule(optim.weight_decay_end)
+  if optim.weight_decay == 0:  # 0 -> end: optax's alpha = end / start is undefined
+    rise = optax.cosine_decay_schedule(init_value=optim.weight_decay_end, decay_steps=max(total, 1))
+    weight_decay = lambda step: optim.weight_decay_end - rise(step)
   else:
     weight_decay = optax.cosine_decay_schedule(
         init_value=optim.weight_decay,

@@ -81,3 +81,14 @@ def test_weight_decay_mask_follows_dinos_rule(decay_embeddings):
   assert mask["block0"]["fc"] == {"kernel": True, "bias": False}
   assert mask["norm"]["scale"] is False
   assert mask["pos_embed"] is decay_embeddings and mask["cls_token"] is decay_embeddings
+
+
+@pytest.mark.parametrize("start,end", [(0.04, 0.4), (0.0, 0.4), (0.1, 0.0), (0.05, 0.05)])
+def test_weight_decay_is_a_cosine_from_start_to_end(start, end):
+  config = helpers.load_config("fashion_mnist", "test")
+  config.total_steps = 100
+  config.optim.weight_decay, config.optim.weight_decay_end = start, end
+  weight_decay = optim.make_schedules(config).weight_decay
+  for step in (0, 25, 50, 100, 150):
+    want = end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, 100) / 100))
+    np.testing.assert_allclose(float(weight_decay(step)), want, rtol=0, atol=1e-6)
