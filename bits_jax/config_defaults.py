@@ -301,15 +301,44 @@ def base_config() -> ConfigDict:
 CHOICE_SECTIONS = ("model", "evals")
 
 
-def complete(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDict:
-  """`config` (changed in place) with the keys of `base_config()` it lacks, at their defaults.
+# Options added with a default that is not what the code did before (the paper's code's
+# behaviour): a stored config without the key was trained with this value.
+BEHAVIOUR_BEFORE_OPTION = {
+    ("optim", "clip_mode"): "global",
+    ("optim", "decay_embeddings"): False,
+    ("objective", "simdino", "rate_views"): "student",
+    ("objective", "simdino", "rate_scope"): "global",
+}
 
-  A run's stored config.json predates the options added to the code since: the run was
-  trained with the behaviour their defaults keep. What the run stored wins, and the
+
+def complete(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDict:
+  """`config` (changed in place) with the keys of `base_config()` it lacks.
+
+  A run's stored config.json predates the options added to the code since: each missing key
+  gets the value that keeps the behaviour the run was trained with, its default or, where the
+  default changed the behaviour, `BEHAVIOUR_BEFORE_OPTION`. What the run stored wins, and the
   `CHOICE_SECTIONS` are not completed (a ResNet has no `patch_size`).
   """
+  absent = [path for path in BEHAVIOUR_BEFORE_OPTION if not _has(config, path)]
   _fill_missing(config, base_config() if defaults is None else defaults, CHOICE_SECTIONS)
+  for path in absent:
+    if _has(config, path):
+      *sections, key = path
+      node = config
+      for section in sections:
+        node = node[section]
+      with node.ignore_type():
+        node[key] = BEHAVIOUR_BEFORE_OPTION[path]
   return config
+
+
+def _has(config: ConfigDict, path: tuple[str, ...]) -> bool:
+  node = config
+  for key in path:
+    if not isinstance(node, ConfigDict) or key not in node:
+      return False
+    node = node[key]
+  return True
 
 
 def _fill_missing(config: ConfigDict, defaults: ConfigDict, skip: tuple[str, ...] = ()) -> None:

@@ -399,3 +399,20 @@ def test_complete_skips_only_the_top_level_choice_sections():
   assert "patch_size" not in stored.model  # a backbone choice: left as stored
   assert stored.optim.lr == 1.0 and stored.seed == 0  # options added since: their defaults
   assert stored.optim.model.ema == 0.9  # a nested key named 'model' is an ordinary section
+
+
+def test_a_stored_config_without_a_behaviour_changing_option_keeps_the_old_behaviour():
+  """Options whose default changed what the code does complete to the old behaviour, so a
+  run written before them resumes as it was trained (or is refused, never silently changed)."""
+  stored = config_defaults.base_config().to_dict()
+  del stored["optim"]["clip_mode"], stored["optim"]["decay_embeddings"]
+  del stored["objective"]["simdino"]["rate_views"]
+  completed = config_defaults.complete(ml_collections.ConfigDict(stored))
+  assert completed.optim.clip_mode == "global" and completed.optim.decay_embeddings is False
+  assert completed.objective.simdino.rate_views == "student"
+  assert completed.objective.simdino.rate_scope == "device"  # stored: kept
+  # Resuming it with today's defaults is a refused difference, not a silent change.
+  differences = config_validation.config_differences(stored, config_defaults.base_config())
+  assert differences["optim.clip_mode"] == ("<absent>", "per_tensor")
+  assert differences["objective.simdino.rate_views"] == ("<absent>", "student_teacher")
+  assert "objective.simdino.rate_scope" not in differences
