@@ -323,22 +323,23 @@ def complete(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDi
   _fill_missing(config, base_config() if defaults is None else defaults, CHOICE_SECTIONS)
   for path in absent:
     if _has(config, path):
-      *sections, key = path
-      node = config
-      for section in sections:
-        node = node[section]
-      with node.ignore_type():
-        node[key] = BEHAVIOUR_BEFORE_OPTION[path]
+      parent = _parent(config, path)
+      with parent.ignore_type():
+        parent[path[-1]] = BEHAVIOUR_BEFORE_OPTION[path]
   return config
 
 
-def _has(config: ConfigDict, path: tuple[str, ...]) -> bool:
+def _parent(config: ConfigDict, path: tuple[str, ...]) -> ConfigDict | None:
+  """The section holding `path[-1]`, or None where a section on the way is missing."""
   node = config
-  for key in path:
-    if not isinstance(node, ConfigDict) or key not in node:
-      return False
-    node = node[key]
-  return True
+  for key in path[:-1]:
+    node = node.get(key) if isinstance(node, ConfigDict) else None
+  return node if isinstance(node, ConfigDict) else None
+
+
+def _has(config: ConfigDict, path: tuple[str, ...]) -> bool:
+  parent = _parent(config, path)
+  return parent is not None and path[-1] in parent
 
 
 def _fill_missing(config: ConfigDict, defaults: ConfigDict, skip: tuple[str, ...] = ()) -> None:

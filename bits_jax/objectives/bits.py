@@ -86,15 +86,17 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   for key in ("bce_weight", "coding_rate_weight", "target_temperature", "bce_logit_scale"):
     if bits[key] is None or bits[key] < 0:
       problems.append(f"config.objective.bits.{key}={bits[key]} must be >= 0 (0 disables it).")
-  for key, choices in (
-      ("agreement", AGREEMENTS),
-      ("bce_reduction", REDUCTIONS),
-      ("rate_views", RATE_VIEWS),
-      ("rate_scope", RATE_SCOPES),
-      ("rate_eps_convention", coding_rate_lib.CONVENTIONS),
-  ):
-    if bits[key] not in choices:
-      problems.append(f"config.objective.bits.{key}={bits[key]!r}: use one of {choices}.")
+  problems += common.one_of(
+      config,
+      "bits",
+      dict(
+          agreement=AGREEMENTS,
+          bce_reduction=REDUCTIONS,
+          rate_views=RATE_VIEWS,
+          rate_scope=RATE_SCOPES,
+          rate_eps_convention=coding_rate_lib.CONVENTIONS,
+      ),
+  )
   momentum = bits.teacher_center_momentum
   if bits.teacher_center and not (momentum is not None and 0 <= momentum < 1):
     problems.append(

@@ -112,6 +112,16 @@ def positive(config, section: str, keys, hint: str) -> list[str]:
   ]
 
 
+def one_of(config, section: str, choices: dict[str, tuple]) -> list[str]:
+  """Problems for the keys of `config.objective.<section>` not among their `choices`."""
+  values = config.objective[section]
+  return [
+      f"config.objective.{section}.{k}={values[k]!r}: use one of {options}."
+      for k, options in choices.items()
+      if values[k] not in options
+  ]
+
+
 def coding_rate_balance(n: int, d: int) -> float:
   """SimDINO's balancing factor (d + n) / (d n) of the coding rate of n vectors in R^d."""
   return (d + n) / (d * n)

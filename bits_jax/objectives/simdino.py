@@ -42,15 +42,11 @@ def make_head(config: ml_collections.ConfigDict):
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Impossible SimDINO settings, each with its fix (called by config validation)."""
-  simdino = config.objective.simdino
-  problems = common.positive(config, "simdino", ("eps",), "SimDINO: 0.5")
-  for key, choices in (
-      ("rate_views", coding_rate_lib.RATE_VIEWS),
-      ("rate_scope", coding_rate_lib.RATE_SCOPES),
-  ):
-    if simdino[key] not in choices:
-      problems.append(f"config.objective.simdino.{key}={simdino[key]!r}: use one of {choices}.")
-  return problems
+  return common.positive(config, "simdino", ("eps",), "SimDINO: 0.5") + common.one_of(
+      config,
+      "simdino",
+      dict(rate_views=coding_rate_lib.RATE_VIEWS, rate_scope=coding_rate_lib.RATE_SCOPES),
+  )
 
 
 def loss(
