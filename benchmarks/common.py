@@ -57,6 +57,24 @@ def synthetic_batch(config, seed: int = 0) -> dict:
   return batch
 
 
+# --------------------------------------------------------------------------- options
+
+
+def compiler_option(text: str) -> tuple[str, object]:
+  """'NAME=VALUE' -> (NAME, VALUE) with 'true'/'false' as bools and digits as ints (XLA
+  refuses the strings for its bool and int options)."""
+  name, value = text.split("=", 1)
+  if value.lower() in ("true", "false"):
+    return name, value.lower() == "true"
+  return name, int(value) if value.lstrip("-").isdigit() else value
+
+
+def first_line(error: BaseException) -> str:
+  """An error's type and first message line, cut to 120 characters (for tables and logs)."""
+  text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+  return text[:120]
+
+
 # ------------------------------------------------------------------------------ FLOPs
 
 

@@ -296,20 +296,6 @@ class MatmulPeak:
 # ------------------------------------------------------------------------------- bench
 
 
-def _compiler_option(text: str) -> tuple[str, object]:
-  """'NAME=VALUE' -> (NAME, VALUE) with 'true'/'false' as bools and digits as ints (XLA
-  refuses the strings for its bool and int options)."""
-  name, value = text.split("=", 1)
-  if value.lower() in ("true", "false"):
-    return name, value.lower() == "true"
-  return name, int(value) if value.lstrip("-").isdigit() else value
-
-
-def _first_line(error: BaseException) -> str:
-  text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-  return text[:120]
-
-
 def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
   options, dtype = args.options, args.options.dtype
   views = common.synthetic_batch(row_config(row, options))
@@ -363,8 +349,8 @@ def bench_row(row: Row, args, ref, peak: MatmulPeak, gpu: bool) -> dict:
             f"torch {variant}: built and one step in {time.perf_counter() - t0:.1f} s", flush=True
         )
       except Exception as e:  # pylint: disable=broad-except
-        result["errors"][f"torch_{variant}"] = _first_line(e)
-        print(f"torch {variant} failed: {_first_line(e)}", flush=True)
+        result["errors"][f"torch_{variant}"] = common.first_line(e)
+        print(f"torch {variant} failed: {common.first_line(e)}", flush=True)
         if args.verbose:
           traceback.print_exc()
   seconds = {name: [] for name in runners}
@@ -502,7 +488,7 @@ def main(argv=None):
   )
   parser.add_argument("--verbose", action="store_true", help="tracebacks of torch failures")
   args = parser.parse_args(argv)
-  args.compiler_options = dict(_compiler_option(o) for o in args.compiler_option)
+  args.compiler_options = dict(common.compiler_option(o) for o in args.compiler_option)
   names = list(ROWS) if args.rows == "all" else args.rows.split(",")
   unknown = [n for n in names if n not in ROWS]
   if unknown:
@@ -535,8 +521,8 @@ def main(argv=None):
     try:
       results.append(bench_row(ROWS[name], args, ref, peak, gpu))
     except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: the next row
-      print(f"{name} failed: {_first_line(e)}", flush=True)
-      errors = {"ours": _first_line(e)}
+      print(f"{name} failed: {common.first_line(e)}", flush=True)
+      errors = {"ours": common.first_line(e)}
       results.append(
           dict(row=name, model_flops=train_step_flops(ROWS[name]), xla_flops=None, errors=errors)
       )

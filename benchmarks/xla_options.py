@@ -50,7 +50,7 @@ def parse_set(text: str) -> tuple[str, dict]:
   bad = [p for p in parts if "=" not in p]
   if not name.strip() or bad:
     raise ValueError(f"--set={text!r}: write NAME:OPTION=VALUE[;OPTION=VALUE] (or NAME:).")
-  return name.strip(), dict(bench_step._compiler_option(p.strip()) for p in parts)  # pylint: disable=protected-access
+  return name.strip(), dict(common.compiler_option(p.strip()) for p in parts)
 
 
 def build_step(args):
@@ -75,7 +75,7 @@ def time_sets(step, state, batch, sets: dict, rounds: int, steps: int) -> dict:
     try:
       compiled = lowered.compile(compiler_options=options or None)
     except Exception as e:  # pylint: disable=broad-except  # an option this XLA does not know
-      print(f"{name}: not compiled: {bench_step._first_line(e)}", flush=True)  # pylint: disable=protected-access
+      print(f"{name}: not compiled: {common.first_line(e)}", flush=True)
       continue
     # The step donates its state: every set steps its own copy.
     runners[name] = bench_step.JaxRunner(compiled, jax.tree.map(jnp.copy, state), batch)

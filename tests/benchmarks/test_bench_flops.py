@@ -55,8 +55,7 @@ def test_vit_and_head_forward_flops_match_xla(image, patch):
 
 
 def test_compiler_option_parses_bools_and_ints():
-  train_step = _load("train_step.py")
-  parse = train_step._compiler_option  # pylint: disable=protected-access
+  parse = _load("common.py").compiler_option
   assert parse("xla_cpu_use_onednn=true") == ("xla_cpu_use_onednn", True)
   assert parse("xla_cpu_enable_fast_math=False") == ("xla_cpu_enable_fast_math", False)
   assert parse("xla_cpu_prefer_vector_width=512") == ("xla_cpu_prefer_vector_width", 512)
