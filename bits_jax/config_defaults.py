@@ -322,8 +322,8 @@ def complete(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDi
   absent = [path for path in BEHAVIOUR_BEFORE_OPTION if not _has(config, path)]
   _fill_missing(config, base_config() if defaults is None else defaults, CHOICE_SECTIONS)
   for path in absent:
-    if _has(config, path):
-      parent = _parent(config, path)
+    parent = _parent(config, path)
+    if parent is not None and path[-1] in parent:  # filled just now
       with parent.ignore_type():
         parent[path[-1]] = BEHAVIOUR_BEFORE_OPTION[path]
   return config
