@@ -29,7 +29,7 @@ def input_defaults() -> ConfigDict:
       dict(
           # 'fashion_mnist' | a TFDS name | 'idx:/dir' | 'npz:/file.npz' | 'imagefolder:/dir'
           dataset="fashion_mnist",
-          data_dir=None,  # TFDS data_dir (may be gs://)
+          data_dir=placeholder(str),  # TFDS data_dir (may be gs://)
           idx_dir="/usr/share/datasets/fashion-mnist",  # offline Fashion-MNIST (Debian package)
           train_split="train",  # the training split (TFDS slicing allowed: 'train[:90%]')
           num_channels=3,  # channels fed to the model (images are converted to it)
@@ -37,7 +37,7 @@ def input_defaults() -> ConfigDict:
           eval_batch_size=256,  # global batch of the evaluation pipeline
           shuffle_buffer=10_000,  # TFDS: records shuffled in memory
           skip_corrupt_images=False,  # imagefolder: skip undecodable files (counted, logged)
-          threads=None,  # tf.data private thread pool; None: TF's default
+          threads=placeholder(int),  # tf.data private thread pool; None: TF's default
           prefetch_batches=2,  # host-side batches prepared ahead
           crops=ConfigDict(
               dict(
@@ -60,8 +60,8 @@ def input_defaults() -> ConfigDict:
                   grayscale_prob=0.2,  # probability of converting a view to grayscale
                   blur_probs=(1.0, 0.1, 0.5),  # first global view, other global views, local views
                   solarize_prob=0.2,  # second global view only
-                  normalize_mean=None,  # None: the dataset's known statistics, else 0.5
-                  normalize_std=None,  # None: the dataset's known statistics, else 0.5
+                  normalize_mean=placeholder(tuple),  # None: the dataset's known statistics, else 0.5
+                  normalize_std=placeholder(tuple),  # None: the dataset's known statistics, else 0.5
                   resize_method="bicubic",  # tf.image.resize method of every crop
                   # Antialiased downscaling (as PIL) costs ~2x the resize time; TF SSL pipelines
                   # (SimCLR, big_vision) resize without it.
@@ -69,8 +69,8 @@ def input_defaults() -> ConfigDict:
                   xla=True,  # XLA-compile hue/grayscale/normalize (2-3x faster on CPU)
               )
           ),
-          eval_resize_size=None,  # eval: resize the short side, then center-crop
-          eval_crop_size=None,  # None: the global crop size
+          eval_resize_size=placeholder(int),  # eval: resize the short side, then center-crop
+          eval_crop_size=placeholder(int),  # None: the global crop size
       )
   )
 
