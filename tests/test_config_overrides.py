@@ -1,7 +1,10 @@
-"""Every key of every config file can be set from the command line, unset ones (None) too."""
+"""Every key of every config file can be set from the command line, unset ones (None) too,
+and every documented `python -m bits_jax.main` command parses its --config flags."""
 
 import functools
+import glob
 import os
+import re
 
 from absl import flags
 from ml_collections import config_dict
@@ -29,9 +32,12 @@ def _unset_keys(config, prefix=""):
       yield prefix + key, config._fields[key]  # pylint: disable=protected-access
 
 
-def _parse(name, *overrides):
-  """The config that `python -m bits_jax.main --config=configs/<name>.py ...` builds."""
-  argv = ["main", f"--config={os.path.join(helpers.REPO, 'configs', name)}.py", *overrides]
+def _parse(spec, *overrides):
+  """The config that `python -m bits_jax.main --config=<spec> <overrides>` builds; `spec` is
+  'configs/x.py[:preset]' (relative to the repository) or a config file's name."""
+  if not spec.startswith("configs/"):
+    spec = f"configs/{spec}.py"
+  argv = ["main", f"--config={os.path.join(helpers.REPO, spec)}", *overrides]
   values = flags.FlagValues()
   # config_flags finds the override flags in sys_argv (sys.argv unless given).
   config_flags.DEFINE_config_file(
@@ -60,3 +66,45 @@ def test_unset_keys_stay_none_without_an_override():
   assert config.input.data_dir is None
   assert config.input.eval_crop_size is None
   assert config.input.augment.normalize_mean is None
+
+
+def _documented_commands():
+  """(source, config spec, --config.* flags) of each bits_jax.main command in the README, the
+  config files' docstrings and the launch scripts; shell variables stand for their defaults."""
+  commands = []
+  paths = [os.path.join(helpers.REPO, p) for p in ("README.md", "configs/*.py", "scripts/*.sh")]
+  for path in sorted(sum((glob.glob(p) for p in paths), [])):
+    path = os.path.relpath(path, helpers.REPO)
+    with open(os.path.join(helpers.REPO, path)) as f:
+      text = re.sub(r"\\\n\s*", " ", f.read())  # one line per command
+    for line in re.findall(r"-m bits_jax\.main(.*)", text):
+      line = line.replace("$CONFIG", "configs/imagenet_vitb16.py:ep100")  # run_tpu.sh's default
+      flags_in = re.findall(r"--config(?:\.[\w.]+)?=[^\s`'\"\]]+", line)
+      spec = [f.split("=", 1)[1] for f in flags_in if f.startswith("--config=")]
+      if spec and "<" not in spec[0]:  # not a template
+        overrides = [re.sub(r"\$(\w+)", r"\1", f) for f in flags_in if f.startswith("--config.")]
+        commands.append((path, spec[0], overrides))
+  return commands
+
+
+def _image_folder(root):
+  """A two-split image folder standing in for the user's (configs/transfer.py counts it)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  for split in ("train", "test"):
+    os.makedirs(root / split / "a")
+    Image.new("RGB", (8, 8)).save(root / split / "a" / "0.png")
+  return root
+
+
+def test_documented_commands_parse(tmp_path):
+  commands = _documented_commands()
+  folder = f"imagefolder:{_image_folder(tmp_path)}"
+  # The ImageNet and TPU commands set the data directory: the case that once failed.
+  assert any("--config.input.data_dir" in " ".join(c[2]) for c in commands if "scripts/" in c[0])
+  assert sum("--config.input.data_dir" in " ".join(c[2]) for c in commands) >= 5, commands
+  for source, spec, overrides in commands:
+    try:
+      _parse(re.sub(r"imagefolder:[^,]+", folder, spec), *overrides)
+    except Exception as error:  # pylint: disable=broad-except
+      pytest.fail(f"{source}: --config={spec} {' '.join(overrides)}: {error}")
