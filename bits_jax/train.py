@@ -16,6 +16,7 @@ import time
 from clu import metric_writers
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -80,15 +81,21 @@ class _Trace:
       print(f"Profile written to {self.logdir}/plugins/profile (TensorBoard: Profile tab)")
 
 
-def _store_config(config, workdir: epath.PathLike, resuming: bool) -> None:
-  """Checks a resumed run's config against WORKDIR/config.json, then (re)writes it."""
+def _check_config_change(config, workdir: epath.PathLike, resuming: bool) -> None:
+  """Checks a resumed run's config against WORKDIR/config.json (ConfigError if refused)."""
   path = run_guard.workdir_path(workdir) / "config.json"
   if resuming and path.exists():
     stored = json.loads(path.read_text())
     for key, (old, new) in config_validation.check_resume_config(stored, config).items():
       if jax.process_index() == 0:
         print(f"Config change on resume: {key}: {old!r} -> {new!r}", flush=True)
+
+
+def _store_config(config, workdir: epath.PathLike) -> None:
+  """(Re)writes WORKDIR/config.json: once the state is restored or built, so that a refused
+  resume leaves the config the checkpoints were written with."""
   if jax.process_index() == 0:
+    path = run_guard.workdir_path(workdir) / "config.json"
     checkpoint_lib.write_text_atomically(path, config.to_json_best_effort(indent=2))
 
 
@@ -136,10 +143,11 @@ def _train(
   mesh = sharding_lib.make_mesh(config, devices)
   components = train_state_lib.build(config, steps_per_epoch(config))
   checkpoints = checkpoint_lib.Checkpoints(workdir, config)
-  _store_config(config, workdir, resuming=bool(checkpoints.steps()))
+  _check_config_change(config, workdir, resuming=bool(checkpoints.steps()))
   state = checkpoints.restore_or_init(components, config, mesh)
   if config.init_from and int(state.step) == 0:
     state = init_backbone_from(state, config)
+  _store_config(config, workdir)
   step_fn = train_step_lib.compile_train_step(
       components, config, mesh, sharding_lib.shardings_of(state)
   )
@@ -302,9 +310,12 @@ def init_backbone_from(state: TrainState, config) -> TrainState:
   head = state.params["head"]
   if head_mode == "keep":
     head = place(weights_lib.head_params(loaded, head, repr(config.init_from)), head)
+  # The teacher gets its own buffers: the step donates the state, and one buffer in two
+  # leaves would be donated twice.
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
   replace = {
       "params": dict(state.params, backbone=backbone, head=head),
-      "teacher_params": dict(state.teacher_params, backbone=backbone, head=head),
+      "teacher_params": dict(state.teacher_params, backbone=copy(backbone), head=copy(head)),
   }
   if state.batch_stats and "batch_stats" in loaded:
     stats = place(
@@ -312,7 +323,7 @@ def init_backbone_from(state: TrainState, config) -> TrainState:
         state.batch_stats["backbone"],
     )
     replace["batch_stats"] = dict(state.batch_stats, backbone=stats)
-    replace["teacher_batch_stats"] = dict(state.teacher_batch_stats, backbone=stats)
+    replace["teacher_batch_stats"] = dict(state.teacher_batch_stats, backbone=copy(stats))
   print(
       f"Initialized the backbone{' and head' if head_mode == 'keep' else ''} from "
       f"{config.init_from}"

@@ -424,6 +424,23 @@ def test_checkpoint_of_another_config_is_refused_not_quarantined(reference, tmp_
   assert _steps(workdir) == list(range(1, TOTAL_STEPS + 1))
 
 
+def test_refused_resume_leaves_config_json_as_the_checkpoints_were_written(reference, tmp_path):
+  """Allowed as a config change but refused by the checkpoint: config.json must still hold
+  the config the checkpoints fit, which the error message tells the user to resume with."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    before = f.read()
+  config = helpers.load_config("fashion_mnist", "test")
+  config.objective.bits.num_bits = 16
+  config.allow_config_change = "objective.bits.num_bits"
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="does not fit"):
+    train.train(config, workdir, devices=jax.devices()[:2])
+  with open(path) as f:
+    assert f.read() == before
+
+
 # ------------------------------------------------------------ retention and disk (in process)
 
 

@@ -90,3 +90,23 @@ def test_keep_errors_name_the_key(params_dir, tmp_path):
   weights.save_params(backbone_only, {"backbone": loaded["backbone"]})
   with pytest.raises(ValueError, match="no projection head.*init_from_head='reset'"):
     _init_from(config, backbone_only, "keep")
+
+
+def _buffers(tree):
+  """The device buffer addresses of every leaf (every shard) of `tree`."""
+  return [
+      shard.data.unsafe_buffer_pointer()
+      for leaf in jax.tree_util.tree_leaves(tree)
+      for shard in leaf.addressable_shards
+  ]
+
+
+@pytest.mark.parametrize("mode", ["keep", "reset"])
+def test_student_and_teacher_share_no_buffer(params_dir, mode):
+  """The step donates the state: a buffer in two leaves would be donated twice ("Attempt to
+  donate the same buffer twice", the first step of every init_from run)."""
+  fresh, state = _init_from(*params_dir, mode)
+  addresses = _buffers(state)
+  assert len(addresses) == len(set(addresses))
+  shardings = lambda tree: [x.sharding for x in jax.tree_util.tree_leaves(tree)]
+  assert shardings(state) == shardings(fresh)

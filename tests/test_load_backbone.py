@@ -23,7 +23,7 @@ def workdir(tmp_path_factory):
   _, state = helpers.create_state(config)
   teacher = jax.tree_util.tree_map(lambda x: x + 0.01, state.teacher_params)
   state = state.replace(step=state.step + 1, teacher_params=teacher)
-  train._store_config(config, workdir, resuming=False)  # pylint: disable=protected-access
+  train._store_config(config, workdir)  # pylint: disable=protected-access
   checkpoints = checkpoint_lib.Checkpoints(workdir, config)
   checkpoints.save(1, state)
   checkpoints.close()
