@@ -19,14 +19,12 @@ from absl import app
 from absl import flags
 import jax
 import ml_collections
-from ml_collections import config_flags
 
 from bits_jax import objectives
 from bits_jax import train
+from bits_jax import utils
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, FILE.py[:preset].", lock_config=True
-)
+_CONFIG = utils.define_config_flag("Config file, FILE.py[:preset].")
 _METHODS = flags.DEFINE_list("methods", list(objectives.NAMES), "Methods to compare.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one sub-directory per method).")
 
@@ -110,4 +108,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=utils.parse_flags)

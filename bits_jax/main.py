@@ -25,17 +25,15 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 from bits_jax import checkpoint
 from bits_jax import config_validation
 from bits_jax import distributed
 from bits_jax import run_guard
 from bits_jax import train
+from bits_jax import utils
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:preset]).", lock_config=True
-)
+_CONFIG = utils.define_config_flag("Experiment config file (configs/*.py[:preset]).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics, results (local or any epath: gs://...)."
 )
@@ -98,4 +96,4 @@ def _exit(status: int, message: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=utils.parse_flags)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Any
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
 PyTree = Any
@@ -114,3 +118,36 @@ def load_config_file(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def define_config_flag(help_text: str, flag_values=None, sys_argv=None):
+  """`--config=FILE.py[:arg]` with `--config.key=value` overrides, as every CLI takes it.
+
+  Keys the file does not set may be given too (a backbone's or evaluator's option the preset
+  leaves at its default, `--config.model.remat=True`): values parse as Python literals, and
+  `bits_jax.config_validation` reports any key that is no option, with the closest one.
+  `flag_values` / `sys_argv` (default: absl's FLAGS / sys.argv) are for tests.
+  """
+  return config_flags.DEFINE_config_file(
+      "config",
+      None,
+      help_text,
+      flag_values=flags.FLAGS if flag_values is None else flag_values,
+      lock_config=False,
+      accept_new_attributes=True,
+      sys_argv=sys_argv,
+  )
+
+
+def parse_flags(argv):
+  """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with an override under
+  a section the config does not have (`--config.optm.lr=1`) reported the way absl reports
+  the other flag errors (message, exit status 1), not as a KeyError traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as error:
+    message = str(error.args[0]) if error.args else repr(error)
+    sys.stderr.write(
+        f"FATAL Flags parsing error: --config.* override of a missing section: {message}\n"
+    )
+    sys.exit(1)

@@ -5,13 +5,16 @@ import functools
 import glob
 import os
 import re
+from unittest import mock
 
+from absl import app
 from absl import flags
 from ml_collections import config_dict
-from ml_collections import config_flags
 import pytest
 
 import helpers
+from bits_jax import config_validation
+from bits_jax import utils
 
 _CONFIG_FILES = sorted(
     name[:-3]
@@ -34,15 +37,14 @@ def _unset_keys(config, prefix=""):
 
 def _parse(spec, *overrides):
   """The config that `python -m bits_jax.main --config=<spec> <overrides>` builds; `spec` is
-  'configs/x.py[:preset]' (relative to the repository) or a config file's name."""
+  'configs/x.py[:preset]' (relative to the repository) or 'x[:preset]'."""
   if not spec.startswith("configs/"):
-    spec = f"configs/{spec}.py"
+    name, colon, arg = spec.partition(":")
+    spec = f"configs/{name}.py{colon}{arg}"
   argv = ["main", f"--config={os.path.join(helpers.REPO, spec)}", *overrides]
   values = flags.FlagValues()
   # config_flags finds the override flags in sys_argv (sys.argv unless given).
-  config_flags.DEFINE_config_file(
-      "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
-  )
+  utils.define_config_flag("", flag_values=values, sys_argv=argv)
   values(argv)
   return values.config
 
@@ -108,3 +110,42 @@ def test_documented_commands_parse(tmp_path):
       _parse(re.sub(r"imagefolder:[^,]+", folder, spec), *overrides)
     except Exception as error:  # pylint: disable=broad-except
       pytest.fail(f"{source}: --config={spec} {' '.join(overrides)}: {error}")
+
+
+def test_options_the_preset_leaves_out_can_be_set():
+  """Documented options a config file does not list (the backbone's, an evaluator's) parse as
+  Python literals and validate."""
+  config = _parse(
+      "fashion_mnist",
+      "--config.model.remat=True",
+      "--config.model.drop_path_rate=0.1",
+      "--config.evals.linear.hidden_dim=256",
+      "--config.input.crops.global_scale=(0.5, 1.0)",
+  )
+  assert config.model.remat is True and config.model.drop_path_rate == 0.1
+  assert config.evals.linear.hidden_dim == 256
+  assert config_validation.config_problems(config) == []
+
+
+@pytest.mark.parametrize(
+    "override,problem",
+    [
+        ("--config.totl_steps=5", "unknown key config.totl_steps: did you mean 'total_steps'?"),
+        ("--config.model.widht=64", "widht"),
+        ("--config.evals.knn.kz=5", "config.evals.knn.kz is not an option of the 'knn'"),
+    ],
+)
+def test_a_key_that_is_no_option_is_a_config_problem(override, problem):
+  problems = config_validation.config_problems(_parse("fashion_mnist:test", override))
+  assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_an_override_under_a_missing_section_is_a_flag_error(capsys):
+  argv = ["main", f"--config={os.path.join(helpers.REPO, 'configs', 'fashion_mnist.py')}"]
+  argv.append("--config.optm.learning_rate=1.0")
+  values = flags.FlagValues()
+  utils.define_config_flag("", flag_values=values, sys_argv=argv)
+  with mock.patch.object(app, "FLAGS", values), pytest.raises(SystemExit) as stop:
+    utils.parse_flags(argv)
+  assert stop.value.code == 1
+  assert 'Did you mean "optim"' in capsys.readouterr().err
