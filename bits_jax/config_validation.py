@@ -242,6 +242,10 @@ def _check_values(c: _Checker) -> None:
         f"config.init_from_head={cfg['init_from_head']!r}: use 'reset' (a fresh head) or "
         "'keep' (the init_from checkpoint's head)."
     )
+  from bits_jax import weights  # pylint: disable=g-import-not-at-top
+
+  if c.ok("init_from") and str(cfg["init_from"]).startswith(weights.REQUIRED):
+    c.add(f"config.init_from is not set: {cfg['init_from'][len(weights.REQUIRED):].strip()}")
   if c.ok("dtype") and cfg["dtype"] not in _DTYPES:
     c.add(f"config.dtype={cfg['dtype']!r}: use 'float32' or 'bfloat16'.")
     c.bad.add("dtype")  # the model builder would report it again

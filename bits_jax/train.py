@@ -146,7 +146,10 @@ def _train(
   _check_config_change(config, workdir, resuming=bool(checkpoints.steps()))
   state = checkpoints.restore_or_init(components, config, mesh)
   if config.init_from and int(state.step) == 0:
-    state = init_backbone_from(state, config)
+    try:
+      state = init_backbone_from(state, config)
+    except (FileNotFoundError, ValueError) as error:  # missing or unfitting weights
+      raise config_validation.ConfigError(f"config.init_from: {error}") from error
   _store_config(config, workdir)
   step_fn = train_step_lib.compile_train_step(
       components, config, mesh, sharding_lib.shardings_of(state)

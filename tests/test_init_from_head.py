@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from bits_jax import config_validation
 from bits_jax import train
 from bits_jax import train_state
 from bits_jax import weights
@@ -110,3 +111,12 @@ def test_student_and_teacher_share_no_buffer(params_dir, mode):
   assert len(addresses) == len(set(addresses))
   shardings = lambda tree: [x.sharding for x in jax.tree_util.tree_leaves(tree)]
   assert shardings(state) == shardings(fresh)
+
+
+def test_missing_init_from_is_a_config_error_and_writes_no_config(tmp_path):
+  config = _tiny_config()
+  config.init_from = str(tmp_path / "no_such_run")
+  workdir = tmp_path / "run"
+  with pytest.raises(config_validation.ConfigError, match="config.init_from: .*no_such_run"):
+    train.train(config, str(workdir), devices=jax.devices()[:1])
+  assert not (workdir / "config.json").exists()

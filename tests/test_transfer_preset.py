@@ -1,5 +1,7 @@
 """configs/transfer.py: continued SSL presets load and validate for every target (no training)."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,10 +64,14 @@ def test_transfer_preset(dataset, train, num_train, test, variant, head, image_f
   assert (evals.knn.bank_split, evals.knn.query_split) == (train, test)
   assert (evals.linear.train_split, evals.linear.test_split) == (train, test)
   assert (evals.retrieval.database_split, evals.retrieval.query_split) == (train, test)
-  assert _problems(config) == []
-  # Without --config.init_from the run stops at the weight loading, naming the override.
+  # Without --config.init_from the config is refused before anything is built, naming the
+  # override (and the weight loading says so too).
+  (problem,) = _problems(config)
+  assert re.match("config.init_from is not set.*--config.init_from=", problem), problem
   with pytest.raises(ValueError, match="config.init_from is not set.*--config.init_from="):
     weights.load_params(config.init_from)
+  config.init_from = "/runs/vitb16_reset"
+  assert _problems(config) == []
 
 
 def test_transfer_init_from_option_and_bad_dataset():
