@@ -9,6 +9,7 @@ random init) and writes `WORKDIR/results.json`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -115,11 +116,18 @@ def train(
   non-finite updates are skipped, and `NonFiniteError` stops the run per
   `config.on_nonfinite` / `max_consecutive_nonfinite`, without saving the bad state.
   """
+  with _locked_workdir(config, workdir, devices) as workdir, run_guard.StopRequest() as stop:
+    return _train(config, workdir, stop, stop_at_step=stop_at_step, devices=devices)
+
+
+@contextlib.contextmanager
+def _locked_workdir(config, workdir: epath.PathLike, devices=None):
+  """The validated config's workdir, checked writable and locked (see `train`)."""
   config_validation.validate_config(config, devices=devices)
   workdir = run_guard.workdir_path(workdir)
   run_guard.check_writable(workdir)
-  with run_guard.WorkdirLock(workdir), run_guard.StopRequest() as stop:
-    return _train(config, workdir, stop, stop_at_step=stop_at_step, devices=devices)
+  with run_guard.WorkdirLock(workdir):
+    yield workdir
 
 
 def _train(
@@ -372,12 +380,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   `WORKDIR/results.json` holds every metric under `trained/`, `random_init/` and (with
   `init_from`) `init_from/`, plus the headline `knn_top1`, `knn_top1_random_init`.
   """
+  # The lock covers the evaluation too: a second run started meanwhile would otherwise
+  # resume from the last checkpoint and write its results over these. Signals stop the
+  # training only: a preempted evaluation just ends.
+  with _locked_workdir(config, workdir) as workdir:
+    with run_guard.StopRequest() as stop:
+      state = _train(config, workdir, stop)
+    return _evaluate_at_end(config, workdir, state)
+
+
+def _evaluate_at_end(config, workdir: epath.Path, state: TrainState) -> dict:
+  """The `at_end` evaluators of `train_and_evaluate`, their results written and printed."""
   from bits_jax.evaluate import common  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import pixel_baseline  # pylint: disable=g-import-not-at-top
   from bits_jax.evaluate import run as run_lib  # pylint: disable=g-import-not-at-top
 
-  workdir = run_guard.workdir_path(workdir)
-  state = train(config, workdir)
   names = [name for name, entry in config.evals.items() if entry.at_end]
   if not names:
     return {}

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from bits_jax import run_guard
 from bits_jax import train
 from tests import helpers
 
@@ -34,11 +35,23 @@ def test_resume_gives_same_params_as_uninterrupted(config, tmp_path):
   )
 
 
-def test_train_and_evaluate_writes_results(config, tmp_path):
+def test_train_and_evaluate_writes_results(config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = config.copy_and_resolve_references()
   config.profile_steps, config.profile_first_step = 2, 2  # a trace of steps 3-4
+  evaluate_at_end, refused = train._evaluate_at_end, []  # pylint: disable=protected-access
+
+  def evaluate_in_locked_workdir(*args):
+    # A second run on the workdir is refused during the evaluation too, not only the training.
+    with pytest.raises(run_guard.WorkdirError, match="in use by another run"):
+      with run_guard.WorkdirLock(workdir):
+        pass
+    refused.append(True)
+    return evaluate_at_end(*args)
+
+  monkeypatch.setattr(train, "_evaluate_at_end", evaluate_in_locked_workdir)
   results = train.train_and_evaluate(config, workdir)
+  assert refused
   traces = [
       f for _, _, files in os.walk(os.path.join(workdir, "plugins", "profile")) for f in files
   ]
