@@ -12,15 +12,16 @@ random-init baseline and training steps/s (compilation excluded).
 """
 
 import json
-import os
 import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 
 from bits_jax import objectives
+from bits_jax import run_guard
 from bits_jax import train
 from bits_jax import utils
 
@@ -54,8 +55,9 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def compare(config: ml_collections.ConfigDict, methods, workdir: str) -> list[dict]:
-  """Trains and evaluates every method in `workdir/<method>`; returns one row per method."""
+def compare(config: ml_collections.ConfigDict, methods, workdir) -> list[dict]:
+  """Trains and evaluates every method in `workdir/<method>` (any epath: local or gs://);
+  returns one row per method."""
   configs = [method_config(config, m) for m in methods]
   if not any(e.type == "knn" and e.at_end for e in config.evals.values()):
     raise ValueError("compare reports k-NN top-1: keep config.evals.knn.at_end=True.")
@@ -63,9 +65,21 @@ def compare(config: ml_collections.ConfigDict, methods, workdir: str) -> list[di
     raise ValueError(
         "compare reports the random-init baseline: keep config.baseline_random_init=True."
     )
+  head = config.objective.head
+  resetting = [m for m in methods if m in ("bits", "bits_cosine")]
+  if resetting and not (head.reset_every_steps or head.reset_every_epochs):
+    # E.g. a method preset (`:dino`, `:bits_fixed`) turned the resets off: these rows would be
+    # BITS-fixed under the BITS-reset label.
+    raise ValueError(
+        f"--methods={','.join(resetting)} re-initialise the head, but the config sets no "
+        "reset period (objective.head.reset_every_steps / _epochs): pass the config without "
+        "a method preset (e.g. configs/fashion_mnist.py:test, not :test,dino), or set one."
+    )
+  workdir = run_guard.workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   rows = []
   for method, method_cfg in zip(methods, configs):
-    run_dir = os.path.join(workdir, method)
+    run_dir = workdir / method
     t0 = time.time()
     results = train.train_and_evaluate(method_cfg, run_dir)
     row = {
@@ -73,28 +87,21 @@ def compare(config: ml_collections.ConfigDict, methods, workdir: str) -> list[di
         "wall_seconds": time.time() - t0,
         **{k: results[k] for k in ("knn_top1", "knn_top1_random_init", "knn_k", "step")},
     }
-    speed_file = os.path.join(run_dir, "train_speed.json")
-    if os.path.exists(speed_file):
-      with open(speed_file) as f:
-        row["steps_per_second"] = json.load(f)["steps_per_second"]
+    speed_file = run_dir / "train_speed.json"
+    if speed_file.exists():
+      row["steps_per_second"] = json.loads(speed_file.read_text())["steps_per_second"]
     rows.append(row)
   if jax.process_index() == 0:
     table = markdown_table(rows)
     devices = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
-    with open(os.path.join(workdir, "compare.md"), "w") as f:
-      f.write(f"Methods: {list(methods)}, devices: {devices}\n\n")
-      f.write(table)
-    with open(os.path.join(workdir, "compare.json"), "w") as f:
-      json.dump(
-          {
-              "methods": list(methods),
-              "devices": devices,
-              "rows": rows,
-              "config": json.loads(config.to_json_best_effort()),
-          },
-          f,
-          indent=2,
-      )
+    (workdir / "compare.md").write_text(f"Methods: {list(methods)}, devices: {devices}\n\n{table}")
+    summary = {
+        "methods": list(methods),
+        "devices": devices,
+        "rows": rows,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    (workdir / "compare.json").write_text(json.dumps(summary, indent=2))
     print(table, flush=True)
   return rows
 
@@ -102,8 +109,12 @@ def compare(config: ml_collections.ConfigDict, methods, workdir: str) -> list[di
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # as bits_jax.main: no Orbax INFO lines
+  try:
+    compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
+  except ValueError as e:  # an unknown method, a config compare cannot use
+    raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """bits_jax.compare: per-method configs from one file, overrides, the Markdown table."""
 
+import json
+import os
+
 import pytest
 
 from bits_jax import compare
+from bits_jax import run_guard
+from tests import fake_gcs
 from tests import helpers
+
+URL = "gs://bucket/cmp"
 
 
 @pytest.mark.parametrize("method", ["bits", "dino", "simdino"])
@@ -66,3 +73,35 @@ def test_method_variants_of_the_presets():
   assert fixed.objective.name == cosine.objective.name == "bits"
   assert fixed.objective.head.reset_every_steps == 0
   assert cosine.objective.bits.agreement == "cosine"
+
+
+def test_a_method_preset_under_reset_rows_is_refused(tmp_path):
+  config = helpers.load_config("fashion_mnist", "test,dino")  # resets off
+  with pytest.raises(ValueError, match="--methods=bits re-initialise the head.*:test,dino"):
+    compare.compare(config, ["bits", "dino"], str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_compare_writes_to_a_gs_workdir(tmp_path, monkeypatch):
+  """Every file through epath: on gs:// nothing lands in a local ./gs: directory."""
+  root, cwd = tmp_path / "store", tmp_path / "cwd"
+  root.mkdir()
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+
+  def fake_run(config, run_dir):  # what train_and_evaluate leaves, without the training
+    run_guard.workdir_path(run_dir).mkdir(parents=True)
+    (run_guard.workdir_path(run_dir) / "train_speed.json").write_text('{"steps_per_second": 2}')
+    rows = dict(knn_top1=0.8, knn_top1_random_init=0.7, knn_k=20, step=config.total_steps)
+    return rows
+
+  monkeypatch.setattr(compare.train, "train_and_evaluate", fake_run)
+  with fake_gcs.fake_gcs(str(root)):
+    rows = compare.compare(helpers.load_config("fashion_mnist", "test"), ["bits", "dino"], URL)
+  assert [r["steps_per_second"] for r in rows] == [2, 2]
+  assert "| dino | 80.00% | 70.00% |" in (root / "bucket" / "cmp" / "compare.md").read_text()
+  assert json.loads((root / "bucket" / "cmp" / "compare.json").read_text())["methods"] == [
+      "bits",
+      "dino",
+  ]
+  assert not os.listdir(cwd)
