@@ -288,6 +288,10 @@ def test_model_options_come_from_the_backbone():
   assert len(problems) == 1 and "config.model.small_stem is not an option of 'vit'" in (
       problems[0]
   ), problems
+  # Another backbone's option: the hint says how to switch backbones.
+  assert "configs/fashion_mnist.py:resnet18" in problems[0]
+  problems = config_validation.config_problems(_config(**{"model.widht": 32}))
+  assert "another backbone" not in problems[0]  # a typo gets no such hint
 
 
 def test_train_rejects_a_bad_config_before_building_anything(tmp_path):

@@ -63,9 +63,16 @@ def build_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   options = {k: v for k, v in config.model.items() if k != "name"}
   unknown = sorted(set(options) - set(model_options(name)))
   if unknown:
-    raise ValueError(
-        f"config.model.{unknown[0]} is not an option of {name!r}: use {model_options(name)}."
-    )
+    message = f"config.model.{unknown[0]} is not an option of {name!r}: use {model_options(name)}."
+    if any(unknown[0] in model_options(other) for other in BACKBONES):
+      # `--config.model.name=X` keeps the file's other backbone's options (none can be removed
+      # from the command line).
+      message += (
+          " The model section holds another backbone's options: choose the backbone in the "
+          "config file or its preset (e.g. configs/fashion_mnist.py:resnet18), not with "
+          "--config.model.name alone."
+      )
+    raise ValueError(message)
   kwargs = dict(fixed, **options, dtype=compute_dtype(config))
   if "image_size" in {f.name for f in dataclasses.fields(cls)}:
     kwargs["image_size"] = config.input.crops.global_size
