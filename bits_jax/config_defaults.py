@@ -60,8 +60,8 @@ def input_defaults() -> ConfigDict:
                   grayscale_prob=0.2,  # probability of converting a view to grayscale
                   blur_probs=(1.0, 0.1, 0.5),  # first global view, other global views, local views
                   solarize_prob=0.2,  # second global view only
-                  normalize_mean=placeholder(tuple),  # None: the dataset's known statistics, else 0.5
-                  normalize_std=placeholder(tuple),  # None: the dataset's known statistics, else 0.5
+                  normalize_mean=placeholder(tuple),  # None: the dataset's known stats, else 0.5
+                  normalize_std=placeholder(tuple),  # None: the dataset's known stats, else 0.5
                   resize_method="bicubic",  # tf.image.resize method of every crop
                   # Antialiased downscaling (as PIL) costs ~2x the resize time; TF SSL pipelines
                   # (SimCLR, big_vision) resize without it.
