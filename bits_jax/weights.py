@@ -10,7 +10,12 @@ relative, `gs://...`):
     {'backbone', 'head'?, 'batch_stats'?: {'backbone'}} and an optional `convert_meta.json`
     with the model settings the weights need.
 From a train-state checkpoint the EMA teacher's params are used (the model DINO-style methods
-evaluate); `which='student'` selects the student. `adapt_params` (from
+evaluate); `which='student'` selects the student, and only that network's arrays are read.
+A damaged checkpoint step (files differing from its `bits_manifest.json`, unreadable, or
+non-finite values; see `bits_jax.checkpoint`) is skipped with a warning when a workdir or
+`checkpoints/` directory is given (the newest intact step is used) and is an error when the
+step itself is given; nothing is moved or deleted here (the trainer quarantines damaged
+steps when it resumes). `adapt_params` (from
 `bits_jax.models.adapt`) fits loaded params to a model of another input shape; `head_params`
 checks a loaded projection head against the model's (continued SSL that keeps the head).
 """
@@ -20,10 +25,11 @@ import os
 import re
 from typing import Any, Mapping, Optional
 
+from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from bits_jax.models import adapt
 
@@ -34,6 +40,16 @@ _PARAMS_KEYS = ("backbone", "head", "batch_stats")
 # What a preset puts in `config.init_from` when the user must give the weights (e.g.
 # configs/transfer.py): loading it is an error that says which override is missing.
 REQUIRED = "required:"
+# What marks a directory as a training run's (never replaced by `save_params`).
+_RUN_MARKERS = ("checkpoints", "config.json")
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A run workdir or checkpoints/ directory without a complete checkpoint."""
+
+
+class DamagedCheckpointError(ValueError):
+  """The checkpoint to load is damaged and no intact one can stand in for it."""
 
 
 def absolute(path: epath.PathLike) -> epath.Path:
@@ -62,48 +78,164 @@ def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, Optional[int]]
         f"Weights path {os.fspath(path)!r} is a file: convert .pth / "
         ".safetensors files first with `python -m bits_jax.tools.convert`."
     )
+  return _candidates(p)[0][0]
+
+
+def _candidates(p: epath.Path) -> tuple[list[tuple[epath.Path, Optional[int]]], bool]:
+  """([(pytree directory, step or None)], newest first; whether older steps may stand in).
+
+  For a workdir or its checkpoints/ directory every complete step, newest first (True);
+  else the one directory given (False).
+  """
+  run_dir = (p / "checkpoints").is_dir() or p.name == "checkpoints"
   if (p / "checkpoints").is_dir():
     p = p / "checkpoints"
   steps = _step_dirs(p)
   if steps:
-    for step in reversed(steps):
-      if (p / str(step) / "default").is_dir():
-        return p / str(step) / "default", step
-    raise FileNotFoundError(
-        f"No complete checkpoint under {p} (step directories {steps} have no 'default/' item)."
+    complete = [s for s in reversed(steps) if (p / str(s) / "default").is_dir()]
+    if not complete:
+      raise NoCheckpointError(
+          f"No complete checkpoint under {p} (step directories {steps} have no 'default/' item)."
+      )
+    return [(p / str(s) / "default", s) for s in complete], True
+  if run_dir and not (p / "default").is_dir():
+    raise NoCheckpointError(
+        f"No checkpoint yet in {p}: train first (python -m bits_jax.main "
+        f"--workdir={p.parent}) or give other weights (evaluate: --weights=DIR)."
     )
   if (p / "default").is_dir():
     p = p / "default"
   step = int(p.parent.name) if re.fullmatch(r"\d+", p.parent.name) else None
-  return p, step
+  return [(p, step)], False
+
+
+def _tree_metadata(directory: epath.Path) -> dict:
+  """The saved pytree's structure (Orbax metadata: no array is read)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(directory)
+  finally:
+    handler.close()
+  tree = getattr(metadata, "tree", metadata)
+  if not isinstance(tree, Mapping):
+    raise ValueError(f"{directory} holds no pytree of named entries.")
+  return dict(tree)
+
+
+def _restore(directory: epath.Path, keys: tuple[str, ...], metadata: Mapping[str, Any]) -> dict:
+  """The entries `keys` of the saved pytree as numpy (the other entries are not read)."""
+  item = {k: metadata[k] for k in keys if k in metadata}
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(
+        directory,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
+
+
+def _manifest_problem(directory: epath.Path, step: Optional[int]) -> Optional[str]:
+  """Why the files of checkpoint `step` differ from its manifest (None: intact or no manifest)."""
+  if step is None or directory.name != "default":
+    return None
+  from bits_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  try:
+    return checkpoint.manifest_problem(directory.parent)
+  except FileNotFoundError:  # no manifest (older run, or stopped before it): judged at restore
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _load_one(directory: epath.Path, step: Optional[int], which: str) -> PyTree:
+  """The params of one pytree directory (see `load_params`); DamagedCheckpointError if the
+  train checkpoint `step` is damaged."""
+
+  def damaged(problem: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(
+        f"Checkpoint step {step} in {directory.parent.parent} is damaged: {problem}"
+    )
+
+  problem = _manifest_problem(directory, step)
+  if problem:
+    raise damaged(problem)
+  try:
+    metadata = _tree_metadata(directory)
+  except Exception as e:  # pylint: disable=broad-except  # unreadable metadata
+    if step is None:
+      raise
+    raise damaged(f"Orbax cannot read its metadata ({type(e).__name__}: {_first_line(e)})") from e
+  if "teacher_params" in metadata:  # a TrainState checkpoint: only the network asked for
+    params_key, stats_key = {
+        "teacher": ("teacher_params", "teacher_batch_stats"),
+        "student": ("params", "batch_stats"),
+    }[which]
+    try:
+      tree = _restore(directory, (params_key, stats_key), metadata)
+    except Exception as e:  # pylint: disable=broad-except  # any read error is damage
+      raise damaged(f"Orbax cannot restore it ({type(e).__name__}: {_first_line(e)})") from e
+    params = dict(tree[params_key])
+    if tree.get(stats_key):
+      params["batch_stats"] = tree[stats_key]
+    finite = all(
+        np.isfinite(x).all()
+        for x in jax.tree_util.tree_leaves(params)
+        if np.issubdtype(np.asarray(x).dtype, np.inexact)
+    )
+    if not finite:
+      raise damaged(f"its {which} params hold non-finite values")
+  elif "backbone" in metadata:  # a params directory (converted weights)
+    tree = _restore(directory, _PARAMS_KEYS, metadata)
+    params = {k: v for k, v in tree.items() if k in _PARAMS_KEYS and v}
+  else:
+    raise ValueError(
+        f"{directory} holds neither a train state nor a params dict with a "
+        f"'backbone' entry (keys: {sorted(metadata)})."
+    )
+  return jax.tree_util.tree_map(np.asarray, params)
 
 
 def load_params(path: epath.PathLike, which: str = "teacher") -> tuple[PyTree, Optional[int]]:
   """({'backbone', 'head'?, 'batch_stats'?} as numpy, step or None) from any source.
 
-  'batch_stats' ({'backbone': running averages}) is present for BatchNorm backbones.
+  'batch_stats' ({'backbone': running averages}) is present for BatchNorm backbones. From a
+  workdir the newest intact checkpoint step (damaged newer ones skipped with a warning,
+  left in place); `DamagedCheckpointError` when the step given, or every step, is damaged.
   """
   if which not in ("teacher", "student"):
     raise ValueError(f"which={which!r}: use 'teacher' or 'student'.")
-  directory, step = resolve_checkpoint(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(directory)
-  if "teacher_params" in tree:  # a TrainState checkpoint
-    params_key, stats_key = {
-        "teacher": ("teacher_params", "teacher_batch_stats"),
-        "student": ("params", "batch_stats"),
-    }[which]
-    params = dict(tree[params_key])
-    if tree.get(stats_key):
-      params["batch_stats"] = tree[stats_key]
-  elif "backbone" in tree:  # a params directory (converted weights)
-    params = {k: v for k, v in tree.items() if k in _PARAMS_KEYS and v}
-  else:
-    raise ValueError(
-        f"{directory} holds neither a train state nor a params dict with a "
-        f"'backbone' entry (keys: {sorted(tree)})."
-    )
-  return jax.tree_util.tree_map(np.asarray, params), step
+  resolve_checkpoint(path)  # the checks and errors of an unusable path
+  candidates, fallback = _candidates(absolute(path))
+  damaged = []
+  for directory, step in candidates:
+    try:
+      params = _load_one(directory, step, which)
+    except DamagedCheckpointError as e:
+      if not fallback:
+        raise DamagedCheckpointError(
+            f"{e}. Give another step directory, or the run's workdir to use its newest intact "
+            "checkpoint (resuming the run with python -m bits_jax.main moves damaged steps to "
+            "corrupt_checkpoints/)."
+        ) from e
+      damaged.append(step)
+      logging.warning("%s; skipping it.", e)
+      continue
+    if damaged:
+      logging.warning(
+          "Using checkpoint step %s in %s, the newest intact one (damaged, skipped and left "
+          "in place: %s).",
+          step,
+          directory.parent.parent,
+          damaged,
+      )
+    return params, step
+  where = candidates[0][0].parent.parent
+  raise DamagedCheckpointError(
+      f"Every checkpoint in {where} is damaged (steps {damaged}; the warnings above say how): "
+      "train again, or give other weights."
+  )
 
 
 def _by_name(tree: PyTree) -> dict:
@@ -149,19 +281,47 @@ def read_meta(path: epath.PathLike) -> dict:
   return json.loads(meta_file.read_text()) if meta_file.exists() else {}
 
 
+def check_replaceable(directory: epath.PathLike) -> epath.Path:
+  """`directory` (absolute) if `save_params` may write it; FileExistsError if not.
+
+  It may be new, an empty directory or an earlier params export (a `convert_meta.json` and
+  no `checkpoints/` or `config.json`), which is replaced. Anything else, a run's workdir
+  above all, is never deleted.
+  """
+  directory = absolute(directory)
+  if not directory.exists():
+    return directory
+  fix = "Pick a new output path (--out) or delete it yourself."
+  if not directory.is_dir():
+    raise FileExistsError(f"The output {directory} exists and is a file, not a directory. {fix}")
+  names = {child.name for child in directory.iterdir()}
+  if not names:
+    return directory
+  run_markers = sorted(names & set(_RUN_MARKERS))
+  if META_FILE in names and not run_markers:
+    return directory
+  what = (
+      f"it holds {' and '.join(run_markers)} (a training run's workdir?)"
+      if run_markers
+      else f"it is not empty and not an earlier params export (no {META_FILE})"
+  )
+  raise FileExistsError(f"Refusing to write into {directory}: {what}; it would be deleted. {fix}")
+
+
 def save_params(
     directory: epath.PathLike, params: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = None
 ) -> epath.Path:
   """Writes a params directory: `params` {'backbone', 'head'?, 'batch_stats'?} (+ meta).
 
-  An existing directory is replaced. Returns its absolute path.
+  An earlier params export there is replaced; any other non-empty directory is refused
+  (FileExistsError, see `check_replaceable`). Returns its absolute path.
   """
   unknown = sorted(set(params) - set(_PARAMS_KEYS))
   if "backbone" not in params or unknown:
     raise ValueError(
         f"params need a 'backbone' entry and only {_PARAMS_KEYS} (got {sorted(params)})."
     )
-  directory = absolute(directory)
+  directory = check_replaceable(directory)
   tree = {k: v for k, v in params.items() if v}
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, tree, force=True)

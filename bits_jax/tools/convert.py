@@ -14,7 +14,11 @@ weights; read without torch), `flax` (a run workdir, checkpoint or params direct
 picks the output: `.safetensors` or `.pth` (a timm / torchvision state_dict without the
 classifier, loadable with `load_state_dict(..., strict=False)`), anything else a params
 directory (`bits_jax.weights.save_params`, with `convert_meta.json`) usable as
-`--config.init_from=DIR` or `python -m bits_jax.evaluate --weights=DIR`.
+`--config.init_from=DIR` or `python -m bits_jax.evaluate --weights=DIR`. An existing `--out`
+is replaced only when it is an earlier export: a file for .safetensors / .pth, a directory
+holding `convert_meta.json` (and no `checkpoints/` or `config.json`) for a params directory;
+anything else (a run's workdir, a directory where a file is to go) is refused before
+anything is read or written.
 
 `.pth` files are read with `torch.load(weights_only=True)`: tensors and plain containers
 only, plus `argparse.Namespace` (DINO stores its arguments in checkpoints). A file holding
@@ -188,6 +192,20 @@ def output_format(path: epath.PathLike) -> str:
   return "torch" if suffix in _TORCH_SUFFIXES else "flax"
 
 
+def check_output(path: epath.PathLike) -> None:
+  """FileExistsError unless `path` is new or an earlier export we may replace (see above)."""
+  kind = output_format(path)
+  if kind == "flax":
+    weights.check_replaceable(path)
+    return
+  path = epath.Path(path)
+  if path.is_dir():
+    raise FileExistsError(
+        f"--out={path} is an existing directory; a {kind} export is one file, and a directory "
+        "is never replaced. Pick a new --out (a file path) or delete it yourself."
+    )
+
+
 def config_overrides(meta: Mapping[str, Any]) -> list[str]:
   """The command-line config overrides that build the model of converted weights."""
   keys = {
@@ -232,7 +250,11 @@ def convert(
     key: Optional[str] = None,
     which: str = "teacher",
 ) -> dict:
-  """Reads `input_path` (`source` format), writes `output_path`; returns the meta."""
+  """Reads `input_path` (`source` format), writes `output_path`; returns the meta.
+
+  FileExistsError (before reading anything) when `output_path` may not be replaced.
+  """
+  check_output(output_path)
   variables, meta = _read_variables(source, input_path, arch, key, which)
   if patch is not None and meta.get("patch_size") not in (None, patch):
     raise ValueError(f"--patch={patch}, but the weights have patch size {meta['patch_size']}.")
@@ -321,7 +343,7 @@ def main(argv: Sequence[str]) -> int:
     logging.set_verbosity(logging.WARNING)
   try:
     return _run(flags.FLAGS)
-  except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+  except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError) as e:
     print(f"convert: {e}", file=sys.stderr)
     return 1
 
