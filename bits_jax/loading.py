@@ -35,21 +35,45 @@ _META_KEYS = {
 }
 
 
-def _stored_config(path: epath.Path) -> ml_collections.ConfigDict | None:
+def find_stored_config(path: epath.PathLike) -> epath.Path | None:
   """The run's config.json in `path` or one of its three parents (step dir -> workdir)."""
-  from bits_jax.evaluate import run  # pylint: disable=g-import-not-at-top
-
-  for directory in [path, *list(path.parents)[:3]]:
+  path = epath.Path(path)
+  for directory in stored_config_dirs(path):
     candidate = directory / "config.json"
     if candidate.exists():
-      return run.config_from_json(candidate.read_text())
+      return candidate
   return None
 
 
+def stored_config_dirs(path: epath.PathLike) -> list[epath.Path]:
+  """The directories `find_stored_config` looks in: `path` and up to three parents."""
+  path = epath.Path(path)
+  return [path, *list(path.parents)[:3]]
+
+
+def _stored_config(path: epath.Path) -> ml_collections.ConfigDict | None:
+  """The run's config.json in `path` or one of its three parents, as a ConfigDict."""
+  from bits_jax.evaluate import run  # pylint: disable=g-import-not-at-top
+
+  candidate = find_stored_config(path)
+  return run.config_from_json(candidate.read_text()) if candidate else None
+
+
 def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
+  """The defaults with the model and input settings of converted weights' meta.
+
+  The model section is built from the meta alone: the defaults' model section is an example
+  of one backbone (a ViT's patch_size), not options every backbone takes.
+  """
   from bits_jax import config_defaults  # pylint: disable=g-import-not-at-top
 
+  if "model" not in meta:
+    raise ValueError(
+        f"convert_meta.json {meta} names no model: pass config=ConfigDict or "
+        "config='configs/NAME.py:PRESET'."
+    )
   config = config_defaults.base_config()
+  config.model = ml_collections.ConfigDict()
   for key, (*parents, leaf) in _META_KEYS.items():
     if key in meta:
       target = config

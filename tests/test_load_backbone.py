@@ -90,3 +90,43 @@ def test_import_bits_jax_stays_cheap():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout
   assert "load_backbone" in dir(bits_jax) and "load_backbone" in bits_jax.__all__
+
+
+def _converted(tmp_path, arch, model, image_shape):
+  """(params directory written by the converter from `model`'s random init, variables)."""
+  from bits_jax.tools import convert  # pylint: disable=g-import-not-at-top
+
+  variables = jax.jit(model.init)(jax.random.PRNGKey(3), np.zeros(image_shape, np.float32))
+  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
+  params = {"backbone": variables["params"]}
+  if variables.get("batch_stats"):
+    params["batch_stats"] = {"backbone": variables["batch_stats"]}
+  source = weights_lib.save_params(tmp_path / "trained", params)
+  out = tmp_path / "converted"
+  convert.convert("flax", str(source), str(out), arch)
+  return out, variables
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_converted_weights_alone_build_their_model(tmp_path, arch):
+  """Only convert_meta.json describes the model: no config.json, no config argument."""
+  from bits_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  from bits_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  if arch == "resnet18":
+    model = resnet.ResNet(block="basic", stage_sizes=(2, 2, 2, 2), width=4, small_stem=True)
+    shape = (1, 16, 16, 1)
+  else:
+    model = vit.ViT(width=192, depth=12, num_heads=3, patch_size=16, image_size=32)
+    shape = (1, 32, 32, 3)
+  converted, variables = _converted(tmp_path, arch, model, shape)
+  apply_fn, params, config = bits_jax.load_backbone(converted)
+  assert config.model.name == arch and "head" not in params
+  if arch == "resnet18":
+    assert dict(config.model) == {"name": "resnet18", "width": 4, "small_stem": True}
+  else:
+    assert config.model.patch_size == 16 and config.input.crops.global_size == 32
+  assert config.input.num_channels == shape[-1]
+  images = np.random.RandomState(1).randn(2, *shape[1:]).astype(np.float32)
+  expected = np.asarray(model.apply(variables, images, train=False)["cls"], np.float32)
+  np.testing.assert_allclose(np.asarray(apply_fn(params, images)), expected, rtol=1e-4, atol=1e-4)
