@@ -319,7 +319,12 @@ def _run(fv: flags.FlagValues) -> int:
   )
   print(f"Wrote {out} ({output_format(out)}, {meta['arch']}) from {fv['in'].value}.")
   if output_format(out) == "flax":
-    print("Matching model: " + " ".join(config_overrides(meta)))
+    # Overrides cannot remove keys: a config for another backbone keeps that one's options.
+    print(
+        "Matching model (over a config for the same backbone, e.g. configs/fashion_mnist.py"
+        ":resnet18 for a ResNet): "
+        + " ".join(config_overrides(meta))
+    )
   else:
     print("timm / torchvision layout without the classifier: load_state_dict(..., strict=False).")
   if meta.get("ignored_keys"):
