@@ -16,7 +16,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 
@@ -109,8 +108,7 @@ def compare(config: ml_collections.ConfigDict, methods, workdir) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # as bits_jax.main: no Orbax INFO lines
+  utils.quiet_absl_logging()
   try:
     compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
   except ValueError as e:  # an unknown method, a config compare cannot use

@@ -244,8 +244,9 @@ def _check_values(c: _Checker) -> None:
     )
   from bits_jax import weights  # pylint: disable=g-import-not-at-top
 
-  if c.ok("init_from") and str(cfg["init_from"]).startswith(weights.REQUIRED):
-    c.add(f"config.init_from is not set: {cfg['init_from'][len(weights.REQUIRED):].strip()}")
+  unset = c.ok("init_from") and weights.unset_problem(str(cfg["init_from"]))
+  if unset:
+    c.add(unset)
   if c.ok("dtype") and cfg["dtype"] not in _DTYPES:
     c.add(f"config.dtype={cfg['dtype']!r}: use 'float32' or 'bfloat16'.")
     c.bad.add("dtype")  # the model builder would report it again

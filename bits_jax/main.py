@@ -66,10 +66,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # absl turns INFO on under app.run; Orbax alone would print ~5 lines per checkpoint.
-    # `--verbosity=0` brings them back.
-    logging.set_verbosity(logging.WARNING)
+  utils.quiet_absl_logging()
   if _COMPILATION_CACHE_DIR.value:  # before the first compilation reads the setting
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE_DIR.value)
   distributed.initialize(

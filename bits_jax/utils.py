@@ -9,6 +9,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -151,3 +152,13 @@ def parse_flags(argv):
         f"FATAL Flags parsing error: --config.* override of a missing section: {message}\n"
     )
     sys.exit(1)
+
+
+def quiet_absl_logging() -> None:
+  """Warnings and errors only, unless --verbosity was given (`--verbosity=0`: INFO again).
+
+  absl turns INFO on under app.run, and Orbax alone prints several INFO lines per
+  checkpoint saved or restored. For every CLI's main, after flag parsing.
+  """
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

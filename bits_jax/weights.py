@@ -62,10 +62,24 @@ def _step_dirs(path: epath.Path) -> list[int]:
   return sorted(int(p.name) for p in path.iterdir() if re.fullmatch(r"\d+", p.name) and p.is_dir())
 
 
+def unset_problem(path: epath.PathLike) -> Optional[str]:
+  """The error for a preset's REQUIRED marker in place of weights (None for a path)."""
+  text = os.fspath(path)
+  if text.startswith(REQUIRED):
+    return f"config.init_from is not set: {text[len(REQUIRED):].strip()}"
+  return None
+
+
 def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, Optional[int]]:
   """(absolute directory holding the pytree, its step or None) for any accepted source."""
-  if os.fspath(path).startswith(REQUIRED):
-    raise ValueError(f"config.init_from is not set: {os.fspath(path)[len(REQUIRED):].strip()}")
+  return _candidates(_existing_directory(path))[0][0]
+
+
+def _existing_directory(path: epath.PathLike) -> epath.Path:
+  """`path` as an absolute directory; the error of an unusable path (unset, absent, a file)."""
+  problem = unset_problem(path)
+  if problem:
+    raise ValueError(problem)
   p = absolute(path)
   if not p.exists():
     raise FileNotFoundError(
@@ -78,7 +92,7 @@ def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, Optional[int]]
         f"Weights path {os.fspath(path)!r} is a file: convert .pth / "
         ".safetensors files first with `python -m bits_jax.tools.convert`."
     )
-  return _candidates(p)[0][0]
+  return p
 
 
 def _candidates(p: epath.Path) -> tuple[list[tuple[epath.Path, Optional[int]]], bool]:
@@ -206,8 +220,7 @@ def load_params(path: epath.PathLike, which: str = "teacher") -> tuple[PyTree, O
   """
   if which not in ("teacher", "student"):
     raise ValueError(f"which={which!r}: use 'teacher' or 'student'.")
-  resolve_checkpoint(path)  # the checks and errors of an unusable path
-  candidates, fallback = _candidates(absolute(path))
+  candidates, fallback = _candidates(_existing_directory(path))
   damaged = []
   for directory, step in candidates:
     try:

@@ -17,7 +17,6 @@ TensorBoard events. Paths may be any etils.epath path (relative, gs://...). Unus
 
 from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 import ml_collections
 from ml_collections import config_flags
@@ -109,10 +108,7 @@ def _check_names(config: ml_collections.ConfigDict, names) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # absl turns INFO on under app.run; Orbax alone would print ~10 lines per restore.
-    # `--verbosity=0` brings them back.
-    logging.set_verbosity(logging.WARNING)
+  utils.quiet_absl_logging()
   workdir = weights_lib.absolute(_WORKDIR.value) if _WORKDIR.value else None
   weights = weights_lib.absolute(_WEIGHTS.value) if _WEIGHTS.value else workdir
   if not weights:

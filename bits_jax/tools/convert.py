@@ -39,10 +39,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 import numpy as np
 
+from bits_jax import utils
 from bits_jax import weights
 from bits_jax.models import torch_mapping
 
@@ -344,8 +344,7 @@ def main(argv: Sequence[str]) -> int:
   """The absl entry point: errors are one line on stderr and exit status 1."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines only with --verbosity=0
-    logging.set_verbosity(logging.WARNING)
+  utils.quiet_absl_logging()
   try:
     return _run(flags.FLAGS)
   except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError) as e:
