@@ -123,10 +123,14 @@ def main(argv):
   if not _WRITE.value:
     print(table, end="")
     return
-  with open(_WRITE.value) as f:
-    text = f.read()
+  try:
+    with open(_WRITE.value) as f:
+      text = f.read()
+    new_text = replace_block(text, table)
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"--write={_WRITE.value}: {e}") from e
   with open(_WRITE.value, "w") as f:
-    f.write(replace_block(text, table))
+    f.write(new_text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The README's config reference is generated from the defaults and kept in sync."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +65,22 @@ def test_replace_block_is_idempotent_and_keeps_the_rest():
   assert config_reference.replace_block(once, "| new |\n") == once
   with pytest.raises(ValueError, match="no config-reference block"):
     config_reference.replace_block("no markers here", "| new |\n")
+
+
+@pytest.mark.parametrize("content", [None, "a file without the markers\n"])
+def test_write_to_a_missing_or_unmarked_file_is_a_one_line_usage_error(tmp_path, content):
+  target = tmp_path / "NOTES.md"
+  if content is not None:
+    target.write_text(content)
+  result = subprocess.run(
+      [sys.executable, "-m", "bits_jax.tools.config_reference", f"--write={target}"],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert result.returncode == 1, result
+  assert "Traceback" not in result.stderr, result.stderr
+  assert f"--write={target}" in result.stderr, result.stderr
+  assert target.exists() == (content is not None)
+  if content is not None:
+    assert target.read_text() == content, "nothing is written when the block is missing"
