@@ -276,6 +276,20 @@ def _last_keys(intermediates) -> jax.Array:
   return keys[:, 1:].reshape(keys.shape[0], keys.shape[1] - 1, -1).astype(jnp.float32)
 
 
+def check_finite(x: np.ndarray, name: str, rows=None, *, block: int = 65536) -> None:
+  """Raises ValueError when a row of `x: [n, d]` (only rows where `rows: [n]` bool is True,
+  if given) holds NaN/inf; checked in row blocks (no full-size temporary)."""
+  for start in range(0, len(x), block):
+    bad = ~np.isfinite(x[start : start + block]).all(axis=1)
+    if rows is not None:
+      bad &= np.asarray(rows[start : start + block], bool)
+    if bad.any():
+      raise ValueError(
+          f"{name} row {start + int(np.argmax(bad))} has non-finite values: the model "
+          "produced NaN/inf features."
+      )
+
+
 class MissingData(ValueError):
   """An evaluator's data source is not configured (e.g. DAVIS or COCO paths left unset)."""
 

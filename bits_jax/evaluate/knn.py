@@ -84,7 +84,10 @@ def _vote_counts(sims, labels, query_labels, query_valid, *, ks, num_classes, te
     top1 = jnp.argmax(votes, axis=1) == query_labels
     if num_classes >= 5:
       _, top5_idx = jax.lax.top_k(votes, 5)
-      top5 = jnp.any(top5_idx == query_labels[:, None], axis=1)
+      # A class no neighbour voted for is not a top-5 guess (with fewer than 5 voted classes,
+      # top_k would fill up with zero-vote classes, lowest ids first).
+      voted = jnp.any((labels[:, :k] == query_labels[:, None]) & (sims[:, :k] > _NEG_INF), axis=1)
+      top5 = jnp.any(top5_idx == query_labels[:, None], axis=1) & voted
     else:
       top5 = top1
     counts.append(jnp.stack([jnp.sum(top1 & query_valid), jnp.sum(top5 & query_valid)]))
@@ -235,6 +238,7 @@ class _Bank:
     valid = np.ones(n, bool) if mask is None else _as_host(mask, "bank_mask", 1).astype(bool)
     if valid.shape != (n,):
       raise ValueError(f"bank_mask must be [{n}], got {valid.shape}.")
+    common.check_finite(feats, "bank_feats", valid)
     n_valid = int(valid.sum())
     if k > n_valid:
       raise ValueError(
@@ -292,7 +296,11 @@ def knn_classify(
 
   Returns:
     {'knn_top1_k{k}': acc, 'knn_top5_k{k}': acc} for each k (top-5 only when
-    num_classes >= 5); accuracies in [0, 1] over valid queries.
+    num_classes >= 5; a class that none of the k neighbours has is never a top-5 guess,
+    so top-5 equals top-1 for k = 1); accuracies in [0, 1] over valid queries.
+
+  Raises:
+    ValueError: on NaN/inf in a valid bank or query row (masked rows may hold anything).
   """
   ks = tuple(sorted({int(k) for k in ks}))
   _check_args(ks, temperature, block_size)
@@ -308,6 +316,7 @@ def knn_classify(
   if query_valid.shape != (q,):
     raise ValueError(f"query_mask must be [{q}], got {query_valid.shape}.")
   _check_labels("query", query_labels[query_valid], num_classes)
+  common.check_finite(query_feats, "query_feats", query_valid)
   bank = _Bank.build(
       bank_feats,
       bank_labels,
@@ -375,6 +384,7 @@ def knn_predict(
   _check_args((int(k),), temperature, block_size)
   bank_feats = _as_host(bank_feats, "bank_feats", 2)
   query_feats = _as_host(query_feats, "query_feats", 2)
+  common.check_finite(query_feats, "query_feats")
   bank = _Bank.build(
       bank_feats,
       bank_labels,

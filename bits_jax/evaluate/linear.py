@@ -232,6 +232,9 @@ def linear_probe(
     raise ValueError("features and labels must have the same number of rows.")
   if x_train.shape[1] != x_test.shape[1]:
     raise ValueError(f"train dim {x_train.shape[1]} != test dim {x_test.shape[1]}.")
+  # On the unmasked rows, so that the row named in the error is the caller's.
+  common.check_finite(np.asarray(train_feats), "train_feats", train_mask)
+  common.check_finite(np.asarray(test_feats), "test_feats", test_mask)
   for split, y in (("train", y_train), ("test", y_test)):
     if y.size and (y.min() < 0 or y.max() >= num_classes):
       raise ValueError(f"{split} labels must lie in [0, {num_classes}): check num_classes.")

@@ -31,6 +31,7 @@ def _reference_knn(
     np.add.at(votes[i], bank_labels[idx[i]], np.exp(top_sims[i] / temperature))
   top1 = votes.argmax(1) == query_labels
   top5 = (np.argsort(-votes, axis=1, kind="stable")[:, :5] == query_labels[:, None]).any(1)
+  top5 &= votes[np.arange(len(queries)), query_labels] > 0  # A class nobody voted for is no guess.
   valid = np.ones(len(queries), bool) if query_mask is None else query_mask
   return top1[valid].mean(), top5[valid].mean()
 
@@ -135,6 +136,58 @@ def test_bad_inputs_raise_clear_errors():
     knn.knn_classify(bank, labels, np.ones((4, 5)), labels, num_classes=2, ks=(2,))
   with pytest.raises(ValueError, match="check num_classes"):
     knn.knn_classify(bank, labels + 3, bank, labels, num_classes=2, ks=(2,))
+
+
+def test_top5_counts_only_classes_with_votes():
+  # Regression: with k=1 only one class gets a vote, but top_k over the votes filled the top 5
+  # with zero-vote classes (lowest ids first), so a query of class 0-3 counted as a top-5 hit.
+  bank = np.eye(10, dtype=np.float32)
+  bank_labels = np.arange(10)
+  queries = bank[5:] + 0.01
+  query_labels = np.zeros(5, np.int64)  # Class 0: never among the neighbours' classes.
+  got = knn.knn_classify(bank, bank_labels, queries, query_labels, num_classes=10, ks=(1,))
+  assert got == {"knn_top1_k1": 0.0, "knn_top5_k1": 0.0}
+  rng = np.random.default_rng(6)
+  bank, bank_labels, queries, query_labels = _clustered(rng, (90, 40), 12, 8, noise=2.0)
+  got = knn.knn_classify(bank, bank_labels, queries, query_labels, num_classes=12, ks=(1, 2))
+  assert got["knn_top5_k1"] == got["knn_top1_k1"]  # DINO: top-5 is top-1 when k = 1.
+  _, top5 = _reference_knn(bank, bank_labels, queries, query_labels, 12, 2, 0.07)
+  assert got["knn_top5_k2"] == pytest.approx(top5)
+
+
+def test_non_finite_features_raise_unless_masked():
+  rng = np.random.default_rng(7)
+  bank, bank_labels, queries, query_labels = _clustered(rng, (40, 10), 5, 8, noise=1.0)
+  kwargs = dict(num_classes=5, ks=(5,))
+  bad_bank = bank.copy()
+  bad_bank[3, 1] = np.nan
+  with pytest.raises(ValueError, match="bank_feats row 3 has non-finite"):
+    knn.knn_classify(bad_bank, bank_labels, queries, query_labels, **kwargs)
+  bad_q = queries.copy()
+  bad_q[2, 0] = np.inf
+  with pytest.raises(ValueError, match="query_feats row 2 has non-finite"):
+    knn.knn_classify(bank, bank_labels, bad_q, query_labels, **kwargs)
+  with pytest.raises(ValueError, match="query_feats row 2 has non-finite"):
+    knn.knn_predict(bank, bank_labels, bad_q, num_classes=5, k=5)
+  # Masked (padding) rows may hold anything.
+  bank_mask, query_mask = np.arange(40) != 3, np.arange(10) != 2
+  masked = knn.knn_classify(
+      bad_bank,
+      bank_labels,
+      bad_q,
+      query_labels,
+      bank_mask=bank_mask,
+      query_mask=query_mask,
+      **kwargs,
+  )
+  clean = knn.knn_classify(
+      np.delete(bank, 3, 0),
+      np.delete(bank_labels, 3),
+      queries[query_mask],
+      query_labels[query_mask],
+      **kwargs,
+  )
+  assert masked == clean
 
 
 def test_knn_predict_agrees_with_classify_and_mesh():

@@ -107,3 +107,22 @@ def test_bad_inputs_raise_clear_errors():
     linear.linear_probe(x, y, x, y, num_classes=2, val_fraction=0.0)
   with pytest.raises(ValueError, match="check num_classes"):
     linear.linear_probe(x, y + 2, x, y, num_classes=2)
+  bad = x.copy()
+  bad[4, 1] = np.nan
+  with pytest.raises(ValueError, match="train_feats row 4 has non-finite"):
+    linear.linear_probe(bad, y, x, y, num_classes=2, learning_rates=(0.1,), val_fraction=0.0)
+  with pytest.raises(ValueError, match="test_feats row 4 has non-finite"):
+    linear.linear_probe(x, y, bad, y, num_classes=2, learning_rates=(0.1,), val_fraction=0.0)
+  keep = np.arange(10) != 4  # A masked (padding) row may hold anything.
+  linear.linear_probe(
+      bad,
+      y,
+      bad,
+      y,
+      num_classes=2,
+      learning_rates=(0.1,),
+      val_fraction=0.0,
+      epochs=1,
+      train_mask=keep,
+      test_mask=keep,
+  )
