@@ -131,6 +131,7 @@ def analyze_codes(
     raise ValueError(f"logits must be [n, bits], got shape {logits.shape}.")
   if labels.shape != logits.shape[:1]:
     raise ValueError(f"labels must be [n] = [{logits.shape[0]}], got {labels.shape}.")
+  common.check_finite(logits, "logits", mask)
   if mask is not None:
     mask = np.asarray(mask, bool)
     logits, labels = logits[mask], labels[mask]

@@ -101,3 +101,14 @@ def test_scalar_metrics_and_bad_input():
   assert all(isinstance(v, float) for v in scalars.values())
   with pytest.raises(ValueError, match="labels must be"):
     codes.analyze_codes(np.ones((4, 3)), np.zeros(5))
+
+
+def test_non_finite_logits_raise_a_clear_error_unless_masked():
+  # Regression: NaN logits ended in numpy's "SVD did not converge".
+  logits = np.random.default_rng(1).normal(size=(20, 6))
+  logits[7, 2] = np.nan
+  labels = np.arange(20) % 2
+  with pytest.raises(ValueError, match="logits row 7 has non-finite values"):
+    codes.analyze_codes(logits, labels)
+  out = codes.analyze_codes(logits, labels, mask=np.arange(20) != 7)
+  assert out["num_images"] == 19.0
