@@ -15,6 +15,7 @@ then equals the one on the stored uint8 values. On Fashion-MNIST (k=20, T=0.07, 
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from jax.sharding import Mesh
@@ -32,6 +33,13 @@ def knn_entry(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not entries:
     raise ValueError("config.evals has no entry of type 'knn': add one (e.g. evals.knn).")
   return entries[0]
+
+
+def _with_knn_defaults(entry: ml_collections.ConfigDict) -> dict:
+  """The entry's splits, ks and temperature; keys it leaves out take knn.run's defaults."""
+  defaults = inspect.signature(knn.run).parameters
+  keys = ("bank_split", "query_split", "ks", "temperature")
+  return {key: entry.get(key, defaults[key].default) for key in keys}
 
 
 def _eval_pixels(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
@@ -96,10 +104,10 @@ def pixel_knn_rows(
   `context` when given, so its other evaluators reuse the reads)."""
   from bits_jax import data  # pylint: disable=g-import-not-at-top
 
-  entry = knn_entry(config)
+  entry = _with_knn_defaults(knn_entry(config))
   context = context or PixelContext(config, mesh)
-  bank = context.read(entry.bank_split)
-  queries = context.read(entry.query_split)
+  bank = context.read(entry["bank_split"])
+  queries = context.read(entry["query_split"])
   if bank["label"].ndim != 1:
     raise ValueError("pixel k-NN needs single-label data (labels [n]); got multi-hot labels.")
   num_classes = int(data.get_dataset_info(config).num_classes)
@@ -115,8 +123,8 @@ def pixel_knn_rows(
         pixels["queries"],
         queries["label"],
         num_classes=num_classes,
-        ks=tuple(entry.ks),
-        temperature=float(entry.temperature),
+        ks=tuple(entry["ks"]),
+        temperature=float(entry["temperature"]),
         bank_mask=bank["mask"],
         query_mask=queries["mask"],
         mesh=mesh,

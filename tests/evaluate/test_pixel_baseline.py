@@ -1,5 +1,6 @@
 """pixel_baseline: the k-NN and retrieval protocols on eval-pipeline pixels vs numpy references."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -88,6 +89,17 @@ def test_needs_a_knn_entry(dataset):
   config.evals.knn.type = "linear"
   with pytest.raises(ValueError, match="no entry of type 'knn'"):
     pixel_baseline.knn_entry(config)
+
+
+def test_knn_entry_without_optional_keys_takes_the_evaluator_defaults(dataset):
+  # Regression: an entry with only `type` (and ks) raised AttributeError: 'bank_split'.
+  config = _config(dataset[0])
+  full = pixel_baseline.pixel_knn(config)
+  config.evals = ml_collections.ConfigDict({"nn": dict(type="knn", ks=(1, 5))})
+  config.evals.nn.temperature = 0.1
+  assert pixel_baseline.pixel_knn(config) == full  # train bank, test queries by default
+  del config.evals.nn["temperature"]
+  assert set(pixel_baseline.pixel_knn(config)) == {"knn_top1_k1", "knn_top1_k5"}
 
 
 def test_rows_read_once_equal_each_variant(dataset, monkeypatch):
