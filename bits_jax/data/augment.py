@@ -72,6 +72,15 @@ KNOWN_NORMALIZATION = {
 }
 
 
+def known_normalization(dataset: str) -> Optional[tuple]:
+  """(mean, std) of KNOWN_NORMALIZATION for a TFDS name, also with a version or config.
+
+  'imagenet2012:5.1.0' and 'imagenet2012_subset/10pct' have the stats of their base name.
+  """
+  name = str(dataset).split(':')[0]
+  return KNOWN_NORMALIZATION.get(name, KNOWN_NORMALIZATION.get(name.split('/')[0]))
+
+
 def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
   """(global views, local views) from `config.input` (its `crops` and `augment`).
 
@@ -117,7 +126,7 @@ def color_spec(input_config) -> ColorSpec:
   else 0.5.
   """
   aug, channels = input_config.augment, int(input_config.num_channels)
-  known = KNOWN_NORMALIZATION.get(input_config.dataset)
+  known = known_normalization(input_config.dataset)
   mean, std = aug.normalize_mean, aug.normalize_std
   if mean is None:
     mean = known[0] if known and len(known[0]) == channels else (0.5,) * channels

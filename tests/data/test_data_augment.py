@@ -57,6 +57,18 @@ def test_view_specs_follow_dino_recipe():
   assert globals_[0].scale == (0.32, 1.0) and locals_[0].scale == (0.05, 0.32)
 
 
+@pytest.mark.parametrize(
+    'dataset', ['imagenet2012', 'imagenet2012:5.1.0', 'imagenet2012_subset/10pct:5.0.0']
+)
+def test_known_normalization_ignores_tfds_version_and_config(dataset):
+  config = config_defaults.base_config().input
+  config.update(dict(dataset=dataset, num_channels=3))
+  spec = augment.color_spec(config)
+  assert (spec.mean, spec.std) == augment.KNOWN_NORMALIZATION['imagenet2012']
+  config.dataset = 'idx:/data/mnist'  # Paths of other sources are no TFDS names.
+  assert augment.color_spec(config).mean == (0.5,) * 3
+
+
 @pytest.mark.parametrize('scale', [(0.05, 0.32), (0.32, 1.0)])
 def test_crop_window_area_and_aspect(scale):
   for i in range(30):
