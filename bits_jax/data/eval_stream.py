@@ -79,11 +79,18 @@ def make_eval_iterator(
       )
 
   else:
-    records = data.stream(
-        process_index, process_count, shuffle_seed=None, options=opts, with_ids=with_ids
-    )
-    ds = records.map(common.no_autograph(example), num_parallel_calls=tf.data.AUTOTUNE)
+    if data.num_examples == 0:
+      raise ValueError(
+          f"split {split!r} of {input_config.dataset!r} is empty; evaluate a non-empty split"
+      )
     num_real, indices = data.shard_size(process_index, process_count), None
+    if num_real:
+      records = data.stream(
+          process_index, process_count, shuffle_seed=None, options=opts, with_ids=with_ids
+      )
+    else:  # TFDS refuses an empty shard: none of the whole split gives the element spec.
+      records = data.stream(0, 1, shuffle_seed=None, options=opts, with_ids=with_ids).take(0)
+    ds = records.map(common.no_autograph(example), num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors(common.zeros(ds.element_spec))
   ds = ds.concatenate(padding.repeat(total - num_real))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(input_config.prefetch_batches))

@@ -182,3 +182,21 @@ def test_tfds_eval_every_example_once(tfds_dir):
     seen.extend(np.concatenate([b['label'][b['mask']] for b in batches]))
     assert batches[0]['image'].shape == (2, 16, 16, 3)
   assert counts == [4, 4] and sorted(seen) == list(range(13))
+
+
+def test_tfds_eval_split_smaller_than_the_process_count(tfds_dir):
+  # 3 examples over 4 processes: the last process's shard is empty (TFDS refuses to read it).
+  config = _config(dataset='bits_tiny_images', data_dir=tfds_dir, eval_batch_size=4)
+  seen = []
+  for process in range(4):
+    batches = list(
+        data.make_eval_iterator(
+            config, 'test[:3]', process_index=process, process_count=4, with_ids=True
+        )
+    )
+    assert len(batches) == 1 and batches[0]['image'].shape == (1, 16, 16, 3)
+    seen.extend(batches[0]['label'][batches[0]['mask']])
+    assert list(batches[0]['mask']) == [process < 3]
+  assert len(seen) == 3 and len(set(seen)) == 3
+  with pytest.raises(ValueError, match="split 'test\\[:0\\]' of 'bits_tiny_images' is empty"):
+    list(data.make_eval_iterator(config, 'test[:0]', process_index=0, process_count=1))
