@@ -9,10 +9,12 @@ Guarantees (tested in tests/test_faults.py):
     reported and removed at the next start; the step is never listed.
   * Content: after the commit, `bits_manifest.json` records every file's size and SHA-256.
     At restore a checkpoint whose files differ from its manifest (truncated, overwritten,
-    missing), or that Orbax cannot read, or whose values are not finite, is moved to
-    `corrupt_checkpoints/` and the next older one is tried; the run says so. A committed
-    step without a manifest (a kill between commit and manifest) is accepted only if it
-    restores and validates, and then gets its manifest.
+    missing), or whose values are not finite, or that has no manifest and Orbax cannot read,
+    is moved to `corrupt_checkpoints/` and the next older one is tried; the run says so. A
+    committed step without a manifest (a kill between commit and manifest) is accepted only
+    if it restores and validates, and then gets its manifest. A step whose files match its
+    manifest but that Orbax cannot restore (out of device memory, another Orbax version, a
+    read error) is not damaged: `CheckpointRestoreError`, nothing moved.
   * Retention: Orbax's own garbage collection is off; old steps are deleted only after a
     newer step is committed and its manifest written, so a good checkpoint is never
     deleted before the next one is complete.
@@ -63,6 +65,10 @@ class CheckpointWriteError(RuntimeError):
 
 class CheckpointMismatchError(RuntimeError):
   """An intact checkpoint does not fit the train state of the current config."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint whose files match its manifest cannot be restored (not damage)."""
 
 
 def _say(message: str, *, warn: bool = True) -> None:
@@ -287,11 +293,23 @@ def quarantine(manager: ocp.CheckpointManager, step: int, problem: str) -> epath
   return dest
 
 
+def _restore_error(manager: ocp.CheckpointManager, step: int, error: str):
+  return CheckpointRestoreError(
+      f"Checkpoint step {step} in {manager.directory} matches its manifest (its files are as "
+      f"written) but cannot be restored: {error}. It was not moved. Fix the cause (out of "
+      "device memory: a larger config.mesh.fsdp, or free the accelerator; the JAX / Orbax "
+      "versions it was written with) and rerun the same command; to give up on this step, "
+      f"move {_step_dir(manager, step)} out of {manager.directory} and rerun to resume from "
+      "the previous one."
+  )
+
+
 def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | None:
   """The newest checkpoint that is intact and valid, damaged newer ones quarantined.
 
   Returns None when no intact checkpoint is left. Raises `CheckpointMismatchError` for an
-  intact checkpoint that does not fit `target` (a config change, not damage).
+  intact checkpoint that does not fit `target` (a config change, not damage), and
+  `CheckpointRestoreError` for one that matches its manifest but does not restore.
   """
   remove_incomplete_writes(manager.directory)
   manager.reload()
@@ -313,9 +331,12 @@ def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | 
       try:
         state = manager.restore(step, args=ocp.args.StandardRestore(target))
         problem = _restored_problem(state, step)
-      except Exception as e:  # pylint: disable=broad-except  # any read error is damage
+      except Exception as e:  # pylint: disable=broad-except  # judged below
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
-        problem = f"Orbax cannot restore it ({type(e).__name__}: {first_line})"
+        error = f"{type(e).__name__}: {first_line}"
+        if verified:  # the files are as written: the cause is here, not in the checkpoint
+          raise _restore_error(manager, step, error) from e
+        problem = f"Orbax cannot restore it ({error})"
     if problem is None:
       if not verified:
         if jax.process_index() == 0:

@@ -391,6 +391,27 @@ def test_damaged_checkpoint_is_detected_moved_aside_and_previous_restored(
   _assert_same_state(state, _load(reference, TOTAL_STEPS - 1))
 
 
+def test_intact_checkpoint_that_does_not_restore_is_an_error_not_damage(
+    reference, tmp_path, monkeypatch
+):
+  """Out of device memory (or another Orbax) at restore: the files match their manifest, so
+  nothing is quarantined (all steps were, and the run restarted from step 0)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1.20GiB")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", out_of_memory)
+  with pytest.raises(
+      checkpoint_lib.CheckpointRestoreError,
+      match=rf"step {TOTAL_STEPS} .*matches its manifest.*RESOURCE_EXHAUSTED.*not moved",
+  ):
+    _restore(workdir)
+  assert _steps(workdir) == list(range(1, TOTAL_STEPS + 1))
+  assert not os.path.exists(os.path.join(workdir, checkpoint_lib.QUARANTINE))
+
+
 def test_committed_checkpoint_without_manifest_is_validated_and_kept(reference, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
