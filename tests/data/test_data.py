@@ -234,3 +234,11 @@ def test_prefetch_to_mesh_shards_batch_axis(npz_path):
   assert pair[0]['label'].shape == (16,)
   with pytest.raises(TypeError, match='Sharding'):
     next(prefetch.prefetch_to_mesh(iter(local), 'data'))
+
+
+def test_idx_directory_without_idx_files_names_the_fix(tmp_path):
+  config = _config(dataset=f'idx:{tmp_path}')
+  assert 'train-images-idx3-ubyte and train-labels-idx1-ubyte' in sources.check(config.input)
+  for read in (data.get_dataset_info, lambda c: _open(c, 'train')):  # was max() of nothing
+    with pytest.raises(FileNotFoundError, match="not found in .*config.input.dataset='idx:"):
+      read(config)

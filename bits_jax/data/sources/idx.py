@@ -64,7 +64,14 @@ class IdxSource(core.DataSource):
 
   @classmethod
   def check(cls, arg, input_config):
-    return core.path_problem(input_config, arg, directory=True)
+    problem = core.path_problem(input_config, arg, directory=True)
+    if problem is None and not available(arg):
+      problem = (
+          f"config.input.dataset={input_config.dataset!r}: {arg} has no "
+          f"{' and '.join(_FILES['train'])} (optionally .gz); point it at the directory "
+          "that holds the IDX files."
+      )
+    return problem
 
   def _base_split(self, base: str) -> tuple[np.ndarray, np.ndarray]:
     """images [n, h, w, 1] uint8, labels [n] int64 of 'train' or 'test'."""
@@ -74,10 +81,16 @@ class IdxSource(core.DataSource):
       )
     paths = [_path(self.arg, stem) for stem in _FILES[base]]
     if not all(paths):
+      fix = (
+          "point config.input.dataset='idx:/dir' at the directory that holds them"
+          if self.dataset.startswith("idx:")
+          else (
+              "on Debian install dataset-fashion-mnist or point config.input.idx_dir at a "
+              "copy of them"
+          )
+      )
       raise FileNotFoundError(
-          f"IDX files {_FILES[base]} (optionally .gz) not found in "
-          f"{self.arg}; on Debian install dataset-fashion-mnist or point "
-          "config.input.idx_dir at a copy of them"
+          f"IDX files {_FILES[base]} (optionally .gz) not found in {self.arg}; {fix}"
       )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim == 3:
@@ -90,8 +103,10 @@ class IdxSource(core.DataSource):
     return core.ArraySplit(images[index], labels[index], index, name=split)
 
   def info(self) -> core.DatasetInfo:
-    splits = {
-        s: self._base_split(s) for s, (images, _) in _FILES.items() if _path(self.arg, images)
+    splits = {  # 'train' is required (a clear error when missing), 'test' optional.
+        s: self._base_split(s)
+        for s, (images, _) in _FILES.items()
+        if s == "train" or _path(self.arg, images)
     }
     num_classes = int(max(labels.max() for _, labels in splits.values() if len(labels)) + 1)
     return core.DatasetInfo(
