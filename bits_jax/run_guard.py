@@ -38,6 +38,8 @@ EXIT_WORKDIR = 73  # EX_CANTCREAT: workdir locked, read-only or full
 EXIT_CONFIG = 78  # EX_CONFIG: invalid config, or a config change refused on resume
 
 LOCK_FILE = ".bits_jax.lock"
+# flock errors of file systems that have no flock (NFS without lockd, Lustre -o noflock).
+_NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class Preempted(Exception):
@@ -206,7 +208,8 @@ class WorkdirLock:
   SIGKILL, so a crashed run leaves no stale lock. flock on network file systems may be
   per-host only.
 
-  Object stores (gs://...) have neither flock nor an atomic create-if-absent through epath,
+  Object stores (gs://...), and shared file systems that refuse flock (NFS without a lock
+  daemon: ENOLCK; Lustre mounted without flock: ENOSYS), have no lock the run can rely on,
   so the lock is best effort (a warning says so): a lock object holding the holder and a
   heartbeat time that a thread refreshes every `HEARTBEAT_S` seconds. A lock object whose
   heartbeat is older than `STALE_S` (a crashed or preempted run) is taken over with a
@@ -229,13 +232,14 @@ class WorkdirLock:
   def __enter__(self) -> "WorkdirLock":
     if jax.process_index() != 0:
       return self
-    if is_local(self.workdir):
-      self._flock()
-    else:
-      self._lock_object()
+    if not is_local(self.workdir):
+      self._lock_object("is on an object store (no atomic exclusive create)")
+    elif not self._flock():
+      self._lock_object("is on a file system without flock")
     return self
 
-  def _flock(self) -> None:
+  def _flock(self) -> bool:
+    """Takes the flock; False where the file system has none (`_NO_FLOCK`)."""
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -244,10 +248,13 @@ class WorkdirLock:
       os.close(fd)
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise self._in_use(holder) from e
+      if e.errno in _NO_FLOCK:
+        return False
       raise WorkdirError(f"Cannot lock {self.path}: {_describe(e)}.") from e
     os.ftruncate(fd, 0)
     os.pwrite(fd, _holder_text().encode(), 0)
     self._fd = fd
+    return True
 
   def _in_use(self, holder: str) -> WorkdirError:
     return WorkdirError(
@@ -256,10 +263,13 @@ class WorkdirLock:
     )
 
   def _read_object(self) -> tuple[str, float] | None:
-    """(holder text, seconds since its heartbeat) of the lock object, None if there is none."""
+    """(holder text, seconds since its heartbeat) of the lock object, None if there is none
+    (or it is empty: the file a refused flock created)."""
     try:
       text = self.path.read_text()
     except FileNotFoundError:
+      return None
+    if not text.strip():
       return None
     beat = text.rsplit("heartbeat ", 1)[-1].strip() if "heartbeat " in text else ""
     try:
@@ -274,12 +284,14 @@ class WorkdirLock:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     self.path.write_text(f"{self._text.strip()}; heartbeat {now}\n")
 
-  def _lock_object(self) -> None:
-    logging.warning(
-        "Workdir %s is on an object store: the workdir lock is best effort (no atomic "
-        "exclusive create); do not start two runs on it at once.",
-        self.workdir,
+  def _lock_object(self, why: str) -> None:
+    message = (
+        f"Workdir {self.workdir} {why}: the workdir lock is best effort (a lock file with a "
+        "heartbeat); do not start two runs on it at once."
     )
+    logging.warning("%s", message)
+    if is_local(self.workdir):  # a surprise there, unlike on a bucket: say it on the console
+      print(message, flush=True)
     existing = self._read_object()
     if existing is not None:
       holder, age = existing

@@ -295,6 +295,25 @@ def test_two_runs_on_one_workdir_second_is_refused_before_compiling(reference, t
     pass
 
 
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS])
+def test_file_system_without_flock_gets_the_heartbeat_lock(code, tmp_path, monkeypatch, capsys):
+  """NFS without a lock daemon (ENOLCK), Lustre without flock (ENOSYS): the run starts, with
+  a best-effort lock that still refuses a second run, instead of exit 73 on every start."""
+
+  def no_flock(fd, operation):
+    raise OSError(code, os.strerror(code))
+
+  monkeypatch.setattr(run_guard.fcntl, "flock", no_flock)
+  workdir = str(tmp_path)
+  with run_guard.WorkdirLock(workdir):
+    assert "file system without flock" in capsys.readouterr().out
+    with pytest.raises(run_guard.WorkdirError, match=rf"in use by another run \(pid {os.getpid()}"):
+      run_guard.WorkdirLock(workdir).__enter__()
+  assert not os.path.exists(os.path.join(workdir, run_guard.LOCK_FILE))
+  with run_guard.WorkdirLock(workdir):  # released on exit
+    pass
+
+
 def test_lock_of_a_killed_run_is_released(env, tmp_path):
   workdir = str(tmp_path)
   holder = subprocess.Popen(
