@@ -40,8 +40,9 @@ is stated), end lr 5e-5, clip 1.0, drop-path 0.1, 2 x 224 + 10 x 96 crops, weigh
 pre-training's 10 of 100 epochs, in proportion; 10 would cover the whole run), the i_naturalist2021
 `mini` split for training and as the evaluation train split (the paper uses iNat2019, 265k
 images, not in TFDS; `mini` is the closest in size), evaluation of 256-px resized, 224 center
-crops. Birds525 and PlantNet300k (also in Tab. 8) are image folders. The paper's MLP probe and
-SimDINO's augmented 100-epoch linear protocol are evaluator options (config.evals.linear).
+crops, inputs normalised with ImageNet's statistics as in the pre-training. Birds525 and
+PlantNet300k (also in Tab. 8) are image folders. The paper's MLP probe and SimDINO's
+augmented 100-epoch linear protocol are evaluator options (config.evals.linear).
 """
 
 import os
@@ -102,6 +103,10 @@ def get_config(arg=None):
   data.data_dir = None  # where the TFDS dataset is (or will be) prepared
   train_split, num_train, test_split = _target(arg.dataset, config)
   data.train_split = train_split
+  # [ours] The pre-trained weights saw ImageNet-normalised inputs: keep those statistics on the
+  # target (left unset, an unknown dataset's would be 0.5 / 0.5, ~2x the input scale).
+  data.augment.normalize_mean = (0.485, 0.456, 0.406)
+  data.augment.normalize_std = (0.229, 0.224, 0.225)
   for entry in config.evals.values():
     entry.every = 0
     entry.at_end = entry.type in ("knn", "linear", "retrieval")

@@ -72,6 +72,11 @@ def test_transfer_preset(dataset, train, num_train, test, variant, head, image_f
     weights.load_params(config.init_from)
   config.init_from = "/runs/vitb16_reset"
   assert _problems(config) == []
+  # The inputs are normalised as in the pre-training (ImageNet), not 0.5 / 0.5.
+  from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+  spec = augment.color_spec(config.input)
+  assert (spec.mean, spec.std) == augment.KNOWN_NORMALIZATION["imagenet2012"]
 
 
 def test_transfer_init_from_option_and_bad_dataset():
