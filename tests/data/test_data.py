@@ -203,6 +203,9 @@ def test_bad_inputs_raise_clear_errors(npz_path, tmp_path):
   with pytest.raises(ValueError, match="'images'"):
     np.savez(bad, pixels=np.zeros((4, 8, 8), np.uint8))
     _open(_config(dataset=f'npz:{bad}'), 'train')
+  np.savez(bad, images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4), test_images=[[[0]]])
+  with pytest.raises(ValueError, match="has 'test_images' but no 'test_labels'"):
+    _open(_config(dataset=f'npz:{bad}'), 'test')  # was KeyError: 'test_labels'
   with pytest.raises(ValueError, match='cannot parse split'):
     _open(_config(dataset=f'npz:{npz_path}'), 'train[::2]')
 

@@ -65,6 +65,12 @@ class NpzSource(core.DataSource):
               f"{self.arg} has arrays {sorted(arrays)} but needs 'images' "
               "[N, H, W(, C)] uint8 and 'labels' [N] int"
           )
+      if ("test_images" in arrays) != ("test_labels" in arrays):
+        have, lack = sorted(("test_images", "test_labels"), key=lambda k: k not in arrays)
+        raise ValueError(
+            f"{self.arg} has {have!r} but no {lack!r}: store both, or neither to hold out "
+            "the last 10% of 'images' as 'test'"
+        )
       self._arrays = arrays
     return self._arrays
 
