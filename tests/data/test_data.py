@@ -245,3 +245,12 @@ def test_idx_directory_without_idx_files_names_the_fix(tmp_path):
   for read in (data.get_dataset_info, lambda c: _open(c, 'train')):  # was max() of nothing
     with pytest.raises(FileNotFoundError, match="not found in .*config.input.dataset='idx:"):
       read(config)
+
+
+def test_source_paths_may_start_with_a_tilde(npz_path, tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  (tmp_path / 'data').mkdir()
+  np.savez(tmp_path / 'data' / 'tiny.npz', **np.load(npz_path))
+  config = _config(dataset='npz:~/data/tiny.npz')  # as --config.input.dataset=npz:~/... passes it
+  assert sources.check(config.input) is None  # was: file ~/data/tiny.npz does not exist
+  assert _open(config, 'train').num_examples == 36

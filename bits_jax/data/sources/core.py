@@ -208,12 +208,15 @@ _TFDS_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(/[\w.\-]+)?(:[\d.*]+)?$")
 
 
 def parse(spec) -> tuple[str, str]:
-  """(kind, argument) of a dataset spec: 'npz:/f.npz' -> ('npz', '/f.npz')."""
+  """(kind, argument) of a dataset spec: 'npz:/f.npz' -> ('npz', '/f.npz').
+
+  A path argument may start with '~' (the shell leaves '~' after 'kind:' unexpanded).
+  """
   if not isinstance(spec, str) or not spec:
     raise ValueError(f"config.input.dataset must be {accepted_forms()}, got {spec!r}")
   kind, sep, arg = spec.partition(":")
   if sep and kind in _SOURCES and kind != TFDS_KIND:
-    return kind, arg
+    return kind, os.path.expanduser(arg)
   if _TFDS_NAME_RE.match(spec):
     return TFDS_KIND, spec
   raise ValueError(f"unknown dataset {spec!r}: set config.input.dataset to {accepted_forms()}")

@@ -185,7 +185,7 @@ class TfdsSource(core.DataSource):
 
   @classmethod
   def create(cls, arg, input_config):
-    idx_dir = input_config.idx_dir
+    idx_dir = os.path.expanduser(input_config.idx_dir) if input_config.idx_dir else None
     if (
         arg in _OFFLINE_FALLBACKS
         and not _prepared_without_download(arg, input_config.data_dir)
