@@ -163,6 +163,13 @@ def _train(
       components, config, mesh, sharding_lib.shardings_of(state)
   )
   start_step = int(state.step)
+  if start_step > config.total_steps and jax.process_index() == 0:
+    print(
+        f"Checkpoint step {start_step} in {checkpoints.directory} is past "
+        f"config.total_steps={config.total_steps}: nothing to train, the run ends with the "
+        f"step-{start_step} state. For a shorter run, use a new --workdir.",
+        flush=True,
+    )
   periodic = {name: entry for name, entry in config.evals.items() if entry.every > 0}
 
   writer = metric_writers.create_default_writer(

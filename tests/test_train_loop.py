@@ -35,6 +35,18 @@ def test_resume_gives_same_params_as_uninterrupted(config, tmp_path):
   )
 
 
+def test_resume_past_a_lowered_total_steps_says_so(config, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  config = config.copy_and_resolve_references()
+  config.total_steps, config.objective.head.reset_every_steps = 3, 0
+  train.train(config, workdir)
+  config.total_steps, config.allow_config_change = 2, "total_steps"
+  capsys.readouterr()
+  state = train.train(config, workdir)
+  assert int(state.step) == 3
+  assert "Checkpoint step 3 in" in capsys.readouterr().out
+
+
 def test_train_and_evaluate_writes_results(config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = config.copy_and_resolve_references()
