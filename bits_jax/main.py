@@ -69,10 +69,11 @@ def main(argv):
   utils.quiet_absl_logging()
   if _COMPILATION_CACHE_DIR.value:  # before the first compilation reads the setting
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE_DIR.value)
-  distributed.initialize(
-      _DISTRIBUTED.value,
-      distributed.args_from(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value),
-  )
+  try:
+    args = distributed.args_from(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:  # inconsistent process-group flags: a usage error, no traceback
+    raise app.UsageError(str(e)) from e
+  distributed.initialize(_DISTRIBUTED.value, args)
   logging.info("JAX devices: %s (%s)", jax.devices(), distributed.describe())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -118,6 +118,26 @@ def test_two_processes_match_single_process(tmp_path):
   assert int(restored.step) == 3
 
 
+def test_inconsistent_process_flags_are_a_usage_error_not_a_traceback(tmp_path):
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "bits_jax.main",
+          "--config=configs/fashion_mnist.py:test",
+          f"--workdir={tmp_path}",
+          "--coordinator_address=localhost:1234",
+      ],
+      cwd=helpers.REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 1, result.stderr
+  assert "pass all three" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_distributed_args_and_detection():
   args = distributed.args_from(
       environ={
