@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -45,7 +46,9 @@ def check_image_file(path: str, channels: int) -> Optional[str]:
   try:
     tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
   except (tf.errors.OpError, ValueError) as e:
-    return getattr(e, "message", str(e)).strip().splitlines()[0]
+    message = getattr(e, "message", str(e)).strip().splitlines()[0]
+    # TF wraps the reason: '{{function_node ...}} Input is empty. [Op:DecodeImage] name: '.
+    return re.sub(r"^\{\{.*?\}\}\s*|\s*\[Op:\w+\].*$", "", message).rstrip(".") or message
   return None
 
 
