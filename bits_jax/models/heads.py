@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from bits_jax import utils
+from bits_jax.models import activations
 
 # The bottleneck of DINO and SimDINO heads when `objective.head.bottleneck_dim` is 0.
 DEFAULT_BOTTLENECK = 256
@@ -50,7 +51,7 @@ def hidden_layers(x, hidden_dim: int, num: int, dtype, kernel_init):
   """`num` x (Dense `dense{i}` + GELU); call inside a compact method (caller's param names)."""
   for i in range(num):
     x = nn.Dense(hidden_dim, dtype=dtype, kernel_init=kernel_init, name=f"dense{i}")(x)
-    x = nn.gelu(x, approximate=False)
+    x = activations.gelu(x)
   return x
 
 

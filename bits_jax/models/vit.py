@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bits_jax.models import activations
+
 VIT_SIZES = {
     # name: (width, depth, heads)
     "tiny": (192, 12, 3),
@@ -47,7 +49,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = activations.gelu(x, approximate=self.gelu_approximate)
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
