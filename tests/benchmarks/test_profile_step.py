@@ -53,13 +53,14 @@ def test_summary_sums_xla_operations_by_kind_and_skips_bookkeeping():
   })
   assert profile.count_by_kind["dot"] == 2
   assert profile.by_op["dot.1"] == pytest.approx(600e-3)
-  text = profile_step.tables(profile, wall_seconds=1.0, top=3)
+  text = profile_step.tables(profile, wall_seconds=1.0, top=3, matmul_seconds=0.25)
   assert "| matmuls | 300.0 | 66.7% |" in text  # 600 of 900 ms over 2 steps
   assert "| layout copies | 50.0 | 11.1% |" in text
   assert "| linear algebra | 10.0 | 2.2% |" in text
   assert "| `dot` | 300.0 | 66.7% | 1 |" in text
   assert "| `dot.1` | 300.00 | 66.7% |" in text
-  assert "threads busy 22%" in text  # 450 ms per step of op time over 2 threads x 1 s
+  assert "wall 1000.0 ms per step; traced operation time 450.0 ms per step" in text
+  assert "at the matmul peak: 250.0 ms" in text
 
 
 @pytest.mark.parametrize(
