@@ -42,8 +42,9 @@ import train_step as bench_step  # pylint: disable=g-import-not-at-top,wrong-imp
 
 # (family, pattern of the operation kind), first match wins.
 FAMILIES = (
-    ("linear algebra", r"triangular|cholesky|custom-call|lapack|eigh|lu"),
-    ("matmuls", r"\bdot|convolution|conv_general|gemm|matmul"),
+    ("linear algebra", r"triangular|cholesky|custom-call|lapack|eigh|(^|_)lu($|_)"),
+    # Library fusions (YNNPACK, XNNPACK, oneDNN) hold dots where those are on.
+    ("matmuls", r"(^|_)dot|convolution|conv_general|gemm|matmul|ynn_fusion|xnn_fusion|onednn"),
     ("reductions", r"reduce"),
     ("layout copies", r"^copy|transpose|^bitcast_copy|^wrapped_copy"),
 )

@@ -68,6 +68,11 @@ def test_summary_sums_xla_operations_by_kind_and_skips_bookkeeping():
     [
         ("dot", "matmuls"),
         ("dot_general", "matmuls"),
+        ("wrapped_dot", "matmuls"),
+        ("ynn_fusion", "matmuls"),
+        ("conv_general_dilated", "matmuls"),
+        ("multiply_value_fusion", "other fusions"),
+        ("convert_copy_fusion", "other fusions"),
         ("wrapped_reduce-window", "reductions"),
         ("transpose_copy_fusion", "layout copies"),
         ("copy", "layout copies"),
