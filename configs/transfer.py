@@ -48,6 +48,7 @@ augmented 100-epoch linear protocol are evaluator options (config.evals.linear).
 import os
 
 from bits_jax import weights
+from bits_jax.data import augment
 from configs import common
 from configs import imagenet_vits16
 
@@ -105,8 +106,9 @@ def get_config(arg=None):
   data.train_split = train_split
   # [ours] The pre-trained weights saw ImageNet-normalised inputs: keep those statistics on the
   # target (left unset, an unknown dataset's would be 0.5 / 0.5, ~2x the input scale).
-  data.augment.normalize_mean = (0.485, 0.456, 0.406)
-  data.augment.normalize_std = (0.229, 0.224, 0.225)
+  data.augment.normalize_mean, data.augment.normalize_std = augment.known_normalization(
+      "imagenet2012"
+  )
   for entry in config.evals.values():
     entry.every = 0
     entry.at_end = entry.type in ("knn", "linear", "retrieval")
