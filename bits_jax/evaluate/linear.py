@@ -224,6 +224,8 @@ def linear_probe(
      'linear_val_top1', 'linear_val_top1_lr{lr}' for each rate}.
   """
   name = "mlp" if hidden_dim else "linear"
+  # One host copy each, for the masked rows below and the finiteness check of all rows.
+  train_feats, test_feats = np.asarray(train_feats), np.asarray(test_feats)
   x_train = _host(train_feats, "train_feats", 2, train_mask)
   y_train = _host(train_labels, "train_labels", 1, train_mask).astype(np.int32)
   x_test = _host(test_feats, "test_feats", 2, test_mask)
@@ -233,8 +235,8 @@ def linear_probe(
   if x_train.shape[1] != x_test.shape[1]:
     raise ValueError(f"train dim {x_train.shape[1]} != test dim {x_test.shape[1]}.")
   # On the unmasked rows, so that the row named in the error is the caller's.
-  common.check_finite(np.asarray(train_feats), "train_feats", train_mask)
-  common.check_finite(np.asarray(test_feats), "test_feats", test_mask)
+  common.check_finite(train_feats, "train_feats", train_mask)
+  common.check_finite(test_feats, "test_feats", test_mask)
   for split, y in (("train", y_train), ("test", y_test)):
     if y.size and (y.min() < 0 or y.max() >= num_classes):
       raise ValueError(f"{split} labels must lie in [0, {num_classes}): check num_classes.")
