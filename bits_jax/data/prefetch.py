@@ -71,13 +71,21 @@ def prefetch_to_mesh(
   sharding = _batch_sharding(sharding_or_mesh_and_spec)
   queue = collections.deque()
   iterator = iter(iterator)
+  failure = []  # The source's exception, raised once the batches before it are out.
 
   def enqueue(n):
-    # make_array_from_process_local_data starts async device transfers.
-    for batch in itertools.islice(iterator, n):
-      queue.append(_to_global(batch, sharding))
+    if failure:
+      return
+    try:
+      # make_array_from_process_local_data starts async device transfers.
+      for batch in itertools.islice(iterator, n):
+        queue.append(_to_global(batch, sharding))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failure.append(e)
 
   enqueue(size)
   while queue:
     yield queue.popleft()
     enqueue(1)
+  if failure:
+    raise failure[0]

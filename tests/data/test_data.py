@@ -239,6 +239,21 @@ def test_prefetch_to_mesh_shards_batch_axis(npz_path):
     next(prefetch.prefetch_to_mesh(iter(local), 'data'))
 
 
+def test_prefetch_raises_a_source_error_after_the_batches_before_it():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('data',))
+
+  def source():
+    for i in range(3):
+      yield {'x': np.full((8, 2), i, np.float32)}
+    raise OSError('corrupt record')
+
+  it = prefetch.prefetch_to_mesh(source(), (mesh, jax.sharding.PartitionSpec('data')), size=2)
+  # Every batch read before the failure is delivered (the error came 2 batches early).
+  assert [int(np.asarray(next(it)['x'])[0, 0]) for _ in range(3)] == [0, 1, 2]
+  with pytest.raises(OSError, match='corrupt record'):
+    next(it)
+
+
 def test_idx_directory_without_idx_files_names_the_fix(tmp_path):
   config = _config(dataset=f'idx:{tmp_path}')
   assert 'train-images-idx3-ubyte and train-labels-idx1-ubyte' in sources.check(config.input)
