@@ -229,9 +229,12 @@ def _train(
       steps_timed += 1
     if done % config.log_every == 0 or done == config.total_steps:
       metrics = jax.device_get(metrics)
-      rate = steps_timed / max(time.time() - t0, 1e-9) if steps_timed else float("nan")
       scalars = {k: float(v) for k, v in metrics.items() if v.ndim == 0}
-      scalars["steps_per_second"] = rate
+      # No rate without a timed step (the first step of a run compiles): a NaN would
+      # break the TensorBoard chart, so the scalar is left out.
+      if steps_timed:
+        rate = steps_timed / max(time.time() - t0, 1e-9)
+        scalars["steps_per_second"] = rate
       writer.write_scalars(done, scalars)
       histograms = {k: v for k, v in metrics.items() if v.ndim == 1}
       if histograms:
@@ -240,8 +243,12 @@ def _train(
         print(
             f"step {done}/{config.total_steps} | loss {scalars['loss']:.4f} | "
             f"bit acc {scalars.get('agreement_accuracy', float('nan')):.3f} | "
-            f"lr {scalars['learning_rate']:.2e} | {rate:.2f} steps/s | "
-            f"ETA {_format_eta((config.total_steps - done) / rate) if steps_timed else '?'}",
+            f"lr {scalars['learning_rate']:.2e} | "
+            + (
+                f"{rate:.2f} steps/s | ETA {_format_eta((config.total_steps - done) / rate)}"
+                if steps_timed
+                else "? steps/s | ETA ?"
+            ),
             flush=True,
         )
       t0, steps_timed = time.time(), 0

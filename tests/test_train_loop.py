@@ -47,6 +47,33 @@ def test_resume_past_a_lowered_total_steps_says_so(config, tmp_path, capsys):
   assert "Checkpoint step 3 in" in capsys.readouterr().out
 
 
+def _scalar_steps(workdir, tag):
+  """{step: value} of one scalar tag in the run's TensorBoard event files."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  values = {}
+  for name in sorted(os.listdir(workdir)):
+    if name.startswith("events.out.tfevents"):
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+        for value in event.summary.value:
+          if value.tag == tag:
+            values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def test_no_nan_rate_for_a_logged_step_without_timed_steps(config, tmp_path, capsys):
+  # The first step of a run (fresh or resumed) compiles and is not timed: with log_every=1
+  # its rate was written as NaN.
+  config = config.copy_and_resolve_references()
+  config.total_steps, config.log_every, config.objective.head.reset_every_steps = 2, 1, 0
+  train.train(config, str(tmp_path))
+  rates = _scalar_steps(tmp_path, "steps_per_second")
+  assert sorted(rates) == [2] and np.isfinite(rates[2]) and rates[2] > 0
+  assert sorted(_scalar_steps(tmp_path, "loss")) == [1, 2]
+  out = capsys.readouterr().out
+  assert "step 1/2" in out and "? steps/s | ETA ?" in out and "nan steps/s" not in out
+
+
 def test_train_and_evaluate_writes_results(config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = config.copy_and_resolve_references()
