@@ -71,13 +71,6 @@ class CheckpointRestoreError(RuntimeError):
   """A checkpoint whose files match its manifest cannot be restored (not damage)."""
 
 
-def _say(message: str, *, warn: bool = True) -> None:
-  """Logs `message` and prints it on process 0 (faults must be visible in the run's output)."""
-  (logging.warning if warn else logging.info)("%s", message)
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
 def checkpoint_manager(workdir: epath.PathLike, config) -> ocp.CheckpointManager:
   """Async Orbax manager of `WORKDIR/checkpoints`; retention is done by `Checkpoints`."""
   del config
@@ -255,7 +248,7 @@ def remove_incomplete_writes(directory: epath.PathLike) -> list[str]:
   names = _incomplete_writes(directory)
   if jax.process_index() == 0:
     for name in names:
-      _say(
+      utils.announce(
           f"Found an incomplete checkpoint write {directory / name} (the run stopped while "
           "saving): it was never a complete checkpoint; removing it."
       )
@@ -284,7 +277,7 @@ def quarantine(manager: ocp.CheckpointManager, step: int, problem: str) -> epath
   utils.sync_processes(f"bits_jax_quarantine_{step}")
   if jax.process_index() == 0:
     _move_tree(source, dest)
-    _say(
+    utils.announce(
         f"Checkpoint step {step} in {manager.directory} is damaged: {problem}. Moved it to "
         f"{dest}; falling back to the previous checkpoint."
     )
@@ -341,22 +334,22 @@ def restore_latest_good(manager: ocp.CheckpointManager, target) -> TrainState | 
       if not verified:
         if jax.process_index() == 0:
           write_manifest(step_dir, step)
-        _say(
+        utils.announce(
             f"Checkpoint step {step} had no manifest (the run stopped between commit and "
             "manifest); it restored and validated, manifest written."
         )
       if damaged:
-        _say(
+        utils.announce(
             f"Resuming from checkpoint step {step} in {manager.directory}, the newest intact "
             f"one (damaged: {damaged}, moved to {QUARANTINE}/)."
         )
       else:
-        _say(f"Resuming from checkpoint step {step} in {manager.directory}", warn=False)
+        utils.announce(f"Resuming from checkpoint step {step} in {manager.directory}", warn=False)
       return state
     quarantine(manager, step, problem)
     damaged.append(step)
   if damaged:
-    _say(
+    utils.announce(
         f"No intact checkpoint left in {manager.directory} (damaged: {damaged}, moved to "
         f"{QUARANTINE}/): starting from step 0."
     )

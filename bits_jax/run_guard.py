@@ -31,6 +31,8 @@ from etils import epath
 import jax
 import numpy as np
 
+from bits_jax import utils
+
 # sysexits.h codes, so schedulers and scripts can tell the cases apart.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved; rerun the same command to resume
 EXIT_NONFINITE = 65  # EX_DATAERR: stopped on non-finite loss/gradients; last checkpoint intact
@@ -289,9 +291,10 @@ class WorkdirLock:
         f"Workdir {self.workdir} {why}: the workdir lock is best effort (a lock file with a "
         "heartbeat); do not start two runs on it at once."
     )
-    logging.warning("%s", message)
     if is_local(self.workdir):  # a surprise there, unlike on a bucket: say it on the console
-      print(message, flush=True)
+      utils.announce(message)
+    else:
+      logging.warning("%s", message)
     existing = self._read_object()
     if existing is not None:
       holder, age = existing
@@ -304,8 +307,7 @@ class WorkdirLock:
           f"Taking over the lock of {self.workdir} from {holder}: no heartbeat for "
           f"{age:.0f}s (a run that crashed or was preempted)."
       )
-      logging.warning("%s", message)
-      print(message, flush=True)
+      utils.announce(message)
     self._text = _holder_text()
     self._write_object()
     existing = self._read_object()

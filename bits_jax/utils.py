@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging as std_logging
 import os
 import sys
 from typing import Any
@@ -162,3 +163,36 @@ def quiet_absl_logging() -> None:
   """
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def _logged_to_stderr(level: int) -> bool:
+  """Whether a record at `level` from absl's logger already reaches stderr."""
+  logger = std_logging.getLogger("absl")
+  if not logger.isEnabledFor(level):
+    return False
+  handlers, node = [], logger
+  while node is not None:
+    handlers += node.handlers
+    node = node.parent if node.propagate else None
+  if not handlers:  # Python's last-resort handler writes WARNING and up to stderr
+    return level >= std_logging.lastResort.level
+  for handler in handlers:
+    # absl's handler writes through its python_handler (stderr unless a log file is used).
+    stream = getattr(getattr(handler, "python_handler", handler), "stream", None)
+    if stream in (sys.stderr, sys.__stderr__) and level >= handler.level:
+      return True
+  return False
+
+
+def announce(message: str, *, warn: bool = True) -> None:
+  """Logs `message` and shows it once on process 0's console.
+
+  Faults (a damaged checkpoint moved aside, a lock taken over) must be seen in the run's
+  output even when logs go to files; where absl already writes the record to stderr
+  (`python -m bits_jax.main`), a print would show it twice.
+  """
+  level = std_logging.WARNING if warn else std_logging.INFO
+  logging.ABSLLogger.register_frame_to_skip(__file__, "announce")  # the caller's line
+  logging.log(logging.WARNING if warn else logging.INFO, "%s", message)
+  if jax.process_index() == 0 and not _logged_to_stderr(level):
+    print(message, flush=True)

@@ -79,3 +79,45 @@ def test_tree_all_finite():
     tree = dict(finite, b=[jnp.asarray([0.0, bad, 1.0], jnp.bfloat16)])
     assert not bool(utils.tree_all_finite(tree)), bad
   assert not bool(utils.tree_all_finite({"a": jnp.asarray(np.float32(np.nan))}))
+
+
+_ANNOUNCE = """
+import sys
+from absl import app
+from bits_jax import utils
+
+def main(_):
+  utils.announce("damaged step moved")
+  utils.announce("resuming", warn=False)
+  utils.quiet_absl_logging()  # what every CLI does after flag parsing
+  utils.announce("resuming quietly", warn=False)
+
+if sys.argv[1:] == ["plain"]:  # a notebook or script: no absl handler installed
+  main(None)
+else:
+  app.run(main)
+"""
+
+
+@pytest.mark.parametrize("mode", ["app", "plain"])
+def test_announce_shows_each_message_once(mode, tmp_path):
+  # The checkpoint and lock messages were logged to stderr by absl and printed too.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  script = tmp_path / "announce.py"
+  script.write_text(_ANNOUNCE)
+  result = subprocess.run(
+      [sys.executable, str(script), mode],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=REPO,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  output = result.stdout + result.stderr
+  for message in ("damaged step moved", "resuming", "resuming quietly"):
+    lines = [line for line in output.splitlines() if line.endswith(message)]
+    assert len(lines) == 1, (message, output)
+  if mode == "app":
+    assert "announce.py:" in output  # absl logs the caller's line, not announce's
