@@ -47,6 +47,9 @@ def input_defaults() -> ConfigDict:
                   local_size=12,  # side of the local crops
                   global_scale=(0.32, 1.0),  # area range of the random-resized global crops
                   local_scale=(0.05, 0.32),  # area range of the local crops
+                  # How crop windows are drawn: 'torchvision' (RandomResizedCrop, DINO's
+                  # code: log-uniform aspect ratio) | 'inception' (TF's sampler).
+                  window_sampler="torchvision",
               )
           ),
           augment=ConfigDict(

@@ -7,7 +7,8 @@ crop windows is decoded (`tf.io.decode_and_crop_jpeg`), other formats are
 decoded in full.
 
 Recipe per view (DINO, Caron et al. 2021): random resized crop (scale range
-per view type, aspect ratio in [3/4, 4/3]) -> horizontal flip -> colour jitter
+per view type, aspect ratio in [3/4, 4/3]; windows drawn as torchvision's
+RandomResizedCrop draws them, or as TF's inception crop) -> horizontal flip -> colour jitter
 (brightness, contrast, saturation, hue in random order, with probability
 `color_jitter_prob`) -> grayscale -> Gaussian blur (sigma in [0.1, 2] px) ->
 solarize -> normalize. Saturation, hue and grayscale only act on 3-channel
@@ -25,6 +26,8 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# How random-resized-crop windows are drawn (`config.input.crops.window_sampler`).
+WINDOW_SAMPLERS = ('torchvision', 'inception')
 BLUR_SIGMA_RANGE = (0.1, 2.0)
 # Kernel half-width covering 3 sigma of the largest blur.
 _BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA_RANGE[1]))
@@ -38,6 +41,7 @@ class ViewSpec:
   scale: tuple
   blur_prob: float
   solarize_prob: float
+  window_sampler: str = 'torchvision'  # one of WINDOW_SAMPLERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,11 @@ def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
   for key in ('global_size', 'local_size'):
     if int(crops[key]) <= 0:
       raise ValueError(f'config.input.crops.{key} must be a positive int, got {crops[key]}')
+  sampler = str(crops.get('window_sampler', 'torchvision'))
+  if sampler not in WINDOW_SAMPLERS:
+    raise ValueError(
+        f'config.input.crops.window_sampler={sampler!r} is not one of {WINDOW_SAMPLERS}'
+    )
   blur_first, blur_second, blur_local = tuple(aug.blur_probs)
   globals_ = [
       ViewSpec(
@@ -104,6 +113,7 @@ def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
           scale=tuple(crops.global_scale),
           blur_prob=blur_first if i == 0 else blur_second,
           solarize_prob=0.0 if i == 0 else float(aug.solarize_prob),
+          window_sampler=sampler,
       )
       for i in range(int(crops.num_global))
   ]
@@ -113,6 +123,7 @@ def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
           scale=tuple(crops.local_scale),
           blur_prob=blur_local,
           solarize_prob=0.0,
+          window_sampler=sampler,
       )
       for _ in range(int(crops.num_local))
   ]
@@ -172,11 +183,20 @@ def sample_crop_window(
     image_hw: tf.Tensor,
     scale: Sequence[float],
     ratio: Sequence[float] = ASPECT_RATIO_RANGE,
+    sampler: str = 'torchvision',
 ) -> tf.Tensor:
   """Random-resized-crop window [4] int32 (y, x, h, w) inside an image of image_hw.
 
-  Falls back to the whole image when 10 attempts find no window that fits.
+  'torchvision' draws as `RandomResizedCrop` does (DINO's crops): up to 10 tries of an
+  area fraction uniform in `scale` and a log-uniform aspect ratio w / h in `ratio`, the
+  first window that fits wins, else a central crop of the whole image clamped to
+  `ratio`. 'inception' is `tf.image.sample_distorted_bounding_box` (big_vision's
+  inception crop): its ratio is uniform and it falls back to the whole image.
   """
+  if sampler == 'torchvision':
+    return _torchvision_window(seed, image_hw, scale, ratio)
+  if sampler != 'inception':
+    raise ValueError(f'window sampler {sampler!r} is not one of {WINDOW_SAMPLERS}')
   image_size = tf.concat([tf.cast(image_hw, tf.int32), [1]], axis=0)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       image_size,
@@ -189,6 +209,30 @@ def sample_crop_window(
       use_image_if_no_bounding_boxes=True,
   )
   return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def _torchvision_window(seed, image_hw, scale, ratio, attempts: int = 10) -> tf.Tensor:
+  """All tries of torchvision's RandomResizedCrop.get_params at once; the first fit wins."""
+  hw = tf.cast(image_hw, tf.float32)
+  draws = tf.random.stateless_uniform([attempts, 4], seed)
+  area = hw[0] * hw[1] * (scale[0] + (scale[1] - scale[0]) * draws[:, 0])
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = tf.exp(log_lo + (log_hi - log_lo) * draws[:, 1])
+  # Python's round() in torchvision: halves to even, as tf.round.
+  w = tf.round(tf.sqrt(area * aspect))
+  h = tf.round(tf.sqrt(area / aspect))
+  fits = (w > 0) & (w <= hw[1]) & (h > 0) & (h <= hw[0])
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  # Offsets as torch.randint(0, side - crop + 1).
+  y = tf.floor(draws[first, 2] * (hw[0] - h[first] + 1))
+  x = tf.floor(draws[first, 3] * (hw[1] - w[first] + 1))
+  tried = tf.stack([y, x, h[first], w[first]])
+  # Fallback: the central crop of the whole image with its aspect clamped to `ratio`.
+  image_aspect = hw[1] / hw[0]
+  fw = tf.where(image_aspect > ratio[1], tf.round(hw[0] * ratio[1]), hw[1])
+  fh = tf.where(image_aspect < ratio[0], tf.round(hw[1] / ratio[0]), hw[0])
+  fallback = tf.stack([(hw[0] - fh) // 2, (hw[1] - fw) // 2, fh, fw])
+  return tf.cast(tf.where(tf.reduce_any(fits), tried, fallback), tf.int32)
 
 
 def center_crop_window(image_hw: tf.Tensor, crop_size: int, resize_size: int) -> tf.Tensor:
@@ -483,7 +527,10 @@ def multicrop(
   draws = tf.unstack(view_uniforms(fold_seed(seed, 1), len(views)))
 
   def windows_fn(image_hw):
-    return tf.stack([sample_crop_window(s, image_hw, v.scale) for s, v in zip(window_seeds, views)])
+    return tf.stack([
+        sample_crop_window(s, image_hw, v.scale, sampler=v.window_sampler)
+        for s, v in zip(window_seeds, views)
+    ])
 
   region, windows = _region(image, windows_fn, spec.channels, encoded, image_channels)
   outputs, first = [], 0

@@ -69,15 +69,76 @@ def test_known_normalization_ignores_tfds_version_and_config(dataset):
   assert augment.color_spec(config).mean == (0.5,) * 3
 
 
+@pytest.mark.parametrize('sampler', augment.WINDOW_SAMPLERS)
 @pytest.mark.parametrize('scale', [(0.05, 0.32), (0.32, 1.0)])
-def test_crop_window_area_and_aspect(scale):
+def test_crop_window_area_and_aspect(scale, sampler):
   for i in range(30):
-    y, x, h, w = augment.sample_crop_window(_seed(i), tf.constant([300, 400]), scale).numpy()
+    y, x, h, w = augment.sample_crop_window(
+        _seed(i), tf.constant([300, 400]), scale, sampler=sampler
+    ).numpy()
     assert 0 <= y and y + h <= 300 and 0 <= x and x + w <= 400
     area = h * w / (300 * 400)
     fallback = (h, w) == (300, 400)
     assert fallback or scale[0] - 0.02 <= area <= scale[1] + 0.02
     assert fallback or 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+
+
+def _torchvision_get_params(height, width, scale, ratio, draws):
+  """torchvision's RandomResizedCrop.get_params, its random numbers taken from `draws`."""
+  for u_area, u_ratio, u_y, u_x in draws:
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u_area)
+    log_ratio = np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u_ratio
+    w = int(round(np.sqrt(area * np.exp(log_ratio))))
+    h = int(round(np.sqrt(area / np.exp(log_ratio))))
+    if 0 < w <= width and 0 < h <= height:
+      return int(u_y * (height - h + 1)), int(u_x * (width - w + 1)), h, w
+  if width / height < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif width / height > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    h, w = height, width
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize(
+    'hw, scale',
+    [
+        ((28, 28), (0.4, 1.0)),
+        ((375, 500), (0.05, 0.4)),
+        ((50, 400), (0.9, 1.0)),
+        ((400, 60), (0.9, 1.0)),
+        ((3, 3), (0.01, 0.05)),
+    ],
+)
+def test_torchvision_window_matches_get_params(hw, scale):
+  # The last three draw windows that rarely or never fit: the clamped central fallback.
+  for i in range(40):
+    draws = tf.random.stateless_uniform([10, 4], _seed(i)).numpy().astype(np.float64)
+    want = _torchvision_get_params(*hw, scale, augment.ASPECT_RATIO_RANGE, draws)
+    got = augment.sample_crop_window(_seed(i), tf.constant(hw), scale, sampler='torchvision')
+    np.testing.assert_array_equal(got.numpy(), want, err_msg=f'{hw} {scale} draw {i}')
+
+
+def test_torchvision_window_ratio_is_log_uniform():
+  seeds = tf.stack([_seed(i) for i in range(2000)])
+  sample = lambda seed: augment.sample_crop_window(seed, tf.constant([900, 900]), (0.2, 0.3))
+  windows = tf.function(lambda s: tf.map_fn(sample, s, fn_output_signature=tf.int32))(seeds)
+  windows = windows.numpy()
+  log_ratio = np.log(windows[:, 3] / windows[:, 2])
+  # Log-uniform on [log 3/4, log 4/3] has mean 0 (here -0.007); TF's uniform ratio has
+  # E[log r] = 0.028 (here 0.027). The standard error over 2000 draws is 0.004.
+  assert abs(np.mean(log_ratio)) < 0.015
+  assert np.all(np.abs(log_ratio) <= np.log(4 / 3) + 0.01)
+
+
+def test_unknown_window_sampler_is_named():
+  config = config_defaults.base_config().input
+  config.crops.window_sampler = 'pil'
+  with pytest.raises(ValueError, match='window_sampler=.pil.*torchvision'):
+    augment.view_specs(config)
+  config.crops.window_sampler = 'inception'
+  assert {v.window_sampler for v in sum(augment.view_specs(config), [])} == {'inception'}
 
 
 def test_center_crop_window_matches_resize_then_crop():
