@@ -426,6 +426,12 @@ def run(
 ) -> dict[str, float]:
   """Weighted k-NN top-1 of the CLS features: `query_split` queries, `bank_split` bank."""
   bank, queries = ctx.features(bank_split), ctx.features(query_split)
+  if np.ndim(bank["label"]) != 1 or np.ndim(queries["label"]) != 1:
+    raise ValueError(
+        "k-NN needs one class id per image; this dataset has multi-hot labels [n, classes]: "
+        "evaluate it with retrieval (evals.retrieval) and turn k-NN off "
+        "(evals.knn.every=0, evals.knn.at_end=False)."
+    )
   return knn_classify(
       bank["cls"],
       bank["label"],

@@ -1,5 +1,7 @@
 """Tests for bits_jax.evaluate.knn."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -204,3 +206,16 @@ def test_knn_predict_agrees_with_classify_and_mesh():
       knn.knn_predict(bank, bank_labels, queries, num_classes=6, k=10, block_size=8, mesh=mesh),
       preds,
   )
+
+
+def test_multi_hot_labels_name_the_evaluator_to_use():
+  # Was "bank_labels must have 1 dims, got shape (40, 3)."
+  rng = np.random.default_rng(0)
+  split = {
+      "cls": rng.normal(size=(40, 8)).astype(np.float32),
+      "label": rng.random((40, 3)) < 0.5,
+      "mask": np.ones(40, bool),
+  }
+  ctx = types.SimpleNamespace(features=lambda name: split, num_classes=3, mesh=None)
+  with pytest.raises(ValueError, match="multi-hot.*evals.retrieval.*evals.knn.at_end=False"):
+    knn.run(ctx)
