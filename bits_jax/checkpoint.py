@@ -418,7 +418,8 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: epath.PathLike, config):
-    self.manager = checkpoint_manager(workdir, config)
+    self.workdir = run_guard.workdir_path(workdir)
+    self.manager = checkpoint_manager(self.workdir, config)
     self.directory = epath.Path(self.manager.directory)
     self.keep = int(config.keep_checkpoints)
     self._pending: int | None = None
@@ -490,3 +491,17 @@ class Checkpoints:
     """Finalizes the pending save and releases Orbax's threads."""
     self.finalize()
     self.manager.close()
+
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """Releases Orbax's threads (a run in a notebook kept them); a save still in flight
+    is waited for but, after an error, not given a manifest (resume validates it)."""
+    if exc_type is None:
+      self.close()
+      return
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except  # the error in flight matters more
+      logging.exception("Closing the checkpoint manager of %s failed", self.directory)

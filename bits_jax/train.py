@@ -116,8 +116,12 @@ def train(
   non-finite updates are skipped, and `NonFiniteError` stops the run per
   `config.on_nonfinite` / `max_consecutive_nonfinite`, without saving the bad state.
   """
-  with _locked_workdir(config, workdir, devices) as workdir, run_guard.StopRequest() as stop:
-    return _train(config, workdir, stop, stop_at_step=stop_at_step, devices=devices)
+  with (
+      _locked_workdir(config, workdir, devices) as workdir,
+      run_guard.StopRequest() as stop,
+      checkpoint_lib.Checkpoints(workdir, config) as checkpoints,
+  ):
+    return _train(config, checkpoints, stop, stop_at_step=stop_at_step, devices=devices)
 
 
 @contextlib.contextmanager
@@ -132,7 +136,7 @@ def _locked_workdir(config, workdir: epath.PathLike, devices=None):
 
 def _train(
     config: ml_collections.ConfigDict,
-    workdir: epath.Path,
+    checkpoints: checkpoint_lib.Checkpoints,
     stop: run_guard.StopRequest,
     *,
     stop_at_step: int | None = None,
@@ -150,7 +154,7 @@ def _train(
 
   mesh = sharding_lib.make_mesh(config, devices)
   components = train_state_lib.build(config, steps_per_epoch(config))
-  checkpoints = checkpoint_lib.Checkpoints(workdir, config)
+  workdir = checkpoints.workdir
   _check_config_change(config, workdir, resuming=bool(checkpoints.steps()))
   state = checkpoints.restore_or_init(components, config, mesh)
   if config.init_from and int(state.step) == 0:
@@ -398,8 +402,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   # resume from the last checkpoint and write its results over these. Signals stop the
   # training only: a preempted evaluation just ends.
   with _locked_workdir(config, workdir) as workdir:
-    with run_guard.StopRequest() as stop:
-      state = _train(config, workdir, stop)
+    with (
+        run_guard.StopRequest() as stop,
+        checkpoint_lib.Checkpoints(workdir, config) as checkpoints,
+    ):
+      state = _train(config, checkpoints, stop)
     return _evaluate_at_end(config, workdir, state)
 
 

@@ -604,3 +604,23 @@ def test_resume_with_a_changed_config_is_refused_before_compiling(reference, tmp
     train.train(config, workdir, devices=jax.devices()[:2])
   assert time.time() - start < 60
   assert _steps(workdir) == list(range(1, TOTAL_STEPS + 1))
+
+
+def test_checkpoints_context_closes_the_manager_and_keeps_the_error(tmp_path, monkeypatch):
+  config = helpers.load_config("fashion_mnist", "test")
+  closed = []
+
+  def failing_close(self):
+    closed.append(self.directory)
+    raise OSError("bucket gone")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "close", failing_close)
+  # The run's own error surfaces, not the close's.
+  with pytest.raises(RuntimeError, match="step failed"):
+    with checkpoint_lib.Checkpoints(tmp_path, config):
+      raise RuntimeError("step failed")
+  assert len(closed) == 1
+  with pytest.raises(OSError, match="bucket gone"):  # without an error in flight it raises
+    with checkpoint_lib.Checkpoints(tmp_path, config):
+      pass
+  assert len(closed) == 2

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from bits_jax import checkpoint
 from bits_jax import run_guard
 from bits_jax import train
 from tests import helpers
@@ -35,7 +36,12 @@ def test_resume_gives_same_params_as_uninterrupted(config, tmp_path):
   )
 
 
-def test_resume_past_a_lowered_total_steps_says_so(config, tmp_path, capsys):
+def test_resume_past_a_lowered_total_steps_says_so(config, tmp_path, capsys, monkeypatch):
+  closed = []  # Each run releases its Orbax manager (a notebook's runs kept their threads).
+  close = checkpoint.ocp.CheckpointManager.close
+  monkeypatch.setattr(
+      checkpoint.ocp.CheckpointManager, "close", lambda self: closed.append(close(self))
+  )
   workdir = str(tmp_path / "run")
   config = config.copy_and_resolve_references()
   config.total_steps, config.objective.head.reset_every_steps = 3, 0
@@ -45,6 +51,7 @@ def test_resume_past_a_lowered_total_steps_says_so(config, tmp_path, capsys):
   state = train.train(config, workdir)
   assert int(state.step) == 3
   assert "Checkpoint step 3 in" in capsys.readouterr().out
+  assert len(closed) == 2
 
 
 def _scalar_steps(workdir, tag):
