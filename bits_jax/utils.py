@@ -192,7 +192,10 @@ def announce(message: str, *, warn: bool = True) -> None:
   (`python -m bits_jax.main`), a print would show it twice.
   """
   level = std_logging.WARNING if warn else std_logging.INFO
-  logging.ABSLLogger.register_frame_to_skip(__file__, "announce")  # the caller's line
   logging.log(logging.WARNING if warn else logging.INFO, "%s", message)
   if jax.process_index() == 0 and not _logged_to_stderr(level):
     print(message, flush=True)
+
+
+# absl logs the line that called announce, not announce's own.
+logging.ABSLLogger.register_frame_to_skip(__file__, "announce")
