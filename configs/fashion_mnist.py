@@ -19,11 +19,12 @@ Retrieval mAP@ALL (2000 test queries against the 60k training images, the paper'
 metric) beats the pixels: trained 55.65% (seed 1: 54.87%) | random init 29.90% (30.53%) |
 raw pixels 47.74% | the 256-bit messages 56.27% (56.06%). Wall 6.3-6.9 min (training and
 both evaluations, 2026-11-27). On a slower AVX2 host (2026-12-07): 83.36% | 73.86% | 84.59%,
-mAP@ALL 55.55%, messages 56.64%, wall 8.9 min (k-NN at k=20 only; 9.2 min with k up to 200). Those figures use the erf-form GELU (PyTorch's formula,
-`models/activations.py`); every figure below was measured with jax's erfc form (the same
-function to ~1e-6; end to end 83.27% / 83.01%, mAP@ALL 56.24% / 54.84%, messages 57.12% /
-56.33%). The first item was measured with flips, the items after the first two with flips
-and learned position embeddings.
+mAP@ALL 55.55%, messages 56.64%, wall 8.9 min (k-NN at k=20 only; 9.2 min with k up to
+200). Those figures use the erf-form GELU (PyTorch's formula, `models/activations.py`);
+every figure below was measured with jax's erfc form (the same function to ~1e-6; end to
+end 83.27% / 83.01%, mAP@ALL 56.24% / 54.84%, messages 57.12% / 56.33%). The first item
+was measured with flips, the items after the first two with flips and learned position
+embeddings.
   - NOT the paper's: `model.posemb='sincos2d'`, fixed 2-D sine-cosine position embeddings
     (MoCo v3) instead of learned ones (DINO's ViT). End to end, learned -> fixed: k-NN
     81.67% -> 82.30% and 81.07% -> 82.78% (seeds 0 / 1), mAP@ALL 50.44% -> 54.73% and

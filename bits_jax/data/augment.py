@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
-# How random-resized-crop windows are drawn (`config.input.crops.window_sampler`).
+# How random-resized-crop windows are drawn (`config.input.crops.window_sampler`); the first
+# is the default.
 WINDOW_SAMPLERS = ('torchvision', 'inception')
 BLUR_SIGMA_RANGE = (0.1, 2.0)
 # Kernel half-width covering 3 sigma of the largest blur.
@@ -41,7 +42,7 @@ class ViewSpec:
   scale: tuple
   blur_prob: float
   solarize_prob: float
-  window_sampler: str = 'torchvision'  # one of WINDOW_SAMPLERS
+  window_sampler: str = WINDOW_SAMPLERS[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,7 @@ def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
   for key in ('global_size', 'local_size'):
     if int(crops[key]) <= 0:
       raise ValueError(f'config.input.crops.{key} must be a positive int, got {crops[key]}')
-  sampler = str(crops.get('window_sampler', 'torchvision'))
+  sampler = str(crops.get('window_sampler', WINDOW_SAMPLERS[0]))
   if sampler not in WINDOW_SAMPLERS:
     raise ValueError(
         f'config.input.crops.window_sampler={sampler!r} is not one of {WINDOW_SAMPLERS}'
@@ -183,7 +184,7 @@ def sample_crop_window(
     image_hw: tf.Tensor,
     scale: Sequence[float],
     ratio: Sequence[float] = ASPECT_RATIO_RANGE,
-    sampler: str = 'torchvision',
+    sampler: str = WINDOW_SAMPLERS[0],
 ) -> tf.Tensor:
   """Random-resized-crop window [4] int32 (y, x, h, w) inside an image of image_hw.
 
@@ -285,14 +286,14 @@ def decode_windows(encoded: tf.Tensor, windows_fn, channels: int):
 
 
 def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """uint8 [h, w, c] -> [h, w, channels]: RGB -> gray (ITU-R 601-2 luma), gray -> RGB."""
+  """uint8 [..., c] -> [..., channels]: RGB -> gray (ITU-R 601-2 luma), gray -> RGB."""
   have = image.shape[-1]
   if have == channels:
     return image
   if (have, channels) == (3, 1):
     return tf.image.rgb_to_grayscale(image)
   if (have, channels) == (1, 3):
-    return tf.tile(image, [1, 1, 3])
+    return tf.tile(image, [1] * (image.shape.rank - 1) + [3])
   raise ValueError(f'cannot convert {have}-channel images to {channels} channels')
 
 
@@ -571,6 +572,26 @@ def eval_view(
   x = crop_and_resize(region, windows[0], crop_size, spec.resize_method, spec.resize_antialias)
   x.set_shape([crop_size, crop_size, spec.channels])
   return normalize(x, spec)
+
+
+def eval_views(images: tf.Tensor, crop_size: int, resize_size: int, spec: ColorSpec) -> tf.Tensor:
+  """`eval_view` of a batch of decoded images [b, h, w, c] uint8 of one static size.
+
+  One slice and one batched resize instead of b of each (the same kernels, the same
+  values). Returns [b, crop, crop, spec.channels] float32.
+  """
+  height, width = images.shape[1:3]
+  if height is None or width is None:
+    raise ValueError(f'eval_views needs a static image size, got images of {images.shape}')
+  y, x, h, w = tf.unstack(center_crop_window(tf.constant([height, width]), crop_size, resize_size))
+  region = convert_channels(images[:, y : y + h, x : x + w], spec.channels)
+  resized = tf.image.resize(
+      region, [crop_size, crop_size], method=spec.resize_method, antialias=spec.resize_antialias
+  )
+  out = tf.ensure_shape(
+      tf.clip_by_value(resized / 255.0, 0.0, 1.0), [None, crop_size, crop_size, spec.channels]
+  )
+  return normalize(out, spec)
 
 
 def default_eval_resize(crop_size: int, resize_size: Optional[int] = None) -> int:

@@ -68,9 +68,6 @@ def make_eval_iterator(
 
   if data.random_access:
     start, stop = _even_shard(data.num_examples, process_index, process_count)
-    ds = tf.data.Dataset.range(start, stop).map(
-        common.no_autograph(lambda i: example(data.lookup(i))), num_parallel_calls=tf.data.AUTOTUNE
-    )
     num_real = stop - start
 
     def indices(k):
@@ -78,6 +75,29 @@ def make_eval_iterator(
           start + np.arange(k * local_batch, (k + 1) * local_batch), start, max(stop - 1, 0)
       )
 
+    if data.batch_lookup and num_real:
+      # Arrays in memory: whole batches at once (one gather, one resize), padded in place.
+      def batch(positions):
+        record = data.lookup(tf.minimum(positions, stop - 1))
+        mask = positions < stop
+        out = {
+            "image": augment.eval_views(record["image"], crop, resize, spec),
+            "label": record["label"],
+            **({"id": record["id"]} if with_ids else {}),
+        }
+        out = {k: _where_rows(mask, v, tf.zeros_like(v)) for k, v in out.items()}
+        return dict(out, mask=mask)
+
+      ds = (
+          tf.data.Dataset.range(start, start + total)
+          .batch(local_batch, drop_remainder=True)
+          .map(common.no_autograph(batch), num_parallel_calls=tf.data.AUTOTUNE)
+          .prefetch(int(input_config.prefetch_batches))
+      )
+      return common.numpy_batches(ds.with_options(opts), data, indices)
+    ds = tf.data.Dataset.range(start, stop).map(
+        common.no_autograph(lambda i: example(data.lookup(i))), num_parallel_calls=tf.data.AUTOTUNE
+    )
   else:
     if data.num_examples == 0:
       raise ValueError(
@@ -95,3 +115,8 @@ def make_eval_iterator(
   ds = ds.concatenate(padding.repeat(total - num_real))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(input_config.prefetch_batches))
   return common.numpy_batches(ds.with_options(opts), data, indices)
+
+
+def _where_rows(mask: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+  """Rows of x [b, ...] where mask [b], else rows of y."""
+  return tf.where(tf.reshape(mask, [-1] + [1] * (x.shape.rank - 1)), x, y)

@@ -157,6 +157,38 @@ def test_eval_is_deterministic_center_crop(npz_path):
   np.testing.assert_allclose(a[0]['image'][0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize('channels', [3, 1])
+def test_eval_batches_of_arrays_equal_the_per_example_path(npz_path, monkeypatch, channels):
+  # Crop 16 of a 19-px shorter side: a real resize; 16 + 17 examples over 2 processes at
+  # local batch 6 pad both last batches; 1 channel converts the stored RGB.
+  config = _config(
+      dataset=f'npz:{npz_path}',
+      eval_crop_size=16,
+      eval_resize_size=19,
+      eval_batch_size=12,
+      num_channels=channels,
+  )
+
+  def batches(process):
+    return list(
+        data.make_eval_iterator(
+            config, 'train[:33]', process_index=process, process_count=2, with_ids=True
+        )
+    )
+
+  batched = [batches(p) for p in range(2)]
+  monkeypatch.setattr(sources.core.ArraySplit, 'batch_lookup', False)
+  per_example = [batches(p) for p in range(2)]
+  for ours, reference, num_real in zip(batched, per_example, (16, 17)):
+    assert len(ours) == len(reference) == 3
+    assert sum(b['mask'].sum() for b in ours) == num_real
+    for a, b in zip(ours, reference):
+      assert sorted(a) == sorted(b) == ['id', 'image', 'label', 'mask']
+      for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 @pytest.mark.skipif(not sources.idx.available(IDX_DIR), reason='no Fashion-MNIST IDX files')
 def test_fashion_mnist_idx_fallback():
   config = _config(

@@ -66,6 +66,8 @@ class Split(abc.ABC):
     encoded: records hold encoded image bytes (decoded in the augmentation) rather than
       uint8 arrays.
     random_access: read with `lookup` (True) or `stream` (False).
+    batch_lookup: `lookup` also takes indices [b] and returns records stacked along a new
+      first axis (images of one static size, decoded).
   """
 
   name: str
@@ -73,6 +75,7 @@ class Split(abc.ABC):
   channels: int
   encoded: bool
   random_access: bool
+  batch_lookup: bool = False
 
   def lookup(self, index: tf.Tensor) -> dict:
     """Record of example `index` (int64 scalar tensor), for random-access splits."""
@@ -108,6 +111,7 @@ class ArraySplit(Split):  # pylint: disable=abstract-method  # Random access: no
 
   encoded = False
   random_access = True
+  batch_lookup = True
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray, name: str):
     self.images, self.labels, self.ids, self.name = images, labels, ids, name
@@ -116,6 +120,7 @@ class ArraySplit(Split):  # pylint: disable=abstract-method  # Random access: no
     self._tensors = ()
 
   def lookup(self, index: tf.Tensor) -> dict:
+    """Record of example `index` (int64 scalar), or records stacked for indices [b]."""
     self._tensors = self._tensors or eager_constants(
         self.images, self.labels.astype(np.int32), self.ids.astype(str)
     )
