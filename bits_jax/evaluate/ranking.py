@@ -135,12 +135,19 @@ def order_keys(scores, rel) -> jax.Array:
   return ((jnp.uint32(0x7FFFFFFF) - ascending) << 1) | rel.astype(jnp.uint32)
 
 
-def sorted_sums(keys, ks: tuple[int, ...]) -> jax.Array:
+# Tie groups of at most this many ranks (all of them, in practice, for float32 scores) find
+# their bounds by shifted compares; a block holding a longer one takes four full-row scans.
+SHORT_TIE_GROUP = 8
+
+
+def sorted_sums(keys, ks: tuple[int, ...], short_group: int = SHORT_TIE_GROUP) -> jax.Array:
   """Per-query sums from sorted keys.
 
   Args:
     keys: [b, n] uint32 from order_keys, sorted ascending along axis 1.
     ks: cut-offs (<= n).
+    short_group: tie groups up to this size are bounded by shifted compares, longer ones by
+      scans (the same numbers; the scans cost ~4x more on a CPU).
 
   Returns:
     [b, 2 + 2 len(ks)] float32: R, the AP sum over all ranks, the AP sums over the first k
@@ -161,11 +168,10 @@ def sorted_sums(keys, ks: tuple[int, ...]) -> jax.Array:
     is_start = jnp.concatenate([true, new_score], axis=1)
     is_end = jnp.concatenate([new_score, true], axis=1)
     idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
-    end = jax.lax.cummin(jnp.where(is_end, idx, n - 1), axis=1, reverse=True)
-    # hits - rel and hits are non-decreasing: a running max/min carries the group's value.
-    h0 = jax.lax.cummax(jnp.where(is_start, hits - rel, 0), axis=1)
-    h_end = jax.lax.cummin(jnp.where(is_end, hits, jnp.iinfo(jnp.int32).max), axis=1, reverse=True)
+    bounds, too_long = _short_tie_bounds(is_start, is_end, hits, rel, short_group)
+    start, end, h0, h_end = jax.lax.cond(
+        too_long, lambda: _scanned_tie_bounds(is_start, is_end, hits, rel), lambda: bounds
+    )
     size = (end - start + 1).astype(jnp.float32)
     r = (h_end - h0).astype(jnp.float32)
     p = (idx - start + 1).astype(jnp.float32)
@@ -179,6 +185,47 @@ def sorted_sums(keys, ks: tuple[int, ...]) -> jax.Array:
   cols += [jnp.sum(contrib[:, :k], axis=1) for k in ks]
   cols += [ehits[:, k - 1] for k in ks]
   return jnp.stack(cols, axis=1)
+
+
+def _scanned_tie_bounds(is_start, is_end, hits, rel):
+  """(start, end, h0, h_end) [b, n] int32 of each rank's tie group, by running max / min.
+
+  start, end: the group's first and last index; h0: hits before it; h_end: hits at its end.
+  """
+  b, n = hits.shape
+  idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+  end = jax.lax.cummin(jnp.where(is_end, idx, n - 1), axis=1, reverse=True)
+  # hits - rel and hits are non-decreasing: a running max/min carries the group's value.
+  h0 = jax.lax.cummax(jnp.where(is_start, hits - rel, 0), axis=1)
+  h_end = jax.lax.cummin(jnp.where(is_end, hits, jnp.iinfo(jnp.int32).max), axis=1, reverse=True)
+  return start, end, h0, h_end
+
+
+def _short_tie_bounds(is_start, is_end, hits, rel, group: int):
+  """`_scanned_tie_bounds` for groups of at most `group` ranks, looking at most group - 1
+  places back and ahead; and whether some group of these rows is longer (bool [])."""
+  b, n = hits.shape
+
+  def shifted(x, d):  # x[:, i + d] at i (zero-filled outside the row)
+    pad = jnp.zeros((b, min(abs(d), n)), x.dtype)
+    if d > 0:
+      return jnp.concatenate([x[:, d:], pad], axis=1)
+    return jnp.concatenate([pad, x[:, : max(n + d, 0)]], axis=1)
+
+  idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  before = hits - rel
+  start, h0, back = idx, before, ~is_start  # back: ranks i - d + 1 .. i all tie backwards
+  end, h_end, ahead = idx, hits, ~is_end
+  for d in range(1, max(group, 1)):
+    start = jnp.where(back, idx - d, start)
+    h0 = jnp.where(back, shifted(before, -d), h0)
+    back &= shifted(~is_start, -d)
+    end = jnp.where(ahead, idx + d, end)
+    h_end = jnp.where(ahead, shifted(hits, d), h_end)
+    ahead &= shifted(~is_end, d)
+  # A rank still tying back after group - 1 steps sits in a group longer than `group`.
+  return (start, end, h0, h_end), jnp.any(back)
 
 
 # ------------------------------------------------------------------------ scored (sort) path

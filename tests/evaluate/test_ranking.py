@@ -143,3 +143,37 @@ def test_order_keys_sort_by_descending_score_with_relevance_bit():
   assert s[0, order].tolist() == [1.0, 0.5, 0.5, 0.0, 0.0, -0.75]
   assert (keys[0] & 1).tolist() == [1, 0, 1, 0, 0, 0]
   assert keys[0, 1] >> 1 == keys[0, 2] >> 1  # -0.0 ties with 0.0.
+
+
+def _tied_keys(rng, rows, n, max_group):
+  """Sorted order_keys-like keys [rows, n]: runs of 1..max_group equal scores, random bit 0."""
+  keys = np.empty((rows, n), np.uint32)
+  for row in keys:
+    sizes = []
+    while sum(sizes) < n:
+      sizes.append(int(rng.integers(1, max_group + 1)))
+    scores = np.repeat(np.arange(len(sizes), dtype=np.uint32), sizes)[:n]
+    row[:] = (scores << 1) | rng.integers(0, 2, n).astype(np.uint32)
+  return keys
+
+
+@pytest.mark.parametrize("max_group, too_long", [(8, False), (9, True)])
+def test_short_tie_bounds_equal_the_scanned_ones(max_group, too_long):
+  rng = np.random.default_rng(5)
+  keys = _tied_keys(rng, 6, 300, max_group)
+  keys[:, -max_group:] = keys[:, -max_group:] & 1 | np.uint32(300 << 1)  # a last, new score
+  rel = (keys & 1).astype(np.int32)
+  hits = np.cumsum(rel, axis=1, dtype=np.int32)
+  new_score = (keys[:, 1:] >> 1) != (keys[:, :-1] >> 1)
+  is_start = np.concatenate([np.ones((6, 1), bool), new_score], axis=1)
+  is_end = np.concatenate([new_score, np.ones((6, 1), bool)], axis=1)
+  short, longer = ranking._short_tie_bounds(  # pylint: disable=protected-access
+      is_start, is_end, hits, rel, ranking.SHORT_TIE_GROUP
+  )
+  scanned = ranking._scanned_tie_bounds(is_start, is_end, hits, rel)  # pylint: disable=protected-access
+  assert bool(longer) == too_long  # the last max_group ranks of every row are one group
+  if not too_long:
+    for a, b in zip(short, scanned):
+      np.testing.assert_array_equal(a, b)
+  sums = jax.jit(ranking.sorted_sums, static_argnums=(1, 2))
+  np.testing.assert_allclose(sums(keys, (1, 50)), sums(keys, (1, 50), 0), rtol=1e-6, atol=1e-6)
