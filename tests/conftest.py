@@ -1,7 +1,10 @@
 """Test setup: fake an 8-device CPU mesh before JAX is imported anywhere; shared fixtures."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 _FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
 # Added to (not instead of) the user's XLA_FLAGS: GPU hosts often set some.
@@ -11,6 +14,12 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One persistent XLA compilation cache for the session (a user's own is kept), read by the
+# subprocesses the tests start too: the many short runs of the same small configs compile
+# each program once instead of once per run.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bits_jax_tests_xla_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `configs` is a package at the repository root

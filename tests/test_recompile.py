@@ -3,6 +3,7 @@
 import collections
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import pytest
 
 from bits_jax import train
@@ -22,8 +23,15 @@ def _set_head_reset_every(config, steps: int) -> None:
 
 @pytest.fixture
 def compiles():
-  """A Counter of XLA compilations by function name ('jit(train_step)'), while the test runs."""
+  """A Counter of XLA compilations by function name ('jit(train_step)'), while the test runs.
+
+  The persistent compilation cache is off meanwhile: a program another test compiled would
+  load from it without a backend compilation to count.
+  """
   counts = collections.Counter()
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # it remembers whether it is used
 
   def listener(event, duration, **kwargs):
     del duration
@@ -33,6 +41,8 @@ def compiles():
   jax.monitoring.register_event_duration_secs_listener(listener)
   yield counts
   jax.monitoring.unregister_event_duration_listener(listener)
+  jax.config.update("jax_enable_compilation_cache", enabled)
+  compilation_cache.reset_cache()
 
 
 def test_train_loop_compiles_the_step_once(compiles, tmp_path):
