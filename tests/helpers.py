@@ -9,6 +9,15 @@ from bits_jax import utils
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_flags(devices: int | None = None) -> str:
+  """The session's XLA_FLAGS (conftest's and the user's) for a subprocess: `devices` fake CPU
+  devices, or the real count when None."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  if devices is not None:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return " ".join(flags)
+
+
 def load_config(name: str, arg: str = ""):
   """`get_config(arg)` of configs/<name>.py."""
   return utils.load_config_file(

@@ -36,6 +36,7 @@ TOTAL_STEPS = 6  # of the fashion_mnist:test preset
 _BASE_ARGS = (
     "--config=configs/fashion_mnist.py:test",
     "--config.evals.knn.at_end=False",
+    "--config.evals.retrieval.at_end=False",
     "--verbosity=-1",
 )
 
@@ -48,7 +49,7 @@ def env(tmp_path_factory):
   for hook in ("BITS_TEST_STEP_DELAY", "BITS_TEST_NAN_AT_STEPS", "BITS_TEST_KILL_AT_COMMIT"):
     environ.pop(hook, None)
   environ.update({
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "XLA_FLAGS": helpers.xla_flags(2),
       "JAX_PLATFORMS": "cpu",
       "TF_CPP_MIN_LOG_LEVEL": "3",
       "JAX_COMPILATION_CACHE_DIR": str(cache),
@@ -206,9 +207,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(env, tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  environ = dict(
-      env, BITS_TEST_STEP_DELAY="0.5", XLA_FLAGS="--xla_force_host_platform_device_count=1"
-  )
+  environ = dict(env, BITS_TEST_STEP_DELAY="0.5", XLA_FLAGS=helpers.xla_flags(1))
 
   def launch(i, stdout):
     return subprocess.Popen(

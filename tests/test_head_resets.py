@@ -1,5 +1,7 @@
 """Head resets for every method (`config.objective.head.reset_*`), optimizer state kept or reset."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +83,9 @@ def test_baseline_heads_reset_in_the_train_step(method):
   expected = train_state.reset_head(
       before.replace(step=jnp.asarray(2, jnp.int32)), components
   ).params["head"]
-  jax.tree_util.tree_map(np.testing.assert_array_equal, expected, after.params["head"])
+  # The same draws; compiled into the step, the truncated normal may round differently.
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-8)
+  jax.tree_util.tree_map(close, expected, after.params["head"])
   changed = [
       not np.allclose(a, b)
       for a, b in zip(
@@ -94,9 +98,7 @@ def test_baseline_heads_reset_in_the_train_step(method):
   jax.tree_util.tree_map(
       np.testing.assert_array_equal, before.params["backbone"], after.params["backbone"]
   )
-  jax.tree_util.tree_map(
-      np.testing.assert_array_equal, after.params["head"], after.teacher_params["head"]
-  )
+  jax.tree_util.tree_map(close, after.params["head"], after.teacher_params["head"])
 
 
 def test_reset_every_epochs_resolves_for_any_method():

@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 def _launch(workdir: str, port: int, process_id: int) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=helpers.xla_flags(4))
   command = [
       sys.executable,
       "-m",

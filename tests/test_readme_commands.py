@@ -65,8 +65,7 @@ def _env(tmp_path):
   env = dict(os.environ, PYTHONPATH=helpers.REPO, TFDS_DATA_DIR=str(tmp_path / "tfds"))
   env.pop("PYTEST_CURRENT_TEST", None)
   # One CPU device, as for a user (conftest fakes 8 for the in-process tests).
-  flags = env.get("XLA_FLAGS", "").split()
-  env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
+  env["XLA_FLAGS"] = helpers.xla_flags()
   return env
 
 

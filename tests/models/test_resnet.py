@@ -55,7 +55,8 @@ def test_batchnorm_statistics_8_devices_equal_1_device(assert_trees_close):
     out, updated = jax.jit(functools.partial(_train_mode_apply, model))(vs, xs)
     results.append(jax.device_get((out, updated["batch_stats"])))
   (out1, stats1), (out8, stats8) = results
-  assert_trees_close(out1, out8, rtol=1e-5, atol=1e-5)
+  # Per-device statistics would be off by ~1e-1; the sums' order differs by ~1e-5.
+  assert_trees_close(out1, out8, rtol=1e-4, atol=1e-4)
   assert_trees_close(stats1, stats8, rtol=1e-5, atol=1e-6)
   # The running mean of the stem BatchNorm moved towards the global batch mean of conv1.
   conv1 = jax.lax.conv_general_dilated(
