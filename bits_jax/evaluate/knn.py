@@ -189,6 +189,15 @@ def _put(x: np.ndarray, sharding: Optional[NamedSharding]) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def _even_block(n: int, limit: int) -> int:
+  """Rows per block, at most ~limit, splitting n rows into equal blocks (a multiple of 8):
+  10k queries in blocks of 4096 would pad the last to 12288 rows, 23% more work."""
+  if n <= limit:
+    return max(n, 1)
+  size = -(-n // -(-n // limit))
+  return min(limit, -(-size // 8) * 8)
+
+
 def _check_args(ks: tuple[int, ...], temperature: float, block_size: int):
   if not ks or ks[0] < 1:
     raise ValueError(f"ks must be positive neighbour counts, got {ks}.")
@@ -246,8 +255,9 @@ class _Bank:
       )
     _check_labels("bank", labels[valid], num_classes)
     n_shards = 1 if mesh is None else mesh.devices.size
-    chunk = min(block_size, math.ceil(n / n_shards))
-    n_pad = n_shards * chunk * math.ceil(n / (n_shards * chunk))
+    per_shard = math.ceil(n / n_shards)
+    chunk = _even_block(per_shard, block_size)
+    n_pad = n_shards * chunk * math.ceil(per_shard / chunk)
     bank_sharding = query_sharding = None
     if mesh is not None:
       bank_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -328,7 +338,7 @@ def knn_classify(
       block_size=block_size,
   )
 
-  block = min(block_size, q) if q else 1
+  block = _even_block(q, block_size)
   totals = np.zeros((len(ks), 2), np.int64)
   for start in range(0, q, block):
     stop = min(start + block, q)
@@ -396,7 +406,7 @@ def knn_predict(
       block_size=block_size,
   )
   q = query_feats.shape[0]
-  block = min(block_size, q) if q else 1
+  block = _even_block(q, block_size)
   preds = []
   for start in range(0, q, block):
     stop = min(start + block, q)

@@ -27,8 +27,10 @@ Two kernels, both sharding the queries over every device of a mesh (database rep
     in one pass; the metrics follow from the histograms in float64 (digamma sums, ~1e-9).
 """
 
+from concurrent import futures
 import functools
 import math
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -231,14 +233,36 @@ def _short_tie_bounds(is_start, is_end, hits, rel, group: int):
 # ------------------------------------------------------------------------ scored (sort) path
 
 
+def _numpy_sort_rows(keys: np.ndarray) -> np.ndarray:
+  """np.sort along the last axis, the rows split over the host's cores (it frees the GIL)."""
+  keys = np.asarray(keys)
+  parts = min(os.cpu_count() or 1, keys.shape[0]) if keys.ndim == 2 else 1
+  if parts < 2:
+    return np.sort(keys, axis=-1)
+  with futures.ThreadPoolExecutor(parts) as pool:
+    return np.concatenate(list(pool.map(np.sort, np.array_split(keys, parts))))
+
+
+def sort_rows(keys: jax.Array, on_cpu: bool) -> jax.Array:
+  """keys [b, n] uint32 sorted along axis 1. XLA's CPU sort calls its comparator per pair:
+  numpy's SIMD sort of a [512, 60k] block took 0.14 s on two cores against 1.26 s."""
+  if not on_cpu:
+    return jnp.sort(keys, axis=1)
+  return jax.pure_callback(
+      _numpy_sort_rows, jax.ShapeDtypeStruct(keys.shape, keys.dtype), keys, vmap_method="sequential"
+  )
+
+
 @functools.partial(jax.jit, static_argnames=("ks", "multi", "mesh"))
 def _scored_block(q, q_labels, q_self, database, db_labels, *, ks, multi, mesh):
+  on_cpu = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform == "cpu"
+
   def local(q, q_labels, q_self, database, db_labels):
     scores = jnp.matmul(q, database.T, precision=jax.lax.Precision.HIGHEST)
     keys = order_keys(scores, _relevance(q_labels, db_labels, multi))
     idx = jnp.arange(database.shape[0], dtype=jnp.int32)
     keys = jnp.where(idx[None, :] == q_self[:, None], _EXCLUDED, keys)
-    return sorted_sums(jnp.sort(keys, axis=1), ks)
+    return sorted_sums(sort_rows(keys, on_cpu), ks)
 
   return _over_queries(local, mesh, 3, 2)(q, q_labels, q_self, database, db_labels)
 

@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
@@ -177,3 +178,11 @@ def test_short_tie_bounds_equal_the_scanned_ones(max_group, too_long):
       np.testing.assert_array_equal(a, b)
   sums = jax.jit(ranking.sorted_sums, static_argnums=(1, 2))
   np.testing.assert_allclose(sums(keys, (1, 50)), sums(keys, (1, 50), 0), rtol=1e-6, atol=1e-6)
+
+
+def test_host_sort_on_cpu_equals_xla_sort():
+  keys = np.random.RandomState(0).randint(0, 50, size=(5, 301)).astype(np.uint32)  # ties
+  keys[:, :3] = 0xFFFFFFFE
+  host = jax.jit(lambda k: ranking.sort_rows(k, on_cpu=True))(keys)
+  np.testing.assert_array_equal(host, jax.jit(lambda k: jnp.sort(k, axis=1))(keys))
+  np.testing.assert_array_equal(host, ranking.sort_rows(jnp.asarray(keys), on_cpu=False))
