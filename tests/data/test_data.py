@@ -4,6 +4,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from bits_jax import data
 from bits_jax.data import augment
@@ -187,6 +188,26 @@ def test_eval_batches_of_arrays_equal_the_per_example_path(npz_path, monkeypatch
       for key in a:
         assert a[key].dtype == b[key].dtype, key
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize('batch_lookup', [True, False])
+def test_eval_pipelines_run_without_autotune(npz_path, monkeypatch, batch_lookup):
+  # With autotune, the end of a finite pass stalled 10-14 s in half the demo's passes.
+  seen = []
+  original = tf.data.Dataset.as_numpy_iterator
+
+  def recording(ds):
+    seen.append(ds.options().autotune.enabled)
+    return original(ds)
+
+  monkeypatch.setattr(tf.data.Dataset, 'as_numpy_iterator', recording)
+  monkeypatch.setattr(sources.core.ArraySplit, 'batch_lookup', batch_lookup)
+  config = _config(dataset=f'npz:{npz_path}', eval_batch_size=8)
+  batches = list(data.make_eval_iterator(config, 'train[:21]', process_index=0, process_count=1))
+  assert len(batches) == 3 and sum(b['mask'].sum() for b in batches) == 21
+  assert seen == [False]
+  next(data.make_train_iterator(config))
+  assert seen[1] in (None, True)  # the endless training stream keeps tuning (None: TF's default)
 
 
 @pytest.mark.skipif(not sources.idx.available(IDX_DIR), reason='no Fashion-MNIST IDX files')
