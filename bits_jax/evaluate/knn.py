@@ -194,7 +194,8 @@ def _even_block(n: int, limit: int) -> int:
   10k queries in blocks of 4096 would pad the last to 12288 rows, 23% more work."""
   if n <= limit:
     return max(n, 1)
-  size = -(-n // -(-n // limit))
+  blocks = -(-n // limit)
+  size = -(-n // blocks)
   return min(limit, -(-size // 8) * 8)
 
 

@@ -236,7 +236,7 @@ def _short_tie_bounds(is_start, is_end, hits, rel, group: int):
 def _numpy_sort_rows(keys: np.ndarray) -> np.ndarray:
   """np.sort along the last axis, the rows split over the host's cores (it frees the GIL)."""
   keys = np.asarray(keys)
-  parts = min(os.cpu_count() or 1, keys.shape[0]) if keys.ndim == 2 else 1
+  parts = min(os.cpu_count() or 1, len(keys))
   if parts < 2:
     return np.sort(keys, axis=-1)
   with futures.ThreadPoolExecutor(parts) as pool:
