@@ -47,6 +47,10 @@ def input_defaults() -> ConfigDict:
                   local_size=12,  # side of the local crops
                   global_scale=(0.32, 1.0),  # area range of the random-resized global crops
                   local_scale=(0.05, 0.32),  # area range of the local crops
+                  # One (low, high) per global view in place of global_scale, e.g. ((0.4,
+                  # 1.0), (1.0, 1.0)): a random crop and the whole image (not the paper's).
+                  # () = global_scale for every global view.
+                  global_view_scales=(),
                   # How crop windows are drawn: 'torchvision' (RandomResizedCrop, DINO's
                   # code: log-uniform aspect ratio) | 'inception' (TF's sampler).
                   window_sampler="torchvision",

@@ -220,6 +220,13 @@ def _check_values(c: _Checker) -> None:
       scale = tuple(cfg[key])
       if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         c.add(f"config.{key}={scale} must be (low, high) with 0 < low <= high <= 1.")
+  if c.ok("input.crops.global_view_scales", "input.crops.num_global"):
+    from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+    try:
+      augment.global_view_scales(c.nested.input.crops)
+    except ValueError as e:
+      c.add(str(e))
   if c.ok("input.augment.blur_probs") and len(tuple(cfg["input.augment.blur_probs"])) != 3:
     c.add(
         f"config.input.augment.blur_probs={tuple(cfg['input.augment.blur_probs'])} must be "

@@ -121,8 +121,10 @@ def test_options_the_preset_leaves_out_can_be_set():
       "--config.model.drop_path_rate=0.1",
       "--config.evals.linear.hidden_dim=256",
       "--config.input.crops.global_scale=(0.5, 1.0)",
+      "--config.input.crops.global_view_scales=((0.3, 1.0), (1.0, 1.0))",
   )
   assert config.model.remat is True and config.model.drop_path_rate == 0.1
+  assert config.input.crops.global_view_scales == ((0.3, 1.0), (1.0, 1.0))
   assert config.evals.linear.hidden_dim == 256
   assert config_validation.config_problems(config) == []
 

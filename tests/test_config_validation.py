@@ -152,6 +152,10 @@ _BAD_CONFIGS = {
         {"input.crops.global_scale": (0.9, 0.2)},
         "config.input.crops.global_scale=(0.9, 0.2) must be (low, high)",
     ),
+    "global view scales, one pair for two views": (
+        {"input.crops.global_view_scales": ((0.4, 1.0),)},
+        "config.input.crops.global_view_scales has 1 (low, high) pairs for num_global=2",
+    ),
     "single view": (
         {"input.crops.num_global": 1, "input.crops.num_local": 0},
         "self-distillation needs at least two views",

@@ -86,6 +86,38 @@ def known_normalization(dataset: str) -> Optional[tuple]:
   return KNOWN_NORMALIZATION.get(name, KNOWN_NORMALIZATION.get(name.split('/')[0]))
 
 
+def global_view_scales(crops) -> list[tuple[float, float]]:
+  """(low, high) area range of each global view: `crops.global_view_scales` when set, else
+  `crops.global_scale` for all.
+
+  (1.0, 1.0) gives the whole image, or, from the torchvision sampler, its central crop at the
+  nearest aspect ratio in [3/4, 4/3] when the image's own lies outside.
+  """
+  per_view = tuple(crops.get('global_view_scales', ()))
+  if not all(isinstance(pair, (tuple, list)) for pair in per_view):
+    raise ValueError(
+        f'config.input.crops.global_view_scales={per_view}: give one (low, high) pair per '
+        'global view, e.g. ((0.4, 1.0), (1.0, 1.0)).'
+    )
+  per_view = tuple(tuple(float(v) for v in pair) for pair in per_view)
+  num_global = int(crops.num_global)
+  if not per_view:
+    return [tuple(float(v) for v in crops.global_scale)] * num_global
+  if len(per_view) != num_global:
+    raise ValueError(
+        f'config.input.crops.global_view_scales has {len(per_view)} (low, high) pairs for '
+        f'num_global={num_global} global views: give one pair per view, or () to use '
+        'global_scale for all.'
+    )
+  for pair in per_view:
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= 1:
+      raise ValueError(
+          f'config.input.crops.global_view_scales={per_view}: each entry must be (low, high) '
+          'with 0 < low <= high <= 1.'
+      )
+  return list(per_view)
+
+
 def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
   """(global views, local views) from `config.input` (its `crops` and `augment`).
 
@@ -108,10 +140,11 @@ def view_specs(input_config) -> tuple[list[ViewSpec], list[ViewSpec]]:
         f'config.input.crops.window_sampler={sampler!r} is not one of {WINDOW_SAMPLERS}'
     )
   blur_first, blur_second, blur_local = tuple(aug.blur_probs)
+  global_scales = global_view_scales(crops)
   globals_ = [
       ViewSpec(
           size=int(crops.global_size),
-          scale=tuple(crops.global_scale),
+          scale=global_scales[i],
           blur_prob=blur_first if i == 0 else blur_second,
           solarize_prob=0.0 if i == 0 else float(aug.solarize_prob),
           window_sampler=sampler,

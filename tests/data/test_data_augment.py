@@ -57,6 +57,56 @@ def test_view_specs_follow_dino_recipe():
   assert globals_[0].scale == (0.32, 1.0) and locals_[0].scale == (0.05, 0.32)
 
 
+def test_global_view_scales_set_each_global_view():
+  config = config_defaults.base_config().input
+  config.crops.update(dict(num_global=2, num_local=1, global_view_scales=((0.4, 1.0), (1.0, 1.0))))
+  globals_, locals_ = augment.view_specs(config)
+  assert [v.scale for v in globals_] == [(0.4, 1.0), (1.0, 1.0)]
+  assert locals_[0].scale == tuple(config.crops.local_scale)
+  config.crops.global_view_scales = ()
+  assert [v.scale for v in augment.view_specs(config)[0]] == [(0.32, 1.0)] * 2
+
+
+@pytest.mark.parametrize(
+    'scales, match',
+    [
+        (((0.4, 1.0),), 'has 1 .* pairs for num_global=2'),
+        (((0.4, 1.0), (1.0, 0.5)), 'each entry must be'),
+        ((0.4, 1.0), 'one .low, high. pair per global view'),
+    ],
+)
+def test_global_view_scales_errors_name_the_fix(scales, match):
+  config = config_defaults.base_config().input
+  config.crops.global_view_scales = scales
+  with pytest.raises(ValueError, match=match):
+    augment.view_specs(config)
+
+
+@pytest.mark.parametrize('sampler', augment.WINDOW_SAMPLERS)
+def test_whole_image_global_view(sampler):
+  """Scale (1, 1) on a square image: that view is the whole image, whatever the seed."""
+  image = _image(h=48, w=48, c=1)
+  config = config_defaults.base_config().input
+  config.update(
+      dict(num_channels=1, augment=dict(_PLAIN, blur_probs=(0.0, 0.0, 0.0), solarize_prob=0.0))
+  )
+  config.crops.update(
+      dict(
+          num_global=2,
+          global_size=24,
+          window_sampler=sampler,
+          global_view_scales=((0.2, 0.3), (1.0, 1.0)),
+      )
+  )
+  globals_, _ = augment.view_specs(config)
+  spec = augment.color_spec(config)
+  whole = augment.eval_view(tf.constant(image), 24, 24, spec, encoded=False).numpy()
+  for i in range(8):
+    views = augment.multicrop(tf.constant(image), _seed(i), [globals_], spec, encoded=False)[0]
+    np.testing.assert_allclose(views[1].numpy(), whole, atol=1e-5)
+    assert not np.allclose(views[0].numpy(), whole, atol=1e-2)
+
+
 @pytest.mark.parametrize(
     'dataset', ['imagenet2012', 'imagenet2012:5.1.0', 'imagenet2012_subset/10pct:5.0.0']
 )
