@@ -94,12 +94,13 @@ def global_view_scales(crops) -> list[tuple[float, float]]:
   nearest aspect ratio in [3/4, 4/3] when the image's own lies outside.
   """
   per_view = tuple(crops.get('global_view_scales', ()))
-  if not all(isinstance(pair, (tuple, list)) for pair in per_view):
+  try:
+    per_view = tuple(tuple(float(v) for v in pair) for pair in per_view)
+  except (TypeError, ValueError):
     raise ValueError(
-        f'config.input.crops.global_view_scales={per_view}: give one (low, high) pair per '
-        'global view, e.g. ((0.4, 1.0), (1.0, 1.0)).'
-    )
-  per_view = tuple(tuple(float(v) for v in pair) for pair in per_view)
+        f'config.input.crops.global_view_scales={per_view}: give one (low, high) pair of '
+        'numbers per global view, e.g. ((0.4, 1.0), (1.0, 1.0)).'
+    ) from None
   num_global = int(crops.num_global)
   if not per_view:
     return [tuple(float(v) for v in crops.global_scale)] * num_global

@@ -72,7 +72,8 @@ def test_global_view_scales_set_each_global_view():
     [
         (((0.4, 1.0),), 'has 1 .* pairs for num_global=2'),
         (((0.4, 1.0), (1.0, 0.5)), 'each entry must be'),
-        ((0.4, 1.0), 'one .low, high. pair per global view'),
+        ((0.4, 1.0), 'one .low, high. pair of numbers per global view'),
+        ((('a', 1.0), (1.0, 1.0)), 'one .low, high. pair of numbers per global view'),
     ],
 )
 def test_global_view_scales_errors_name_the_fix(scales, match):
