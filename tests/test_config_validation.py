@@ -157,7 +157,11 @@ _BAD_CONFIGS = {
         "config.input.crops.global_view_scales has 1 (low, high) pairs for num_global=2",
     ),
     "single view": (
-        {"input.crops.num_global": 1, "input.crops.num_local": 0},
+        {
+            "input.crops.num_global": 1,
+            "input.crops.num_local": 0,
+            "input.crops.global_view_scales": (),
+        },
         "self-distillation needs at least two views",
     ),
     "unknown method": (
