@@ -76,7 +76,6 @@ def main():
   if unknown:
     raise SystemExit(f"--models: unknown {unknown}; use teacher, student, random_init.")
 
-  import jax  # pylint: disable=g-import-not-at-top
   from bits_jax import data  # pylint: disable=g-import-not-at-top
   from bits_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from bits_jax import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
@@ -103,10 +102,7 @@ def main():
   dims: dict[str, int] = {}
   for model in models:
     if model == "random_init":
-      params, stats = train_state_lib.init_variables(
-          components, jax.random.PRNGKey(config.seed + 1)
-      )
-      variables = dict(params, **({"batch_stats": stats} if stats else {}))
+      variables = train_state_lib.random_init_variables(config, components)
     else:
       variables, _ = run_lib.load_variables(config, components, args.workdir, model)
     ctx = eval_common.EvalContext(config, components, variables, mesh)

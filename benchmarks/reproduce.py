@@ -286,7 +286,6 @@ _ENTRIES = ("knn", "linear", "retrieval", "geometry")
 
 def random_init_row() -> dict:
   """The same evaluators on the backbone at random init (BITS head; seed 0's init)."""
-  import jax  # pylint: disable=g-import-not-at-top
   from bits_jax import sharding  # pylint: disable=g-import-not-at-top
   from bits_jax import train  # pylint: disable=g-import-not-at-top
   from bits_jax import train_state  # pylint: disable=g-import-not-at-top
@@ -294,8 +293,7 @@ def random_init_row() -> dict:
 
   config = run_config("bits", 0)
   components = train_state.build(config, train.steps_per_epoch(config))
-  params, stats = train_state.init_variables(components, jax.random.PRNGKey(config.seed + 1))
-  variables = dict(params, **({"batch_stats": stats} if stats else {}))
+  variables = train_state.random_init_variables(config, components)
   t0 = time.time()
   ctx = common.EvalContext(config, components, variables, sharding.make_mesh(config))
   metrics = _code_key(common.run_evaluators(ctx, config.evals, list(_ENTRIES)))

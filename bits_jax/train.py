@@ -423,8 +423,7 @@ def _evaluate_at_end(config, workdir: epath.Path, state: TrainState) -> dict:
   components = train_state_lib.build(config, steps_per_epoch(config))
   evaluated = {"trained": teacher_variables(state)}
   if config.baseline_random_init:
-    params, stats = train_state_lib.init_variables(components, jax.random.PRNGKey(config.seed + 1))
-    evaluated["random_init"] = dict(params, **({"batch_stats": stats} if stats else {}))
+    evaluated["random_init"] = train_state_lib.random_init_variables(config, components)
   if config.init_from:
     # SSL adaptation: the same evaluation before (loaded weights) and after training.
     evaluated["init_from"], _ = run_lib.load_variables(config, components, config.init_from)

@@ -116,6 +116,15 @@ def init_variables(components: Components, key) -> tuple[PyTree, PyTree]:
   return params, batch_stats
 
 
+def random_init_variables(config, components: Components) -> dict:
+  """The untrained model as evaluation variables {'backbone', 'head', 'batch_stats'?}.
+
+  Seeded from `config.seed + 1`, so the baseline is not the trained run's own init.
+  """
+  params, batch_stats = init_variables(components, jax.random.PRNGKey(config.seed + 1))
+  return dict(params, **({"batch_stats": batch_stats} if batch_stats else {}))
+
+
 def backbone_variables(params: PyTree, batch_stats: PyTree) -> dict:
   """Flax variables of the backbone alone from student-shaped params / batch_stats."""
   variables = {"params": params["backbone"]}

@@ -10,6 +10,7 @@ import pytest
 from bits_jax import checkpoint
 from bits_jax import run_guard
 from bits_jax import train
+from bits_jax import train_state
 from tests import helpers
 
 
@@ -137,3 +138,27 @@ def test_failing_evaluator_keeps_the_metrics_before_it(config, tmp_path):
       on_disk["failed"] == "evals.zz_broken: RuntimeError: evaluator broke (on the trained model)"
   )
   assert (workdir / "checkpoints" / "2").exists()  # and the training is kept
+
+
+@pytest.mark.parametrize("backbone", ["vit", "resnet18"])
+def test_random_init_baseline_is_another_draw_with_its_batch_stats(backbone):
+  config = helpers.load_config("fashion_mnist", f"test,backbone={backbone}")
+  components = train_state.build(config)
+  baseline = train_state.random_init_variables(config, components)
+  again = train_state.random_init_variables(config, components)
+  trained_init = train_state.create(components, config, jax.random.PRNGKey(config.seed))
+  leaves = lambda tree: jax.tree_util.tree_leaves(jax.device_get(tree))
+  assert all(np.array_equal(a, b) for a, b in zip(leaves(baseline), leaves(again)))
+  assert sorted(baseline) == (
+      ["backbone", "batch_stats", "head"] if backbone == "resnet18" else ["backbone", "head"]
+  )
+  # Not the run's own init: every weight matrix is another draw than the trained model's start.
+  kernels = lambda tree: {
+      jax.tree_util.keystr(path): leaf
+      for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+      if "kernel" in jax.tree_util.keystr(path)
+  }
+  for part in ("backbone", "head"):
+    ours, trained = kernels(baseline[part]), kernels(trained_init.params[part])
+    assert ours and sorted(ours) == sorted(trained)
+    assert not any(np.array_equal(ours[k], trained[k]) for k in ours)
