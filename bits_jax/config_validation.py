@@ -215,14 +215,14 @@ def _check_values(c: _Checker) -> None:
         "self-distillation needs at least two views: set input.crops.num_global=2, or "
         "input.crops.num_local > 0."
     )
+  from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
+
   for key in ("input.crops.global_scale", "input.crops.local_scale"):
     if c.ok(key):
       scale = tuple(cfg[key])
-      if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+      if not augment.is_area_range(scale):
         c.add(f"config.{key}={scale} must be (low, high) with 0 < low <= high <= 1.")
   if c.ok("input.crops.global_view_scales", "input.crops.num_global"):
-    from bits_jax.data import augment  # pylint: disable=g-import-not-at-top
-
     try:
       augment.global_view_scales(c.nested.input.crops)
     except ValueError as e:

@@ -152,6 +152,10 @@ _BAD_CONFIGS = {
         {"input.crops.global_scale": (0.9, 0.2)},
         "config.input.crops.global_scale=(0.9, 0.2) must be (low, high)",
     ),
+    "local crop scale not numbers": (
+        {"input.crops.local_scale": ("small", 0.4)},
+        "config.input.crops.local_scale=('small', 0.4) must be (low, high)",
+    ),
     "global view scales, one pair for two views": (
         {"input.crops.global_view_scales": ((0.4, 1.0),)},
         "config.input.crops.global_view_scales has 1 (low, high) pairs for num_global=2",

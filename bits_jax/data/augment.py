@@ -86,6 +86,14 @@ def known_normalization(dataset: str) -> Optional[tuple]:
   return KNOWN_NORMALIZATION.get(name, KNOWN_NORMALIZATION.get(name.split('/')[0]))
 
 
+def is_area_range(pair) -> bool:
+  """Whether `pair` is a (low, high) fraction of the image area: 0 < low <= high <= 1."""
+  try:
+    return len(pair) == 2 and 0 < pair[0] <= pair[1] <= 1
+  except TypeError:  # not numbers, or not a sequence
+    return False
+
+
 def global_view_scales(crops) -> list[tuple[float, float]]:
   """(low, high) area range of each global view: `crops.global_view_scales` when set, else
   `crops.global_scale` for all.
@@ -111,7 +119,7 @@ def global_view_scales(crops) -> list[tuple[float, float]]:
         'global_scale for all.'
     )
   for pair in per_view:
-    if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= 1:
+    if not is_area_range(pair):
       raise ValueError(
           f'config.input.crops.global_view_scales={per_view}: each entry must be (low, high) '
           'with 0 < low <= high <= 1.'
