@@ -96,7 +96,7 @@ after the third with flips and learned position embeddings.
     1, the student's k-NN was 1.5 points above the evaluated teacher's; ending at 0.99, 600
     steps of batch 128 went from 80.25% to 81.01% with seed 0 and from 79.16% to 80.89% with
     seed 1).
-  Other changes screened on the 480-step proxy (20k bank, 5k queries; this recipe 79.78%), none
+  Other changes screened on the 480-step proxy (20k bank, 5k queries; the recipe then 79.78%), none
   ahead by more than the seed spread (~0.5) at equal wall time: coding-rate eps 0.01 / 0.02 / 0.2:
   78.98 / 79.48 / 77.30%; soft targets (tau 0.1) 74.38%; colour jitter p 1 at brightness and
   contrast 0.6 79.18%; bilinear resizing 79.62%; square crops (aspect ratio 1 instead of 3/4 to
@@ -106,8 +106,10 @@ after the third with flips and learned position embeddings.
   16 then 32 channels: 79.84% at a 1.9x step; training on 21-px global crops (9 tokens, evaluated
   at 28 px) 79.38% at equal wall time (790 steps, a 0.6x step); the student seeing a random half
   of the patch tokens (MSN / FLIP-style; the teacher sees all) 80.02% at equal wall time (768
-  steps, a 0.64x step). With the head reset every 160 steps (seed 0, 2026-12-07, this recipe
-  79.34%): weight decay 0.04 throughout 79.44%, 0.1 throughout 79.54%, Adam b2 0.99 79.26%.
+  steps, a 0.64x step). With the head reset every 160 steps (seed 0, 2026-12-07, before the
+  whole-image second view: 79.34%): weight decay 0.04 throughout 79.44%, 0.1 throughout 79.54%,
+  Adam b2 0.99 79.26%. With it (79.52 / 80.74%, seeds 0 / 1), the first view drawn at (0.25, 1)
+  gave 80.08 / 79.90% and at (0.6, 1) 79.74 / 80.70%: no gain, (0.4, 1) stays.
 Offline, the data come from the Debian package `dataset-fashion-mnist` (IDX files) when the
 TFDS dataset is not prepared; with internet, TFDS downloads it.
 """
