@@ -13,9 +13,10 @@ Presets (`:arg`, comma-separated, see `configs/common.py`):
 Recipe (issue 12, measured on this 2-core CPU; not the paper's ImageNet one). End to end
 (`python -m bits_jax.main`, 1200 steps of batch 64), with the whole image as the second
 global view (the first item below; 2026-12-07, AVX2 host): k-NN top-1 (k=20, 60k bank, 10k
-queries) trained 83.40% (seed 1: 84.57%) | raw pixels 84.59%; mAP@ALL 54.85% (55.55%), the
-256-bit messages 57.06% (58.25%); random init as below. Still short of the pixels. Before
-it (every figure in the rest of this text): trained 83.32% (seed 1: 83.21%) | same ViT at
+queries) trained 83.40% (seeds 1 / 2: 84.57% / 83.85%; mean 83.94 +- 0.59%) | raw pixels
+84.59%; mAP@ALL 54.85% (55.55% / 56.04%), the 256-bit messages 57.06% (58.25% / 58.64%);
+random init as below. Still short of the pixels, by 0.65 points on the mean. Before it
+(every figure in the rest of this text): trained 83.32% (seed 1: 83.21%) | same ViT at
 random init 73.86% (74.39%) | raw pixels 84.59%; the k-NN target (trained >= pixels) is NOT
 met, and twice the steps (2400, head reset every 800, 599 s of training) give only 83.89%
 (mAP@ALL 53.07%, messages 57.61%).
