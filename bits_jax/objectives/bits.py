@@ -22,8 +22,9 @@ Settings (`config.objective.bits`) and why each default:
                           normalised logits, the teacher's without gradient). Unstated by the
                           paper; 'student' is Eq. 9 read literally, and measured better: in
                           the Fashion-MNIST study (BITS-reset, 3 seeds, before its whole-image
-                          second view) mAP@ALL 51.23 +- 1.12 and k-NN 78.88 against 49.45 +- 0.47 and 77.11 with
-                          'student_teacher' (which lifts SimDINO, whose default it is).
+                          second view) mAP@ALL 51.23 +- 1.12 and k-NN 78.88 against
+                          49.45 +- 0.47 and 77.11 with 'student_teacher' (which lifts
+                          SimDINO, whose default it is).
   rate_scope='global'     one Gram matrix over the global batch. 'device': one per device,
                           rates averaged (SimDINO's default without all-reduce). 'global' is
                           independent of the device count.
