@@ -38,8 +38,8 @@ end 83.27% / 83.01%, mAP@ALL 56.24% / 54.84%, messages 57.12% / 56.33%). Below, 
 item was measured on the recipe as it stands, the second with teacher momentum 0.99 (as was
 every figure after it), the third with flips, the items after the fourth with flips and
 learned position embeddings.
-  - NOT DINO's: teacher momentum 0.97 throughout (`optim.teacher_momentum=0.97`,
-    `optim.teacher_momentum_end=0.97`; DINO: 0.996 -> 1). End to end (AVX2 host, 2026-12-07),
+  - NOT the paper's: teacher momentum 0.97 throughout (`optim.teacher_momentum` and `_end`;
+    the paper, SimDINO's default: 0.996 -> 1). End to end (AVX2 host, 2026-12-07),
     seeds 0 / 1 / 2, momentum 0.99 -> 0.98 -> 0.97: k-NN 83.40 / 84.57 / 83.85% -> 83.82 /
     84.53 / 83.63% -> 84.11 / 84.78 / 84.60% (means 83.94 -> 83.99 -> 84.50%), mAP@ALL 54.85
     / 55.55 / 56.04% -> 57.67 / 57.54 / 58.75% -> 58.57 / 58.84 / 59.21% (means 55.48 ->
@@ -177,7 +177,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 60
   config.optim.clip_mode = "global"  # the norm of all gradients together, as measured
   config.optim.decay_embeddings = False  # no decay of the CLS token, as measured
-  # Not DINO's schedule (0.996 -> 1): a constant 0.97, see the docstring.
+  # Not the paper's schedule (SimDINO's 0.996 -> 1): a constant 0.97, see the docstring.
   config.optim.teacher_momentum = 0.97
   config.optim.teacher_momentum_end = 0.97
   # The paper's headline metric at the end too (features and 256-bit codes, against raw
