@@ -7,8 +7,8 @@ Presets (`:arg`, comma-separated, see `configs/common.py`):
   size    demo (default): a narrow ViT sized for a 2-core CPU | test: a tiny ViT, 6 steps.
   method  bits (BITS-reset, default) | bits_fixed | bits_cosine | dino | simdino, with the same
     backbone, data, schedule and evaluation. Only the BITS-reset presets re-initialise the head.
-  backbone  vit (default) | resnet18: ResNet-18 width 32, standard stem, 850 steps (the ViT's
-    training wall time; its step is 1.4x the ViT's). See the recipe below.
+  backbone  vit (default) | resnet18: ResNet-18 width 32, standard stem, 850 steps (sized
+    by a step 1.4x the ViT's; 1.75x on an AVX2 host). See the recipe below.
 
 Recipe (issue 12): sized for a 2-core CPU, not the paper's ImageNet one. End to end, 1200
 steps of batch 64 (2-core AMD EPYC without AVX-512, 2026-12-07), seeds 0 / 1 / 2: k-NN top-1
@@ -32,11 +32,12 @@ the figures, and the screens that did not help, are in `benchmarks/README_demo_r
   - NOT the paper's: `objective.bits.bce_logit_scale=2`, the BCE on the student logits
     rescaled to RMS 2 per bit: with raw logits the normalised rate's gradient is ~50x the
     BCE's at the head's small init and the student's bit accuracy stays at 0.50.
-  - a narrow ViT (width 128, depth 4, patch 7: 16 tokens; ResNet-18 at the same wall time
-    ended lower on both metrics) and head (hidden 512, the paper's 256 bits); 1200 steps of
-    batch 64 at lr 1.4e-3 (more, smaller steps beat 600 of batch 128 at equal wall time),
-    head reset every 400 steps; two global crops, no local ones; no blur or solarisation
-    (too strong on 28 px gray images).
+  - a narrow ViT (width 128, depth 4, patch 7: 16 tokens; `:resnet18`, with 1.2x its
+    training time, ends 1.2 / 2.0 points lower on k-NN and 5.0 / 5.9 on mAP@ALL, seeds 0 /
+    1) and head (hidden 512, the paper's 256 bits); 1200 steps of batch 64 at lr 1.4e-3
+    (more, smaller steps beat 600 of batch 128 at equal wall time), head reset every 400
+    steps; two global crops, no local ones; no blur or solarisation (too strong on 28 px
+    gray images).
   - NOT the paper code's: gradient clipping on the norm of all gradients together
     (`optim.clip_mode='global'`) and no weight decay on the CLS token, which every figure was
     measured with (the paper's code clips each tensor and decays it: the defaults).
