@@ -15,9 +15,9 @@ steps of batch 64 (2-core AMD EPYC without AVX-512, 2026-12-07 and -08), seeds 0
 top-1 (k=20, 60k bank, 10k queries) 84.11 / 84.78 / 84.60 / 84.66 / 84.49% (84.53 +- 0.26%)
 against 73.86-75.31% at random init and 84.59% for the raw pixels: seeds 0 and 4 are 0.48
 and 0.10 points under the pixels. Retrieval mAP@ALL 59.11 +- 0.42% (raw pixels 47.74%), the
-256-bit messages 61.53 +- 0.81%. Every
-choice below was measured end to end on two or three seeds or screened on a 480-step proxy;
-the figures, and the screens that did not help, are in `benchmarks/README_demo_recipe.md`.
+256-bit messages 61.53 +- 0.81%. Every choice below was measured end to end on two or three
+seeds or screened on a 480-step proxy; the figures, and the screens that did not help, are in
+`benchmarks/README_demo_recipe.md`.
   - NOT the paper's: teacher momentum a constant 0.97 (the paper, SimDINO's default: 0.996 ->
     1). At 1200 steps a slow teacher lags the student: from 0.99, +0.56 k-NN and +3.4 mAP@ALL
     on the three seeds' mean; a schedule ending at 1 froze the teacher while the student
@@ -33,7 +33,7 @@ the figures, and the screens that did not help, are in `benchmarks/README_demo_r
   - NOT the paper's: `objective.bits.bce_logit_scale=2`, the BCE on the student logits
     rescaled to RMS 2 per bit: with raw logits the normalised rate's gradient is ~50x the
     BCE's at the head's small init and the student's bit accuracy stays at 0.50.
-  - a narrow ViT (width 128, depth 4, patch 7: 16 tokens; `:resnet18`, with 1.2x its
+  - a narrow ViT (width 128, depth 4, patch 7: 16 tokens; `:resnet18`, with 1.2x the ViT's
     training time, ends 1.2 / 2.0 points lower on k-NN and 5.0 / 5.9 on mAP@ALL, seeds 0 /
     1) and head (hidden 512, the paper's 256 bits); 1200 steps of batch 64 at lr 1.4e-3
     (more, smaller steps beat 600 of batch 128 at equal wall time), head reset every 400
